@@ -1,0 +1,39 @@
+"""switchformer: the Switch Transformer (Fedus, Zoph, Shazeer 2021) in PyTorch."""
+
+from switchformer.config import Config, ConfigError
+from switchformer.layers.activation import Activation
+from switchformer.layers.moe import MoEOutput, SwitchFFN, SwitchFFNConfig
+from switchformer.models.config import Architecture, ModelConfig
+from switchformer.models.decoder_only import SwitchLM
+from switchformer.models.encoder_decoder import SwitchTransformer
+from switchformer.models.factory import build_model
+from switchformer.models.flops import ModelSize, model_size
+from switchformer.models.outputs import LayerRouting, ModelOutput
+from switchformer.presets import get_preset, preset_names
+from switchformer.routing.config import ExpertKernel, MoEConfig, OverflowPolicy, RoutingPriority
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation",
+    "Architecture",
+    "Config",
+    "ConfigError",
+    "ExpertKernel",
+    "LayerRouting",
+    "MoEConfig",
+    "MoEOutput",
+    "ModelConfig",
+    "ModelOutput",
+    "ModelSize",
+    "OverflowPolicy",
+    "RoutingPriority",
+    "SwitchFFN",
+    "SwitchFFNConfig",
+    "SwitchLM",
+    "SwitchTransformer",
+    "build_model",
+    "get_preset",
+    "model_size",
+    "preset_names",
+]

@@ -1,0 +1,1 @@
+"""The command-line interface: parse arguments and call the library, nothing else."""

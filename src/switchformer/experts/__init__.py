@@ -1,0 +1,1 @@
+"""Experts: stacked expert FFN weights and the local token dispatcher."""

@@ -1,0 +1,96 @@
+"""Stacked expert feed-forward networks, run as batched or grouped matmuls.
+
+Shape legend: E experts, C rows per expert (capacity), R rows in all, D d_model, F d_ff, M activation width
+multiplier (2 for gated activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+from torch import nn
+
+from switchformer.layers.activation import Activation, apply_activation
+from switchformer.layers.initialization import scaled_trunc_normal_
+
+
+class Layout(enum.Enum):
+    PADDED = "padded"  # rows == E * capacity; expert e owns rows [e * capacity, (e + 1) * capacity)
+    GROUPED = "grouped"  # rows sorted by expert; expert e owns tokens_per_expert[e] consecutive rows
+
+
+@dataclasses.dataclass
+class ExpertBatch:
+    """Token rows arranged for the experts (what a dispatcher hands over)."""
+
+    rows: torch.Tensor  # [R, D]
+    layout: Layout
+    capacity: int  # PADDED: rows per expert; GROUPED: unused (0)
+    tokens_per_expert: torch.Tensor  # [E] int64 GROUPED: rows of each expert (rows past their sum are ignored)
+
+
+def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` needs 16-byte aligned rows and, on older builds, may be missing."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    elem = x.element_size()
+    return all((dim * elem) % 16 == 0 for dim in weight.shape[1:])
+
+
+class GroupedExperts(nn.Module):
+    """``E`` feed-forward experts ``wo(dropout(act(wi x)))`` with weights stacked as ``[E, D, M*F]`` and ``[E, F, D]``.
+
+    Stacked weights let all experts run in one batched matmul (or grouped GEMM), and keep the backward free of
+    per-expert full-size gradient buffers that slicing a stacked parameter in a Python loop would allocate.
+    """
+
+    def __init__(
+        self, num_experts: int, d_model: int, d_ff: int, activation: Activation, *, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.activation = activation
+        self.wi = nn.Parameter(torch.empty(num_experts, d_model, d_ff * activation.input_width_multiplier))
+        self.wo = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters(init_scale=1.0)
+
+    def reset_parameters(self, *, init_scale: float) -> None:
+        scaled_trunc_normal_(self.wi, scale=init_scale, fan_in=self.d_model)
+        scaled_trunc_normal_(self.wo, scale=init_scale, fan_in=self.d_ff)
+
+    def forward(self, batch: ExpertBatch) -> torch.Tensor:
+        """Apply each expert to its rows; returns ``[R, D]`` in the same arrangement."""
+        rows_RD = batch.rows
+        wi, wo = self.wi, self.wo
+        if torch.is_autocast_enabled(rows_RD.device.type):
+            # bmm autocasts by itself, grouped_mm does not: cast explicitly so both paths run in the low precision.
+            dtype = torch.get_autocast_dtype(rows_RD.device.type)
+            rows_RD, wi, wo = rows_RD.to(dtype), wi.to(dtype), wo.to(dtype)
+        elif rows_RD.dtype != wi.dtype:
+            rows_RD = rows_RD.to(wi.dtype)
+        if batch.layout is Layout.PADDED:
+            x_ECD = rows_RD.view(self.num_experts, batch.capacity, self.d_model)
+            h_ECF = self.dropout(apply_activation(torch.bmm(x_ECD, wi), self.activation))
+            return torch.bmm(h_ECF, wo).view(-1, self.d_model)
+        return self._grouped(rows_RD, wi, wo, batch.tokens_per_expert)
+
+    def _grouped(
+        self, rows_RD: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, tokens_per_expert: torch.Tensor
+    ) -> torch.Tensor:
+        if grouped_mm_supported(rows_RD, wi) and grouped_mm_supported(rows_RD, wo):
+            offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+            h_RF = self.dropout(apply_activation(torch._grouped_mm(rows_RD, wi, offs=offsets), self.activation))
+            return torch._grouped_mm(h_RF, wo, offs=offsets)
+        # Portable fallback: one matmul per expert over its slice of rows (needs the counts on the host).
+        counts = tokens_per_expert.tolist()
+        outputs, start = [], 0
+        for expert, (wi_e, wo_e) in enumerate(zip(wi.unbind(0), wo.unbind(0), strict=True)):
+            stop = start + counts[expert]
+            h = self.dropout(apply_activation(rows_RD[start:stop] @ wi_e, self.activation))
+            outputs.append(h @ wo_e)
+            start = stop
+        outputs.append(rows_RD.new_zeros(rows_RD.shape[0] - start, self.d_model))
+        return torch.cat(outputs, 0)

@@ -1,0 +1,1 @@
+"""Layers: norm, attention, relative position bias, dense FFN and the Switch FFN."""

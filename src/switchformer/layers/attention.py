@@ -1,0 +1,70 @@
+"""T5 multi-head attention: no biases, no ``1/sqrt(d_kv)`` scaling (folded into the query init), additive bias.
+
+Shape legend: B batch, S query length, L key length, H heads, K d_kv, D d_model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from switchformer.layers.initialization import scaled_trunc_normal_
+from switchformer.layers.kv_cache import LayerKV
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, d_kv: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads, self.d_kv = num_heads, d_kv
+        inner = num_heads * d_kv
+        self.q = nn.Linear(d_model, inner, bias=False)
+        self.k = nn.Linear(d_model, inner, bias=False)
+        self.v = nn.Linear(d_model, inner, bias=False)
+        self.o = nn.Linear(inner, d_model, bias=False)
+        self.dropout = dropout
+
+    def reset_parameters(self, *, init_scale: float) -> None:
+        d_model = self.q.in_features
+        # Mesh-TF folds the 1/sqrt(d_kv) score scaling into the query initialisation.
+        scaled_trunc_normal_(self.q.weight, scale=init_scale, fan_in=d_model * self.d_kv)
+        scaled_trunc_normal_(self.k.weight, scale=init_scale, fan_in=d_model)
+        scaled_trunc_normal_(self.v.weight, scale=init_scale, fan_in=d_model)
+        scaled_trunc_normal_(self.o.weight, scale=init_scale, fan_in=self.o.in_features)
+
+    def _heads(self, x_BSD: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        return proj(x_BSD).view(x_BSD.shape[0], x_BSD.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        bias: torch.Tensor,
+        *,
+        memory_BMD: torch.Tensor | None = None,
+        cache: LayerKV | None = None,
+        static_memory: bool = False,
+    ) -> tuple[torch.Tensor, LayerKV]:
+        """Attend from ``x`` to itself (``memory=None``) or to ``memory`` (cross-attention).
+
+        ``bias`` is added to the scores (relative position bias plus masks, broadcastable to ``[B, H, S, L]``).
+        With a ``cache``, self-attention appends the new keys/values; cross-attention (``static_memory=True``)
+        reuses the cached ones, computed once from the encoder output.
+        """
+        q_BHSK = self._heads(x_BSD, self.q)
+        if static_memory and cache is not None:
+            kv = cache
+        else:
+            source = x_BSD if memory_BMD is None else memory_BMD
+            kv = LayerKV(self._heads(source, self.k), self._heads(source, self.v))
+            if cache is not None:
+                kv = LayerKV(torch.cat([cache.key, kv.key], 2), torch.cat([cache.value, kv.value], 2))
+        out_BHSK = F.scaled_dot_product_attention(
+            q_BHSK,
+            kv.key.to(q_BHSK.dtype),
+            kv.value.to(q_BHSK.dtype),
+            attn_mask=bias.to(q_BHSK.dtype),
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=1.0,
+        )
+        out_BSD = out_BHSK.transpose(1, 2).reshape(x_BSD.shape[0], x_BSD.shape[1], -1)
+        return self.o(out_BSD), kv

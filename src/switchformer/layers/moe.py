@@ -1,0 +1,121 @@
+"""The Switch layer: a router, a token dispatcher and stacked experts in place of a Transformer FFN.
+
+Shape legend: B batch, S sequence, T = B * S tokens, D d_model, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from switchformer.config import Config
+from switchformer.experts.dispatch import LocalDispatcher
+from switchformer.experts.experts import GroupedExperts
+from switchformer.layers.activation import Activation
+from switchformer.layers.initialization import scaled_trunc_normal_
+from switchformer.routing.assignment import Routing, route
+from switchformer.routing.config import MoEConfig
+from switchformer.routing.losses import RouterStats, load_balancing_loss, router_stats, router_z_loss
+from switchformer.routing.router import Router
+
+
+@dataclasses.dataclass
+class SwitchFFNConfig(Config):
+    """A standalone Switch layer: the FFN shape plus its :class:`MoEConfig`."""
+
+    d_model: int = 512
+    d_ff: int = 2048
+    activation: Activation = Activation.RELU
+    init_scale: float = 0.1  # the paper's reduced initialisation scale
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+
+    def validate(self) -> None:
+        self.check(self.d_model >= 1, "d_model", "must be >= 1")
+        self.check(self.d_ff >= 1, "d_ff", "must be >= 1")
+        self.check(self.init_scale > 0, "init_scale", "must be > 0 (the paper uses 0.1)")
+
+
+@dataclasses.dataclass
+class MoEOutput:
+    """What one Switch layer returns. Losses are unweighted; the model applies the coefficients."""
+
+    hidden_states: torch.Tensor  # [B, S, D]; zero for dropped tokens (the residual carries them)
+    load_balancing_loss: torch.Tensor  # [] N * sum_i f_i P_i, 1.0 at uniform top-1 routing
+    z_loss: torch.Tensor  # [] mean logsumexp(logits)^2
+    tokens_per_expert: torch.Tensor  # [E] tokens the router chose per expert, before capacity (detached)
+    dropped_fraction: torch.Tensor  # [] share of token claims that found no slot (detached)
+    stats: RouterStats  # all detached statistics, for logging
+    routing: Routing  # the full routing record (expert choices, gates, slots), for inspection and tests
+
+
+class SwitchFFN(nn.Module):
+    """Switch Transformer feed-forward layer (Fedus et al. 2021): ``y = p_i(x) * E_i(x)`` with ``i = argmax p(x)``.
+
+    Build it from a :class:`SwitchFFNConfig` or from keyword arguments::
+
+        layer = SwitchFFN(d_model=512, d_ff=2048, num_experts=8, capacity_factor=1.25)
+        out = layer(x)  # x: [batch, seq, d_model]; out.hidden_states, out.load_balancing_loss, ...
+
+    Keyword arguments other than ``d_model``, ``d_ff``, ``activation`` and ``init_scale`` are
+    :class:`MoEConfig` fields (``top_k``, ``eval_capacity_factor``, ``group_size``, ``dropless``, ...).
+    """
+
+    def __init__(self, config: SwitchFFNConfig | None = None, /, **kwargs: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = _config_from_kwargs(kwargs)
+        elif kwargs:
+            raise TypeError("pass either a SwitchFFNConfig or keyword arguments, not both")
+        self.config = config
+        moe = config.moe
+        self.router = Router(config.d_model, moe.num_experts, jitter=moe.router_jitter, bias=moe.router_bias)
+        dropout = moe.expert_dropout if moe.expert_dropout is not None else 0.0
+        self.experts = GroupedExperts(moe.num_experts, config.d_model, config.d_ff, config.activation, dropout=dropout)
+        self.dispatcher = LocalDispatcher(moe.num_experts, moe.kernel)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        scale = self.config.init_scale
+        scaled_trunc_normal_(self.router.weight, scale=scale, fan_in=self.config.d_model)
+        self.experts.reset_parameters(init_scale=scale)
+
+    def forward(self, x_BSD: torch.Tensor, token_mask: torch.Tensor | None = None) -> MoEOutput:
+        """Route, run the experts and combine.
+
+        ``token_mask`` (``[B, S]``, True for real tokens) keeps padding out of expert slots and out of the losses.
+        """
+        batch_shape = x_BSD.shape[:-1]
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        logits_TE = self.router(x_TD)
+        routing = route(
+            logits_TE,
+            self.config.moe,
+            training=self.training,
+            token_mask_T=None if token_mask is None else token_mask.reshape(-1),
+        )
+        expert_batch, state = self.dispatcher.dispatch(x_TD, routing)
+        y_RD = self.experts(expert_batch)
+        y_TD = self.dispatcher.combine(y_RD, routing, state)
+        stats = router_stats(routing)
+        return MoEOutput(
+            hidden_states=y_TD.view(*batch_shape, -1),
+            load_balancing_loss=load_balancing_loss(routing),
+            z_loss=router_z_loss(routing),
+            tokens_per_expert=stats.tokens_per_expert,
+            dropped_fraction=stats.dropped_fraction,
+            stats=stats,
+            routing=routing,
+        )
+
+
+def _config_from_kwargs(kwargs: dict[str, Any]) -> SwitchFFNConfig:
+    layer_fields = {f.name for f in dataclasses.fields(SwitchFFNConfig)} - {"moe"}
+    moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    unknown = sorted(set(kwargs) - layer_fields - moe_fields)
+    if unknown:
+        raise TypeError(f"SwitchFFN got unknown argument(s) {unknown}; allowed: {sorted(layer_fields | moe_fields)}")
+    moe = MoEConfig(**{k: v for k, v in kwargs.items() if k in moe_fields})
+    return SwitchFFNConfig(moe=moe, **{k: v for k, v in kwargs.items() if k in layer_fields})

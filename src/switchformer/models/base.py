@@ -1,0 +1,102 @@
+"""What the encoder-decoder and the decoder-only model share: embeddings, output head, init and the loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from switchformer.layers.attention import Attention
+from switchformer.layers.feed_forward import DenseFFN
+from switchformer.layers.initialization import scaled_trunc_normal_
+from switchformer.layers.kv_cache import DecoderCache
+from switchformer.layers.moe import SwitchFFN
+from switchformer.layers.norm import RMSNorm
+from switchformer.layers.position_bias import RelativePositionBias
+from switchformer.models.config import ModelConfig
+from switchformer.models.outputs import LayerRouting, ModelOutput
+from switchformer.models.stack import StackOutput
+
+IGNORE_INDEX = -100  # labels with this value count in no loss (the PyTorch and Hugging Face convention)
+
+
+class SwitchModelBase(nn.Module):
+    """Token embedding (shared by all stacks), tied or untied output head, T5 init and the total loss."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def reset_parameters(self) -> None:
+        """T5 initialisation with the paper's scale: embeddings N(0, 1); matrices truncated N(0, scale / fan_in)."""
+        scale = self.config.init_scale
+        nn.init.normal_(self.shared.weight, std=1.0)
+        if self.lm_head is not None:
+            scaled_trunc_normal_(self.lm_head.weight, scale=scale, fan_in=self.config.d_model)
+        for module in self.modules():
+            if isinstance(module, Attention | DenseFFN):
+                module.reset_parameters(init_scale=scale)
+            elif isinstance(module, SwitchFFN):
+                module.reset_parameters()
+            elif isinstance(module, RelativePositionBias):
+                scaled_trunc_normal_(module.embedding.weight, scale=scale, fan_in=self.config.d_model)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def logits(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(hidden_BSD)
+        # Tied embeddings: rescale before projecting on the vocabulary (Mesh-TF, and T5's released checkpoints).
+        return F.linear(hidden_BSD * self.config.d_model**-0.5, self.shared.weight)
+
+    def assemble_output(
+        self,
+        hidden_BSD: torch.Tensor,
+        stacks: list[tuple[str, StackOutput]],
+        labels: torch.Tensor | None,
+        *,
+        encoder_hidden_states: torch.Tensor | None = None,
+        cache: DecoderCache | None = None,
+    ) -> ModelOutput:
+        logits = self.logits(hidden_BSD)
+        router = [
+            LayerRouting(f"{name}.{index}", moe.load_balancing_loss, moe.z_loss, moe.stats)
+            for name, stack in stacks
+            for index, moe in stack.moe_outputs
+        ]
+        zero = logits.new_zeros((), dtype=torch.float32)
+        lb = torch.stack([r.load_balancing_loss for r in router]).mean() if router else zero
+        z = torch.stack([r.z_loss for r in router]).mean() if router else zero
+        moe = self.config.moe
+        aux = lb * moe.load_balancing_loss_coef + z * moe.z_loss_coef if moe is not None else zero
+        ce = num_labels = loss = None
+        if labels is not None:
+            ce, num_labels = token_cross_entropy(logits, labels)
+            loss = ce + aux
+        return ModelOutput(
+            logits=logits,
+            loss=loss,
+            ce_loss=ce,
+            aux_loss=aux,
+            load_balancing_loss=lb,
+            z_loss=z,
+            num_label_tokens=num_labels,
+            router=router,
+            hidden_states=hidden_BSD,
+            encoder_hidden_states=encoder_hidden_states,
+            cache=cache,
+        )
+
+
+def token_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over labels that are not ``IGNORE_INDEX`` (computed in float32), and their count."""
+    total = F.cross_entropy(
+        logits_BSV.float().reshape(-1, logits_BSV.shape[-1]),
+        labels_BS.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    count = (labels_BS != IGNORE_INDEX).sum()
+    return total / count.clamp(min=1), count

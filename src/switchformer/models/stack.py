@@ -1,0 +1,115 @@
+"""A stack of T5 blocks sharing one relative position bias: the encoder, or a (cross-attending) decoder.
+
+Shape legend: B batch, S new positions, P cached positions, L = P + S key positions, M memory (encoder) length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from switchformer.layers.kv_cache import DecoderCache
+from switchformer.layers.moe import MoEOutput
+from switchformer.layers.norm import RMSNorm
+from switchformer.layers.position_bias import RelativePositionBias
+from switchformer.models.block import TransformerBlock
+from switchformer.models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class StackOutput:
+    hidden_states: torch.Tensor  # [B, S, D] after the final norm
+    moe_outputs: list[tuple[int, MoEOutput]]  # (layer index, output) of each Switch layer, in order
+    cache: DecoderCache | None
+
+
+def _mask_value(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min
+
+
+class TransformerStack(nn.Module):
+    def __init__(self, config: ModelConfig, *, num_layers: int, causal: bool, cross_attention: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.route_padding = config.moe is None or not config.moe.ignore_padding_tokens
+        self.position_bias = RelativePositionBias(
+            config.num_heads,
+            bidirectional=not causal,
+            num_buckets=config.relative_attention_num_buckets,
+            max_distance=config.relative_attention_max_distance,
+        )
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config, sparse=config.is_sparse_layer(i), cross_attention=cross_attention)
+            for i in range(num_layers)
+        )
+        self.final_norm = RMSNorm(config.d_model, config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        embeds_BSD: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        memory_BMD: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        cache: DecoderCache | None = None,
+        use_cache: bool = False,
+        routing_mask: torch.Tensor | None = None,
+    ) -> StackOutput:
+        """``attention_mask`` is ``[B, L]`` (cached positions included), ``memory_mask`` is ``[B, M]``.
+
+        ``routing_mask`` (``[B, S]``) marks the new positions that are real tokens for the Switch layers; it
+        defaults to the attention mask's new positions. Padding then claims no expert slot and counts in no loss,
+        unless the MoE config sets ``ignore_padding_tokens=False``.
+        """
+        new = embeds_BSD.shape[1]
+        past = cache.length if cache is not None else 0
+        total = past + new
+        device = embeds_BSD.device
+        neg = _mask_value(torch.float32)
+
+        self_bias = self.position_bias(new, total, query_offset=past)  # [1, H, S, L]
+        blocked = torch.zeros(1, 1, new, total, dtype=torch.bool, device=device)
+        if self.causal:
+            query_pos = torch.arange(new, device=device)[:, None] + past
+            blocked = blocked | (torch.arange(total, device=device)[None, :] > query_pos)[None, None]
+        if attention_mask is not None:
+            blocked = blocked | ~attention_mask.bool()[:, None, None, :]
+        self_bias = self_bias.masked_fill(blocked, neg)
+
+        cross_bias = None
+        if memory_BMD is not None:
+            cross_bias = torch.zeros(1, 1, 1, memory_BMD.shape[1], device=device)
+            if memory_mask is not None:
+                cross_bias = cross_bias.masked_fill(~memory_mask.bool()[:, None, None, :], neg)
+
+        token_mask = None
+        if not self.route_padding:
+            if routing_mask is not None:
+                token_mask = routing_mask.bool()
+            elif attention_mask is not None:
+                token_mask = attention_mask[:, past:].bool()
+
+        hidden = self.dropout(embeds_BSD)
+        moe_outputs: list[tuple[int, MoEOutput]] = []
+        new_cache = DecoderCache.empty(len(self.blocks)) if use_cache else None
+        for i, block in enumerate(self.blocks):
+            out = block(
+                hidden,
+                self_bias=self_bias,
+                token_mask=token_mask,
+                memory_BMD=memory_BMD,
+                cross_bias=cross_bias,
+                self_kv=cache.self_attention[i] if cache is not None else None,
+                cross_kv=cache.cross_attention[i] if cache is not None else None,
+            )
+            hidden = out.hidden_states
+            if out.moe is not None:
+                moe_outputs.append((i, out.moe))
+            if new_cache is not None:
+                new_cache.self_attention[i] = out.self_kv
+                new_cache.cross_attention[i] = out.cross_kv
+        hidden = self.dropout(self.final_norm(hidden))
+        return StackOutput(hidden, moe_outputs, new_cache)

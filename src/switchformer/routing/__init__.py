@@ -1,0 +1,1 @@
+"""Routing: the router, token-to-expert assignment with capacity, and the auxiliary losses."""

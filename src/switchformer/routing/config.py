@@ -1,0 +1,78 @@
+"""Configuration of a Switch (mixture-of-experts) feed-forward layer."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from switchformer.config import Config
+
+
+class RoutingPriority(enum.Enum):
+    """Which tokens claim an expert's slots first when it is over capacity."""
+
+    POSITION = "position"  # flattened-batch order, as in the paper and Mesh-TF
+    CONFIDENCE = "confidence"  # batch-prioritised routing (V-MoE): most confident router decisions first
+
+
+class OverflowPolicy(enum.Enum):
+    """What happens to a token whose chosen expert is full."""
+
+    DROP = "drop"  # the paper: zero layer output, the residual connection carries the token
+    NEXT_BEST = "next-best"  # appendix "no token left behind": re-route to the next-best expert with room
+
+
+class ExpertKernel(enum.Enum):
+    """How expert matmuls are executed; all give the same result, they differ in speed."""
+
+    AUTO = "auto"  # grouped GEMM on CUDA, capacity-padded batched matmul on CPU
+    PADDED_BMM = "padded-bmm"  # tokens scattered into an [experts, capacity, d_model] buffer, then torch.bmm
+    GROUPED_MM = "grouped-mm"  # tokens sorted by expert, torch._grouped_mm over ragged groups (no padding)
+
+
+@dataclasses.dataclass
+class MoEConfig(Config):
+    """Routing, capacity and expert settings of a Switch layer (Fedus et al. 2021, section 2)."""
+
+    num_experts: int = 8
+    top_k: int = 1  # 1 = Switch routing; 2 = the paper's top-2 "MoE" baseline (gates renormalised)
+    capacity_factor: float = 1.25  # training; expert capacity = factor * tokens_per_group / num_experts
+    eval_capacity_factor: float = 2.0  # used in eval mode (the released configs evaluate at 2.0)
+    min_capacity: int = 4  # flaxformer's floor, so tiny groups still fit a few tokens per expert
+    expert_capacity: int | None = None  # a fixed capacity per group, overriding the factors (Hugging Face port)
+    dropless: bool = False  # no capacity and no drops: every expert takes all tokens routed to it
+    group_size: int | None = 1024  # tokens routed together; None = the whole flattened batch is one group
+    priority: RoutingPriority = RoutingPriority.POSITION
+    overflow: OverflowPolicy = OverflowPolicy.DROP
+    router_jitter: float = 0.01  # multiplicative uniform noise on the router's copy of its input, training only
+    router_bias: bool = False  # the paper's router has none; the HF port can have one
+    ignore_padding_tokens: bool = True  # padding claims no expert slot and counts in no loss (HF: off by default)
+    expert_dropout: float | None = None  # dropout inside experts; None = the model's dropout rate
+    load_balancing_loss_coef: float = 1e-2  # alpha in equation (4)
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss; off for the paper's Switch presets
+    kernel: ExpertKernel = ExpertKernel.AUTO
+
+    def validate(self) -> None:
+        self.check(self.num_experts >= 1, "num_experts", "must be an integer >= 1")
+        self.check(
+            1 <= self.top_k <= self.num_experts, "top_k", f"must be between 1 and num_experts={self.num_experts}"
+        )
+        self.check(self.capacity_factor > 0, "capacity_factor", "must be > 0 (1.0-1.25 for training, as in the paper)")
+        self.check(self.eval_capacity_factor > 0, "eval_capacity_factor", "must be > 0 (the paper evaluates at 2.0)")
+        self.check(self.min_capacity >= 0, "min_capacity", "must be >= 0")
+        self.check(self.expert_capacity is None or self.expert_capacity >= 1, "expert_capacity", "must be None or >= 1")
+        self.check(self.group_size is None or self.group_size >= 1, "group_size", "must be None or >= 1")
+        self.check(0 <= self.router_jitter < 1, "router_jitter", "must be in [0, 1) (the paper uses 0.01)")
+        self.check(
+            self.expert_dropout is None or 0 <= self.expert_dropout < 1, "expert_dropout", "must be None or in [0, 1)"
+        )
+        self.check(self.load_balancing_loss_coef >= 0, "load_balancing_loss_coef", "must be >= 0 (paper: 1e-2)")
+        self.check(self.z_loss_coef >= 0, "z_loss_coef", "must be >= 0 (ST-MoE: 1e-3)")
+        self.check(
+            self.overflow is OverflowPolicy.DROP or self.top_k == 1,
+            "overflow",
+            "'next-best' (no token left behind) is defined for top_k=1 only; use 'drop' with top_k > 1",
+        )
+
+    def capacity_factor_for(self, training: bool) -> float:
+        return self.capacity_factor if training else self.eval_capacity_factor
