@@ -48,7 +48,7 @@ def group_sizes(num_tokens: int, group_size: int | None) -> list[int]:
 
 def expert_capacity(tokens_in_group: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
     """``max(min_capacity, round(capacity_factor * tokens_in_group / num_experts))`` (paper eq. 3, flaxformer)."""
-    return max(min_capacity, int(round(capacity_factor * tokens_in_group / num_experts)))
+    return max(min_capacity, round(capacity_factor * tokens_in_group / num_experts))
 
 
 def claim_positions(
@@ -56,8 +56,8 @@ def claim_positions(
 ) -> torch.Tensor:
     """Rank of each claim among the claims of its segment, in increasing ``priority`` (0 = first to claim).
 
-    ``priority_C`` must be unique within a segment and lie in ``[0, num_claims)``. ``base_S`` offsets the ranks per segment (slots already taken).
-    Implemented with one sort and a scatter, never a [tokens, experts, capacity] tensor.
+    ``priority_C`` must be unique within a segment and lie in ``[0, num_claims)``. ``base_S`` offsets the ranks
+    per segment (slots already taken). One sort and a scatter, never a [tokens, experts, capacity] tensor.
     """
     num_claims = segment_C.numel()
     # One integer key sorts by segment, then priority; priorities lie in [0, num_claims) by construction.
