@@ -10,7 +10,7 @@ from switchformer.models.factory import build_model
 from switchformer.models.flops import ModelSize, model_size
 from switchformer.models.outputs import LayerRouting, ModelOutput
 from switchformer.presets import get_preset, preset_names
-from switchformer.routing.config import ExpertKernel, MoEConfig, OverflowPolicy, RoutingPriority
+from switchformer.routing.config import ExpertKernel, Grouping, MoEConfig, OverflowPolicy, RoutingPriority
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ExpertKernel",
+    "Grouping",
     "LayerRouting",
     "MoEConfig",
     "MoEOutput",

@@ -95,6 +95,7 @@ class SwitchFFN(nn.Module):
             self.config.moe,
             training=self.training,
             token_mask_T=None if token_mask is None else token_mask.reshape(-1),
+            sequence_length=x_BSD.shape[-2] if x_BSD.dim() >= 3 else None,
         )
         expert_batch, state = self.dispatcher.dispatch(x_TD, routing)
         y_RD = self.experts(expert_batch)

@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from switchformer.routing.config import MoEConfig, OverflowPolicy, RoutingPriority
+from switchformer.routing.config import Grouping, MoEConfig, OverflowPolicy, RoutingPriority
 
 
 @dataclasses.dataclass
@@ -38,10 +38,9 @@ class Routing:
         return self.probs.shape[-1]
 
 
-def group_sizes(num_tokens: int, group_size: int | None) -> list[int]:
+def group_sizes(num_tokens: int, group_size: int) -> list[int]:
     """Sizes of the routing groups that split ``num_tokens`` in order; the last one holds the remainder."""
-    size = num_tokens if group_size is None or group_size >= num_tokens else group_size
-    size = max(size, 1)
+    size = max(min(group_size, num_tokens), 1)
     full, rest = divmod(num_tokens, size)
     return [size] * full + ([rest] if rest else [])
 
@@ -78,13 +77,15 @@ def route(
     *,
     training: bool,
     token_mask_T: torch.Tensor | None = None,
+    sequence_length: int | None = None,
 ) -> Routing:
     """Assign every token to ``top_k`` experts and give each claim a slot or drop it.
 
-    Tokens are split, in flattened-batch order, into groups of ``config.group_size``; capacity is applied within
-    each group. Claims take slots in priority order: all first choices before any second choice (GShard/flaxformer),
-    and within a choice rank either by position in the batch or, with batch-prioritised routing, by router
-    confidence. A claim beyond its expert's capacity is dropped (or, with ``overflow='next-best'``, re-routed).
+    Tokens are split, in flattened-batch order, into groups (``config.grouping``: slices of ``group_size`` tokens,
+    one per sequence of ``sequence_length`` tokens, or the whole batch); capacity is applied within each group.
+    Claims take slots in priority order: all first choices before any second choice (GShard/flaxformer), and
+    within a choice rank either by position in the batch or, with batch-prioritised routing, by router confidence.
+    A claim beyond its expert's capacity is dropped (or, with ``overflow='next-best'``, re-routed).
     """
     num_tokens, num_experts = logits_TE.shape
     device = logits_TE.device
@@ -98,7 +99,14 @@ def route(
     # Top-1 keeps p_i(x) so the router learns through the gate; top-k renormalises over the chosen experts.
     gate_TK = top_probs_TK if k == 1 else top_probs_TK / top_probs_TK.sum(-1, keepdim=True)
 
-    sizes = group_sizes(num_tokens, config.group_size)
+    if config.grouping is Grouping.SEQUENCE:
+        if sequence_length is None:
+            raise ValueError("grouping='sequence' needs the sequence length (SwitchFFN passes it)")
+        sizes = group_sizes(num_tokens, sequence_length)
+    elif config.grouping is Grouping.BATCH:
+        sizes = group_sizes(num_tokens, num_tokens)
+    else:
+        sizes = group_sizes(num_tokens, config.group_size)
     num_groups = len(sizes)
     group_T = torch.arange(num_tokens, device=device) // sizes[0]
 

@@ -22,6 +22,14 @@ class OverflowPolicy(enum.Enum):
     NEXT_BEST = "next-best"  # appendix "no token left behind": re-route to the next-best expert with room
 
 
+class Grouping(enum.Enum):
+    """Which tokens are routed together (capacity and the balancing loss are computed per group)."""
+
+    TOKENS = "tokens"  # consecutive slices of group_size tokens of the flattened batch (Mesh-TF, flaxformer)
+    SEQUENCE = "sequence"  # each sequence is a group (the Hugging Face port's semantics)
+    BATCH = "batch"  # the whole flattened batch is one group
+
+
 class ExpertKernel(enum.Enum):
     """How expert matmuls are executed; all give the same result, they differ in speed."""
 
@@ -41,7 +49,8 @@ class MoEConfig(Config):
     min_capacity: int = 4  # flaxformer's floor, so tiny groups still fit a few tokens per expert
     expert_capacity: int | None = None  # a fixed capacity per group, overriding the factors (Hugging Face port)
     dropless: bool = False  # no capacity and no drops: every expert takes all tokens routed to it
-    group_size: int | None = 1024  # tokens routed together; None = the whole flattened batch is one group
+    grouping: Grouping = Grouping.TOKENS
+    group_size: int = 1024  # tokens per group with grouping='tokens'; the last group holds the remainder
     priority: RoutingPriority = RoutingPriority.POSITION
     overflow: OverflowPolicy = OverflowPolicy.DROP
     router_jitter: float = 0.01  # multiplicative uniform noise on the router's copy of its input, training only
@@ -61,7 +70,7 @@ class MoEConfig(Config):
         self.check(self.eval_capacity_factor > 0, "eval_capacity_factor", "must be > 0 (the paper evaluates at 2.0)")
         self.check(self.min_capacity >= 0, "min_capacity", "must be >= 0")
         self.check(self.expert_capacity is None or self.expert_capacity >= 1, "expert_capacity", "must be None or >= 1")
-        self.check(self.group_size is None or self.group_size >= 1, "group_size", "must be None or >= 1")
+        self.check(self.group_size >= 1, "group_size", "must be >= 1")
         self.check(0 <= self.router_jitter < 1, "router_jitter", "must be in [0, 1) (the paper uses 0.01)")
         self.check(
             self.expert_dropout is None or 0 <= self.expert_dropout < 1, "expert_dropout", "must be None or in [0, 1)"
