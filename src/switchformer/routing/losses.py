@@ -41,10 +41,23 @@ def load_balancing_loss(routing: Routing) -> torch.Tensor:
 
 
 def router_z_loss(routing: Routing) -> torch.Tensor:
-    """ST-MoE router z-loss without its coefficient: mean over real tokens of ``logsumexp(logits)^2``."""
+    """ST-MoE router z-loss without its coefficient: mean of ``logsumexp(logits)^2`` over real tokens.
+
+    Averaged per routing group first, then over non-empty groups, like the balancing loss: then a batch and its
+    gradient-accumulation micro-batches give the same value even when padding is spread unevenly between them.
+    Without padding, and with equal groups, this is the plain mean over tokens.
+    """
     valid_T = routing.token_mask.to(routing.logits.dtype)
-    log_z_T = torch.logsumexp(routing.logits, dim=-1)
-    return (log_z_T.square() * valid_T).sum() / valid_T.sum().clamp(min=1.0)
+    squared_T = torch.logsumexp(routing.logits, dim=-1).square() * valid_T
+    return _mean_over_groups(squared_T, valid_T, routing)
+
+
+def _mean_over_groups(values_T: torch.Tensor, valid_T: torch.Tensor, routing: Routing) -> torch.Tensor:
+    zeros_G = values_T.new_zeros(routing.num_groups)
+    sums_G = zeros_G.index_add(0, routing.group_index, values_T)
+    counts_G = zeros_G.index_add(0, routing.group_index, valid_T)
+    nonempty_G = (counts_G > 0).to(values_T.dtype)
+    return (sums_G / counts_G.clamp(min=1.0) * nonempty_G).sum() / nonempty_G.sum().clamp(min=1.0)
 
 
 @dataclasses.dataclass

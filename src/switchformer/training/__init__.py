@@ -1,0 +1,1 @@
+"""Training: config, optimizers and schedules, the loop, checkpoints, metrics and progress."""

@@ -1,0 +1,86 @@
+"""Trainer callbacks: each one concern (progress bar, collapse warnings); the trainer calls them in order."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from switchformer.training.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+class Callback:
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Called once before the first step (after a resume, before the first new step)."""
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """Called after each optimizer step with that step's figures."""
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """Called with each record written to metrics.jsonl (with routing diagnostics, and val_loss if evaluated)."""
+
+    def on_train_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        """Called once after the last step."""
+
+
+class ProgressBar(Callback):
+    """A tqdm bar with loss, tokens/s, learning rate, balance loss, dropped fraction and ETA."""
+
+    def __init__(self, **tqdm_kwargs: Any) -> None:
+        self.bar = None
+        self.tqdm_kwargs = tqdm_kwargs
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=trainer.config.steps, initial=trainer.step, unit="step", dynamic_ncols=True, **self.tqdm_kwargs
+        )
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        postfix = {
+            "loss": f"{record['loss']:.3f}",
+            "tok/s": f"{record['tokens_per_second']:.0f}",
+            "lr": f"{record['lr']:.2e}",
+        }
+        if trainer.model_config.moe is not None:
+            postfix["lb"] = f"{record['load_balancing_loss']:.3f}"
+            postfix["drop"] = f"{record['dropped_fraction']:.1%}"
+        if "val_loss" in record:
+            postfix["val"] = f"{record['val_loss']:.3f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def on_train_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class CollapseWarning(Callback):
+    """Warn when one expert takes most of a layer's tokens for many steps in a row (router collapse)."""
+
+    def __init__(self, share: float, steps: int) -> None:
+        self.share, self.steps = share, steps
+        self.streak: dict[str, int] = {}
+        self.warned: set[str] = set()
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        interval = trainer.config.log_every
+        for layer, stats in record.get("routing", {}).items():
+            load = stats["load"]
+            busiest = max(range(len(load)), key=load.__getitem__)
+            if load[busiest] >= self.share:
+                self.streak[layer] = self.streak.get(layer, 0) + interval
+            else:
+                self.streak[layer] = 0
+            if self.streak[layer] >= self.steps and layer not in self.warned:
+                self.warned.add(layer)
+                logger.warning(
+                    "router collapse in %s: expert %d has taken %.0f%% of the tokens for %d steps; "
+                    "consider a larger load_balancing_loss_coef, router jitter or a smaller init scale",
+                    layer, busiest, 100 * load[busiest], self.streak[layer],
+                )  # fmt: skip

@@ -1,0 +1,213 @@
+"""Checkpoints that are never half-written: a temporary folder, checksums, then an atomic rename.
+
+Layout of ``checkpoints/step-00000100/``: ``model.safetensors`` (weights), ``optimizer.pt`` and
+``trainer_state.pt`` (read back with ``torch.load(weights_only=True)``, so a crafted file cannot run code),
+``config.json`` (model, training and data configs; also what :func:`switchformer.from_pretrained` reads) and
+``manifest.json`` (size and SHA-256 of every file, written last). A folder is complete only once renamed into
+place, so a crash or Ctrl-C at any moment leaves the previous checkpoint as the latest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.json"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupted or does not fit the model; the message says which file."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any] | None
+    trainer_state: dict[str, Any]
+    config: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with path.open("w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with path.open("wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
+    trainer_state: dict[str, Any],
+    config: dict[str, Any],
+    keep: int | None = None,
+) -> Path:
+    """Write ``directory/step-XXXXXXXX`` atomically and keep only the newest ``keep`` checkpoints.
+
+    On failure (a full disk, say) the temporary folder is removed and a :class:`CheckpointError` says so; the
+    checkpoints already there are untouched.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{step:08d}"
+    tmp = directory / f".step-{step:08d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        tensors = {name: t.detach().contiguous().cpu() for name, t in model_state.items()}
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+        if optimizer_state is not None:
+            _torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
+        _torch_save(trainer_state, tmp / STATE_FILE)
+        _write_json(tmp / CONFIG_FILE, config)
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {
+            "step": step,
+            "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files},
+        }
+        _write_json(tmp / MANIFEST, manifest)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it only once the new one is complete
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(directory)
+        kept = f"; the previous checkpoint {previous} is intact" if previous else ""
+        raise CheckpointError(f"could not write checkpoint {final} ({error.strerror or error}){kept}") from error
+    if keep is not None:
+        prune_checkpoints(directory, keep)
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place and holding a manifest), oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in directory.glob(".step-*.tmp-*"):  # left by a process that was killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check every file against the manifest; raise :class:`CheckpointError` naming the first bad one."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint: {MANIFEST} is missing (was the write interrupted?)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{manifest_path} is unreadable ({error}); the checkpoint cannot be trusted") from error
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing")
+        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+            raise CheckpointError(
+                f"checkpoint file {file} is corrupted or truncated (checksum mismatch); use an older checkpoint"
+            )
+    return manifest
+
+
+def load_checkpoint(path: Path, *, with_optimizer: bool = True, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint folder; nothing is applied to a model here, so a bad file leaves the model untouched."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    manifest = verify_checkpoint(path) if verify else json.loads((path / MANIFEST).read_text())
+    try:
+        model_state = load_file(str(path / MODEL_FILE))
+        trainer_state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+        optimizer_state = None
+        if with_optimizer and (path / OPTIMIZER_FILE).is_file():
+            optimizer_state = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except Exception as error:  # safetensors / unpickler errors: a crafted or damaged file
+        raise CheckpointError(f"could not read checkpoint {path}: {error}") from error
+    return Checkpoint(path, int(manifest["step"]), model_state, optimizer_state, trainer_state, config)
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: Path | str) -> None:
+    """Load weights only if every name and shape fits, so a mismatched checkpoint is never half-loaded."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(n for n in set(own) & set(state) if own[n].shape != state[n].shape)
+    if missing or unexpected or wrong:
+        details = []
+        if wrong:
+            details.append(
+                "shape mismatch: "
+                + ", ".join(f"{n} {tuple(state[n].shape)} vs model {tuple(own[n].shape)}" for n in wrong[:3])
+            )
+        if missing:
+            details.append(f"missing {len(missing)} (e.g. {missing[0]})")
+        if unexpected:
+            details.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+        raise CheckpointError(
+            f"checkpoint {source} was saved from another model config ({'; '.join(details)}); "
+            "train with the same preset/--set overrides, or start a new run folder"
+        )
+    model.load_state_dict(state)

@@ -1,0 +1,39 @@
+"""Optimizers and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from switchformer.training.config import OptimizerKind, Schedule, TrainConfig
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (weight decay on matrices only) or Adafactor, the paper's optimizer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer is OptimizerKind.ADAFACTOR:
+        return torch.optim.Adafactor(params, lr=config.lr, weight_decay=config.weight_decay)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+def lr_multiplier(step: int, config: TrainConfig) -> float:
+    """Multiplier of ``config.lr`` at ``step`` (0-based: the update about to be applied)."""
+    warmup = max(config.warmup_steps, 1)
+    if config.schedule is Schedule.INVERSE_SQRT:
+        # T5's rsqrt schedule normalised so it equals 1 at the end of warmup (constant during warmup).
+        return math.sqrt(warmup / max(step + 1, warmup))
+    if step < config.warmup_steps:
+        return (step + 1) / warmup
+    if config.schedule is Schedule.CONSTANT:
+        return 1.0
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
