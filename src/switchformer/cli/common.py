@@ -26,3 +26,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_preset: str 
 
 def model_config_from_args(preset: str, overrides: list[str]) -> ModelConfig:
     return get_preset(preset).with_overrides(overrides)
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    """Two-column table on the terminal (the CLI owns printing; the library only logs)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)

@@ -7,9 +7,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from switchformer.cli import info
+from switchformer.cli import eval as eval_command
+from switchformer.cli import info, train
 
-SUBCOMMANDS = [info]
+SUBCOMMANDS = [train, eval_command, info]
 
 
 def build_parser() -> argparse.ArgumentParser:

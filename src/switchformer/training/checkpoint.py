@@ -141,6 +141,19 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve_checkpoint(path: Path | str) -> Path:
+    """A checkpoint folder itself, or the latest complete checkpoint of a run folder."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    latest = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(
+            f"{path} is neither a checkpoint nor a run folder with checkpoints (looked for {path}/checkpoints/step-*/)"
+        )
+    return latest
+
+
 def prune_checkpoints(directory: Path, keep: int) -> None:
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

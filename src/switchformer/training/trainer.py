@@ -32,6 +32,7 @@ from switchformer.training.checkpoint import (
 )
 from switchformer.training.config import NonFinitePolicy, Precision, TrainConfig
 from switchformer.training.diagnostics import first_non_finite_module, last_non_finite_gradient
+from switchformer.training.evaluation import evaluate_model, model_forward
 from switchformer.training.metrics import MetricsWriter, RoutingAccumulator
 from switchformer.training.optim import build_optimizer, build_scheduler
 
@@ -182,11 +183,7 @@ class Trainer:
 
     # -- steps --------------------------------------------------------------------------------------
     def _forward(self, batch: Batch):
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        ):
-            return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        return model_forward(self.model, batch, self.device, self.amp_dtype)
 
     def train_step(self, batch: Batch) -> dict[str, Any]:
         """One optimizer update over ``batch`` split into ``micro_batches``; returns the step's figures."""
@@ -243,22 +240,13 @@ class Trainer:
         if self.skipped_in_a_row >= self.config.max_skipped_steps:
             raise NonFiniteLossError(f"{self.skipped_in_a_row} steps in a row were skipped; last: {message}")
 
-    @torch.no_grad()
     def evaluate(self, batches: list[Batch] | None = None) -> dict[str, float]:
-        """Validation cross-entropy (mean over label tokens) and perplexity, in eval mode (eval capacity factor)."""
+        """Validation cross-entropy and perplexity, in eval mode (so the eval capacity factor applies)."""
         batches = self.validation if batches is None else batches
         if self.config.eval_batches is not None:
             batches = batches[: self.config.eval_batches]
-        was_training = self.model.training
-        self.model.eval()
-        total, count = 0.0, 0
-        for batch in batches:
-            out = self._forward(batch)
-            total += float(out.ce_loss) * int(out.num_label_tokens)
-            count += int(out.num_label_tokens)
-        self.model.train(was_training)
-        loss = total / max(count, 1)
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+        result = evaluate_model(self.model, batches, device=self.device, amp_dtype=self.amp_dtype)
+        return {"val_loss": result["val_loss"], "val_perplexity": result["val_perplexity"]}
 
     # -- the loop -----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:

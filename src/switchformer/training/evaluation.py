@@ -1,0 +1,33 @@
+"""Validation loss and perplexity of a model over a list of batches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Batch = dict[str, torch.Tensor]
+
+
+def model_forward(model: torch.nn.Module, batch: Batch, device: torch.device, amp_dtype: torch.dtype | None):
+    """The one way the trainer and evaluation call a model on a batch (under bf16 autocast when asked)."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module, batches: list[Batch], *, device: torch.device, amp_dtype: torch.dtype | None = None
+) -> dict[str, float]:
+    """Mean cross-entropy over all label tokens (not a mean of batch means) and its perplexity, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        out = model_forward(model, batch, device, amp_dtype)
+        total += float(out.ce_loss) * int(out.num_label_tokens)
+        count += int(out.num_label_tokens)
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": count}
