@@ -7,10 +7,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from switchformer.cli import convert, generate, info, train
 from switchformer.cli import eval as eval_command
-from switchformer.cli import info, train
 
-SUBCOMMANDS = [train, eval_command, info]
+SUBCOMMANDS = [train, eval_command, generate, convert, info]
 
 
 def build_parser() -> argparse.ArgumentParser:

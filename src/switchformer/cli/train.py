@@ -142,8 +142,10 @@ def run(args: argparse.Namespace) -> int:
         ],
     )  # fmt: skip
     callbacks = [] if args.no_progress else [ProgressBar()]
+    tokenizer_file = Path(data.stats.cache_folder) / "tokenizer.json"  # copied into checkpoints: they stand alone
     trainer = Trainer(model_config, train_config, train_batches=data.train, validation=data.validation,
-                      run_dir=run_dir, extra_config=extra, callbacks=callbacks, resume=args.resume)  # fmt: skip
+                      run_dir=run_dir, extra_config=extra, callbacks=callbacks, resume=args.resume,
+                      checkpoint_files={"tokenizer.json": tokenizer_file})  # fmt: skip
     summary = trainer.train()
     plot = plot_run(run_dir)
     rows = summary_rows(summary, read_metrics(run_dir))

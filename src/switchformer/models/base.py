@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +19,9 @@ from switchformer.layers.position_bias import RelativePositionBias
 from switchformer.models.config import ModelConfig
 from switchformer.models.outputs import LayerRouting, ModelOutput
 from switchformer.models.stack import StackOutput
+
+if TYPE_CHECKING:
+    from switchformer.models.generation import GenerationOutput
 
 IGNORE_INDEX = -100  # labels with this value count in no loss (the PyTorch and Hugging Face convention)
 
@@ -44,6 +50,20 @@ class SwitchModelBase(nn.Module):
                 scaled_trunc_normal_(module.embedding.weight, scale=scale, fan_in=self.config.d_model)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+    def save_pretrained(
+        self, path: str | Path, *, format: str = "switchformer", max_shard_bytes: int | None = None
+    ) -> Path:
+        """Write a checkpoint folder; ``format='hf'`` loads with transformers (see ``switchformer.interop``)."""
+        from switchformer.interop.checkpoint_io import save_pretrained
+
+        return save_pretrained(self, path, format=format, max_shard_bytes=max_shard_bytes)
+
+    def generate(self, *, input_ids: torch.Tensor, **kwargs: Any) -> GenerationOutput:
+        """Greedy, beam or sampled continuations with the KV cache (``switchformer.models.generation.generate``)."""
+        from switchformer.models.generation import generate
+
+        return generate(self, input_ids=input_ids, **kwargs)
 
     def logits(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:

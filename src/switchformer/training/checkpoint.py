@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from switchformer.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -30,10 +32,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupted or does not fit the model; the message says which file."""
 
 
 @dataclasses.dataclass
@@ -88,8 +86,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config: dict[str, Any],
     keep: int | None = None,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
     """Write ``directory/step-XXXXXXXX`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``extra_files`` (name -> existing file) are copied in and covered by the manifest, e.g. the tokenizer.
 
     On failure (a full disk, say) the temporary folder is removed and a :class:`CheckpointError` says so; the
     checkpoints already there are untouched.
@@ -106,6 +107,8 @@ def save_checkpoint(
             _torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
         _torch_save(trainer_state, tmp / STATE_FILE)
         _write_json(tmp / CONFIG_FILE, config)
+        for name, source in (extra_files or {}).items():  # e.g. tokenizer.json, so a checkpoint stands alone
+            shutil.copyfile(source, tmp / name)
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {
             "step": step,

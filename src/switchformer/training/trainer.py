@@ -103,6 +103,7 @@ class Trainer:
         resume: bool = False,
         model: SwitchModelBase | None = None,
         tensorboard: bool = True,
+        checkpoint_files: dict[str, Path] | None = None,
     ) -> None:
         self.model_config, self.config = model_config, config
         self.run_dir = Path(run_dir)
@@ -110,6 +111,7 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.train_batches, self.validation = train_batches, validation
         self.extra_config = extra_config or {}
+        self.checkpoint_files = checkpoint_files or {}
         self.callbacks = [*callbacks, CollapseWarning(config.collapse_warning_share, config.collapse_warning_steps)]
         if config.threads is not None:
             torch.set_num_threads(config.threads)
@@ -156,6 +158,7 @@ class Trainer:
             trainer_state=state,
             config=self.config_payload(),
             keep=self.config.keep_checkpoints,
+            extra_files=self.checkpoint_files,
         )
         return self.last_checkpoint
 

@@ -1,0 +1,36 @@
+"""A trained run's checkpoint stands alone: generate from it, convert it to Hugging Face format and back."""
+
+from __future__ import annotations
+
+import pytest
+
+from switchformer.cli.main import main
+from tests.cli.test_train import SMALL
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("gen") / "run"
+    assert main(["train", "--steps", "2", "--output", str(run), *SMALL]) == 0
+    return run
+
+
+def test_generate_from_a_training_run_folder(trained_run, capsys):
+    capsys.readouterr()
+    assert main(["generate", str(trained_run), "def <extra_id_0>(self):", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "def <extra_id_0>(self):\n  -> " in out
+    assert main(["generate", str(trained_run), "import <extra_id_0>", "--strategy", "beam", "--num-beams", "2",
+                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+
+
+def test_convert_to_hf_and_back(trained_run, tmp_path, capsys):
+    import transformers
+
+    hf_dir, back_dir = tmp_path / "hf", tmp_path / "back"
+    assert main(["convert", str(trained_run), str(hf_dir), "--to", "hf"]) == 0
+    assert (hf_dir / "tokenizer.json").is_file()
+    model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(hf_dir)
+    assert model.config.num_experts == 8
+    assert main(["convert", str(hf_dir), str(back_dir), "--to", "switchformer"]) == 0
+    assert "wrote a switchformer checkpoint" in capsys.readouterr().out
