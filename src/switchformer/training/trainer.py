@@ -126,6 +126,7 @@ class Trainer:
         self.elapsed = 0.0
         self.tokens_seen = 0
         self.last_checkpoint: Path | None = None
+        self.should_stop = False  # a callback (e.g. early stopping) sets this to end training after the step
         resume_step = self._resume() if resume else None
         self.metrics = MetricsWriter(self.run_dir, resume_step=resume_step, tensorboard=tensorboard)
         self.routing = RoutingAccumulator()
@@ -278,8 +279,11 @@ class Trainer:
                     interval_tokens, interval_time = 0, 0.0
                 for cb in self.callbacks:
                     cb.on_step_end(self, record)
-                if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+                if self.should_stop or self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
                     self.save()
+                if self.should_stop:
+                    logger.info("stopping at step %d: a callback asked to stop", self.step)
+                    break
         finally:
             self.metrics.close()
         summary = {
