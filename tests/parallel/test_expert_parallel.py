@@ -1,0 +1,51 @@
+"""Expert parallelism on 2 and 4 gloo processes against the single-process model (CONVENTIONS rule 11)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.parallel import workers
+from tests.parallel.launcher import run_and_check
+
+ALL_FFN_CASES = list(workers.FFN_CASES)
+
+
+def test_switch_ffn_matches_one_process_on_2_ranks():
+    run_and_check(workers.check_switch_ffn, 2, ep=2, cases=ALL_FFN_CASES)
+
+
+def test_model_training_matches_one_process_on_2_ranks():
+    results = run_and_check(workers.check_model_training, 2, ep=2)
+    assert results[0] == results[1]  # every rank reports the same global losses
+
+
+def test_degenerate_routing_neither_hangs_nor_crashes():
+    run_and_check(workers.check_degenerate_routing, 2, ep=2, timeout_s=60)
+
+
+def test_expert_parallel_4_ranks():
+    run_and_check(workers.check_model_training, 4, ep=4, steps=2)
+
+
+def test_expert_parallel_2_by_data_parallel_2():
+    run_and_check(workers.check_model_training, 4, ep=2, steps=2)
+
+
+@pytest.mark.slow
+def test_switch_ffn_4_ranks_all_cases():
+    run_and_check(workers.check_switch_ffn, 4, ep=4, cases=ALL_FFN_CASES)
+
+
+@pytest.mark.slow
+def test_switch_ffn_2_by_2_all_cases():
+    run_and_check(workers.check_switch_ffn, 4, ep=2, cases=ALL_FFN_CASES)
+
+
+@pytest.mark.slow
+def test_degenerate_routing_4_ranks():
+    run_and_check(workers.check_degenerate_routing, 4, ep=4, timeout_s=60)
+
+
+@pytest.mark.slow
+def test_pure_data_parallel_on_2_ranks():
+    run_and_check(workers.check_model_training, 2, ep=1, steps=2)
