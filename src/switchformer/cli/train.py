@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from switchformer.training.callbacks import ProgressBar
 from switchformer.training.config import TrainConfig
 from switchformer.training.metrics import read_metrics
 from switchformer.training.report import plot_run, summary_rows
+from switchformer.training.strategy import DistributedStrategy
 from switchformer.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--checkpoint-every", type=int)
     train.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="FIELD=VALUE",
                        help="override any TrainConfig field (repeatable)")  # fmt: skip
+    train.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                       help="shard each Switch layer's experts over N ranks; launch with torchrun "
+                       "(the other world_size/N factor is data parallelism)")  # fmt: skip
     parser.add_argument("--output", type=Path, help="run folder (default runs/PRESET-TIMESTAMP)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -100,11 +105,44 @@ def _saved_configs(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _strategy(args: argparse.Namespace) -> DistributedStrategy | None:
+    """Join the torchrun job when launched by torchrun (or when expert parallelism is asked for)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and args.expert_parallel == 1:
+        return None
+    if "RANK" not in os.environ:
+        raise ValueError(
+            f"--expert-parallel {args.expert_parallel} needs several processes: launch with "
+            f"`torchrun --nproc-per-node {args.expert_parallel} -m switchformer train --expert-parallel "
+            f"{args.expert_parallel} ...`"
+        )
+    from switchformer.parallel import init_parallel
+
+    layout = init_parallel(args.expert_parallel)
+    if layout.rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank speaks
+    return DistributedStrategy(layout)
+
+
 def run(args: argparse.Namespace) -> int:
+    strategy = _strategy(args)
+    try:
+        return _run(args, strategy)
+    finally:
+        if strategy is not None:
+            from switchformer.parallel import close_parallel
+
+            close_parallel()
+
+
+def _run(args: argparse.Namespace, strategy: DistributedStrategy | None) -> int:
     from switchformer.data import DataConfig, Objective, prepare_data
 
+    main_rank = strategy is None or strategy.is_main
     if args.resume and args.output is None:
         raise ValueError("--resume needs --output RUN_DIR: the run folder to continue")
+    if args.output is None and strategy is not None:
+        raise ValueError("a torchrun launch needs --output RUN_DIR, the same folder on every rank")
     run_dir = args.output or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     saved = _saved_configs(run_dir) if args.resume else None
     if not args.resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
@@ -122,38 +160,52 @@ def run(args: argparse.Namespace) -> int:
             sequence_length=args.seq_len, batch_size=args.batch_size, objective=objective, seed=args.seed,
         ).with_overrides(args.data_overrides)  # fmt: skip
 
+    if strategy is not None:
+        train_config = train_config.replace(device=str(strategy.layout.device))
     run_dir.mkdir(parents=True, exist_ok=True)
     logger.info("preparing data (%s)", data_config.source or "built-in corpus: standard-library sources")
+    if strategy is not None and not main_rank:
+        strategy.barrier()  # the main rank trains the tokenizer and fills the cache first; the others reuse it
     data = prepare_data(data_config, run_dir)
+    if strategy is not None and main_rank:
+        strategy.barrier()
     if model_config.vocab_size != data.tokenizer.vocab_size:
         model_config = model_config.replace(vocab_size=data.tokenizer.vocab_size)
 
+    extra = {"data": data_config.to_dict()}
+    if main_rank:
+        _announce(run_dir, model_config, train_config, data_config, data, args, saved is not None, strategy)
+    callbacks = [] if args.no_progress or not main_rank else [ProgressBar()]
+    tokenizer_file = Path(data.stats.cache_folder) / "tokenizer.json"  # copied into checkpoints: they stand alone
+    trainer = Trainer(model_config, train_config, train_batches=data.train, validation=data.validation,
+                      run_dir=run_dir, extra_config=extra, callbacks=callbacks, resume=args.resume,
+                      checkpoint_files={"tokenizer.json": tokenizer_file}, strategy=strategy)  # fmt: skip
+    summary = trainer.train()
+    if main_rank:
+        plot = plot_run(run_dir)
+        rows = summary_rows(summary, read_metrics(run_dir))
+        rows += [("metrics", str(run_dir / "metrics.jsonl")),
+                 ("TensorBoard", f"tensorboard --logdir {run_dir / 'tensorboard'}")]  # fmt: skip
+        if plot:
+            rows.append(("plot", str(plot)))
+        print_table("training summary", rows)
+    return 0
+
+
+def _announce(run_dir, model_config, train_config, data_config, data, args, resumed, strategy) -> None:
+    """Write the run's config.json and print what is about to happen."""
     extra = {"data": data_config.to_dict()}
     (run_dir / "config.json").write_text(json.dumps({"model": model_config.to_dict(), "train": train_config.to_dict(),
                                                      **extra}, indent=2) + "\n")  # fmt: skip
     print_table(
         f"switchformer train -> {run_dir}",
         [
-            ("model", f"{args.preset if not saved else 'from run folder'} ({model_config.architecture.value}, "
+            ("model", f"{args.preset if not resumed else 'from run folder'} ({model_config.architecture.value}, "
                       f"{'dense' if model_config.moe is None else str(model_config.moe.num_experts) + ' experts'})"),
             ("data", f"{data_config.source or 'built-in corpus'}: {data.stats_line()}"),
             ("objective", data_config.objective.value),
             ("batch", f"{data_config.batch_size} x {data_config.sequence_length} tokens, {train_config.steps} steps"),
+            ("parallelism", "one process" if strategy is None else
+             f"{strategy.layout.ep_size} expert-parallel x {strategy.layout.dp_size} data-parallel ranks"),
         ],
     )  # fmt: skip
-    callbacks = [] if args.no_progress else [ProgressBar()]
-    tokenizer_file = Path(data.stats.cache_folder) / "tokenizer.json"  # copied into checkpoints: they stand alone
-    trainer = Trainer(model_config, train_config, train_batches=data.train, validation=data.validation,
-                      run_dir=run_dir, extra_config=extra, callbacks=callbacks, resume=args.resume,
-                      checkpoint_files={"tokenizer.json": tokenizer_file})  # fmt: skip
-    summary = trainer.train()
-    plot = plot_run(run_dir)
-    rows = summary_rows(summary, read_metrics(run_dir))
-    rows += [
-        ("metrics", str(run_dir / "metrics.jsonl")),
-        ("TensorBoard", f"tensorboard --logdir {run_dir / 'tensorboard'}"),
-    ]
-    if plot:
-        rows.append(("plot", str(plot)))
-    print_table("training summary", rows)
-    return 0

@@ -58,7 +58,9 @@ def gather_full_optimizer_state(
         shard = by_param.get(id(param))
         if shard is None or index not in state["state"]:
             continue
-        entry = state["state"][index]
+        # state_dict() shares the live per-parameter dicts: replace them, never write into them.
+        entry = dict(state["state"][index])
+        state["state"][index] = entry
         for key, value in entry.items():
             if _is_per_expert(value, param):
                 entry[key] = _gather_rows(value, layout)

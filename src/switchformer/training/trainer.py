@@ -20,14 +20,17 @@ from typing import Any, Protocol
 import torch
 
 from switchformer import __version__
+from switchformer.errors import CheckpointError
 from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import ModelConfig
 from switchformer.models.factory import build_model
 from switchformer.training.callbacks import Callback, CollapseWarning
 from switchformer.training.checkpoint import (
+    STATE_FILE,
+    Checkpoint,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
-    load_model_state,
     save_checkpoint,
 )
 from switchformer.training.config import NonFinitePolicy, Precision, TrainConfig
@@ -35,6 +38,7 @@ from switchformer.training.diagnostics import first_non_finite_module, last_non_
 from switchformer.training.evaluation import evaluate_model, model_forward
 from switchformer.training.metrics import MetricsWriter, RoutingAccumulator
 from switchformer.training.optim import build_optimizer, build_scheduler
+from switchformer.training.strategy import SingleProcess
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +108,7 @@ class Trainer:
         model: SwitchModelBase | None = None,
         tensorboard: bool = True,
         checkpoint_files: dict[str, Path] | None = None,
+        strategy: SingleProcess | None = None,
     ) -> None:
         self.model_config, self.config = model_config, config
         self.run_dir = Path(run_dir)
@@ -112,13 +117,18 @@ class Trainer:
         self.train_batches, self.validation = train_batches, validation
         self.extra_config = extra_config or {}
         self.checkpoint_files = checkpoint_files or {}
-        self.callbacks = [*callbacks, CollapseWarning(config.collapse_warning_share, config.collapse_warning_steps)]
+        self.strategy = strategy or SingleProcess()
+        # Printing and file output belong to the main rank; every rank runs the same steps and collectives.
+        collapse = CollapseWarning(config.collapse_warning_share, config.collapse_warning_steps)
+        self.callbacks = [*callbacks, collapse] if self.strategy.is_main else []
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         self.amp_dtype = autocast_dtype(config.precision, self.device)
-        torch.manual_seed(config.seed)
-        self.model = (model if model is not None else build_model(model_config)).to(self.device)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        model = model if model is not None else build_model(model_config)
+        self.model = self.strategy.prepare_model(model.to(self.device))
+        self.strategy.seed_ranks(config.seed)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.step = 0
@@ -128,7 +138,11 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.should_stop = False  # a callback (e.g. early stopping) sets this to end training after the step
         resume_step = self._resume() if resume else None
-        self.metrics = MetricsWriter(self.run_dir, resume_step=resume_step, tensorboard=tensorboard)
+        self.metrics = (
+            MetricsWriter(self.run_dir, resume_step=resume_step, tensorboard=tensorboard)
+            if self.strategy.is_main
+            else None
+        )
         self.routing = RoutingAccumulator()
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -141,21 +155,26 @@ class Trainer:
             **self.extra_config,
         }
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write a checkpoint (a collective under parallelism: every rank calls it, the main rank writes)."""
+        model_state, optimizer_state = self.strategy.full_state(self.model, self.optimizer)
         state = {
             "step": self.step,
-            "torch_rng": torch.get_rng_state(),
+            "rng_states": self.strategy.rng_states(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "data_state": json.dumps(self.train_batches.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "elapsed_seconds": self.elapsed,
             "tokens_seen": self.tokens_seen,
+            "optimizer": type(self.optimizer).__name__,  # so a resume with another optimizer is refused up front
         }
+        if not self.strategy.is_main:
+            return None
         self.last_checkpoint = save_checkpoint(
             self.checkpoint_dir,
             self.step,
-            model_state=self.model.state_dict(),
-            optimizer_state=self.optimizer.state_dict(),
+            model_state=model_state,
+            optimizer_state=optimizer_state,
             trainer_state=state,
             config=self.config_payload(),
             keep=self.config.keep_checkpoints,
@@ -164,26 +183,85 @@ class Trainer:
         return self.last_checkpoint
 
     def _resume(self) -> int | None:
+        """Continue from the latest complete checkpoint. Everything that can refuse it (checksums, the trainer
+        state's fields, the optimizer, the model's names and shapes, the data position) is checked before anything
+        is applied, so a refused checkpoint leaves the model, optimizer and data stream as they were."""
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.checkpoint_dir)
             return None
-        checkpoint = load_checkpoint(path)
-        load_model_state(self.model, checkpoint.model_state, source=path)
-        if checkpoint.optimizer_state is not None:
-            self.optimizer.load_state_dict(checkpoint.optimizer_state)
-        state = checkpoint.trainer_state
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as error:
+            older = [p for p in list_checkpoints(self.checkpoint_dir) if p.name < path.name]
+            hint = (
+                f"move {path} out of {self.checkpoint_dir} to resume from {older[-1].name}, the checkpoint before it"
+                if older
+                else "no older checkpoint is left to resume from"
+            )
+            raise CheckpointError(f"cannot resume: {error}; {hint}") from error
+        state = self._read_trainer_state(checkpoint)
+        self._check_optimizer_state(checkpoint)
+        data_before = self.train_batches.state_dict()
+        try:
+            self.train_batches.load_state_dict(state["data_state"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"cannot resume from {path}: {error}") from error
+        try:
+            self.strategy.load_full_state(
+                self.model, self.optimizer, checkpoint.model_state, checkpoint.optimizer_state, source=path
+            )
+        except BaseException:
+            self.train_batches.load_state_dict(data_before)
+            raise
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        self.strategy.restore_rng(state["rng_states"], seed=self.config.seed, step=state["step"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.train_batches.load_state_dict(json.loads(state["data_state"]))
-        self.step = int(state["step"])
-        self.elapsed = float(state["elapsed_seconds"])
-        self.tokens_seen = int(state["tokens_seen"])
+        self.step = state["step"]
+        self.elapsed = state["elapsed_seconds"]
+        self.tokens_seen = state["tokens_seen"]
         self.last_checkpoint = path
         logger.info("resumed from %s at step %d", path, self.step)
         return self.step
+
+    @staticmethod
+    def _read_trainer_state(checkpoint: Checkpoint) -> dict[str, Any]:
+        """The trainer state's fields, parsed, or a :class:`CheckpointError` naming the one missing or garbled."""
+        state = checkpoint.trainer_state
+        try:
+            return {
+                "step": int(state["step"]),
+                "rng_states": state["rng_states"],
+                "cuda_rng": state["cuda_rng"],
+                "data_state": json.loads(state["data_state"]),
+                "scheduler": dict(state["scheduler"]),
+                "elapsed_seconds": float(state["elapsed_seconds"]),
+                "tokens_seen": int(state["tokens_seen"]),
+            }
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"{checkpoint.path / STATE_FILE} has a missing or unreadable field ({type(error).__name__}: {error}); "
+                "was it written by another switchformer version?"
+            ) from error
+
+    def _check_optimizer_state(self, checkpoint: Checkpoint) -> None:
+        saved, own = checkpoint.optimizer_state, self.optimizer
+        if saved is None:
+            return
+        kind = checkpoint.trainer_state.get("optimizer", type(own).__name__)
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        fits = isinstance(groups, list) and len(groups) == len(own.param_groups)
+        fits = fits and all(
+            isinstance(g, dict) and len(g.get("params", ())) == len(o["params"])
+            for g, o in zip(groups, own.param_groups, strict=False)
+        )
+        if kind != type(own).__name__ or not fits:
+            raise CheckpointError(
+                f"the optimizer state in {checkpoint.path} ({kind}) does not fit this run's optimizer "
+                f"({type(own).__name__}, {len(own.param_groups)} parameter groups); resume with the optimizer "
+                "settings the run started with"
+            )
 
     # -- steps --------------------------------------------------------------------------------------
     def _forward(self, batch: Batch):
@@ -192,8 +270,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, Any]:
         """One optimizer update over ``batch`` split into ``micro_batches``; returns the step's figures."""
         figures = self.accumulate_gradients(batch)
-        max_norm = self.config.clip_grad_norm if self.config.clip_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = self.strategy.clip_grad_norm(self.model, self.config.clip_grad_norm)
         figures["lr"] = self.optimizer.param_groups[0]["lr"]
         figures["grad_norm"] = grad_norm
         if not (math.isfinite(figures["loss"]) and math.isfinite(grad_norm)):
@@ -208,13 +285,15 @@ class Trainer:
     def accumulate_gradients(self, batch: Batch) -> dict[str, float]:
         """Backward over the micro-batches of ``batch``, leaving the global batch's gradient in ``.grad``."""
         self.model.train()
-        micro = split_batch(batch, self.config.micro_batches)
-        total_labels = int((batch["labels"] != -100).sum())
+        total_labels = int((batch["labels"] != -100).sum())  # of the global batch, whichever rank holds them
+        micro = split_batch(self.strategy.local_batch(batch), self.config.micro_batches)
+        # Each rank's share of the global token mean; gradient averaging over W ranks divides by W again.
+        ce_scale = self.strategy.world_size / max(total_labels, 1)
         sums = {"ce_loss": 0.0, "aux_loss": 0.0, "load_balancing_loss": 0.0, "z_loss": 0.0}
         dropped, layers = 0.0, 0
         for part in micro:
             out = self._forward(part)
-            ce = out.ce_loss * (out.num_label_tokens / max(total_labels, 1))
+            ce = out.ce_loss * out.num_label_tokens * ce_scale
             aux = out.aux_loss / len(micro)
             (ce + aux).backward()
             sums["ce_loss"] += float(ce.detach())
@@ -224,15 +303,13 @@ class Trainer:
             self.routing.add(out.router)
             dropped += sum(float(r.stats.dropped_fraction) for r in out.router)
             layers += len(out.router)
-        return {"loss": sums["ce_loss"] + sums["aux_loss"], **sums, "dropped_fraction": dropped / max(layers, 1)}
+        self.strategy.synchronize_gradients(self.model)
+        sums["dropped_fraction"] = dropped / max(layers, 1)
+        figures = self.strategy.mean(sums)
+        return {"loss": figures["ce_loss"] + figures["aux_loss"], **figures}
 
     def _handle_non_finite(self, loss: float, grad_norm: float, batch: Batch) -> None:
-        first_micro = split_batch(batch, self.config.micro_batches)[0]
-        module = first_non_finite_module(self.model, lambda: self._forward(first_micro))
-        if module is not None:
-            where = f"first non-finite output in layer {module}"
-        else:
-            where = f"forward pass finite; non-finite gradient reaching {last_non_finite_gradient(self.model)}"
+        where = self._locate_non_finite(batch)
         message = (
             f"non-finite values at step {self.step + 1}: loss={loss}, grad_norm={grad_norm}; {where}. Lower the "
             "learning rate, keep gradient clipping on, train in fp32, or resume from the last checkpoint"
@@ -244,13 +321,45 @@ class Trainer:
         if self.skipped_in_a_row >= self.config.max_skipped_steps:
             raise NonFiniteLossError(f"{self.skipped_in_a_row} steps in a row were skipped; last: {message}")
 
+    def _locate_non_finite(self, batch: Batch) -> str:
+        """Where NaN/inf first appears: the first layer output in a forward re-run of *every* micro-batch (the
+        fault may be in any of them; every rank re-runs all of them, so collectives stay matched), else the
+        parameter nearest the output whose gradient is non-finite. Gradients are recomputed for that: clipping by
+        a non-finite norm has scaled every gradient by NaN, which would point at the model's last parameter."""
+        micro = split_batch(self.strategy.local_batch(batch), self.config.micro_batches)
+        found = [first_non_finite_module(self.model, lambda part=part: self._forward(part)) for part in micro]
+        module = next((name for name in found if name is not None), None)
+        if self.strategy.sum([float(module is not None)])[0] > 0:  # all ranks take the same branch
+            return f"first non-finite output in layer {module or '(on another rank)'}"
+        self.optimizer.zero_grad(set_to_none=True)
+        rng = torch.get_rng_state()
+        try:
+            for part in micro:
+                out = self._forward(part)
+                (out.ce_loss + out.aux_loss).backward()
+        finally:
+            torch.set_rng_state(rng)
+        return f"forward pass finite; non-finite gradient reaching {last_non_finite_gradient(self.model)}"
+
     def evaluate(self, batches: list[Batch] | None = None) -> dict[str, float]:
         """Validation cross-entropy and perplexity, in eval mode (so the eval capacity factor applies)."""
         batches = self.validation if batches is None else batches
         if self.config.eval_batches is not None:
             batches = batches[: self.config.eval_batches]
-        result = evaluate_model(self.model, batches, device=self.device, amp_dtype=self.amp_dtype)
-        return {"val_loss": result["val_loss"], "val_perplexity": result["val_perplexity"]}
+        total, count = 0.0, 0
+        for batch in batches:
+            rows = next(iter(batch.values())).shape[0]
+            # Under parallelism each rank scores its slice; a batch that does not split evenly is scored whole
+            # by every rank (identical results), so all ranks still run the same collectives.
+            sliced = rows % self.strategy.world_size == 0
+            part = evaluate_model(self.model, [self.strategy.local_batch(batch) if sliced else batch],
+                                  device=self.device, amp_dtype=self.amp_dtype)  # fmt: skip
+            scored = [part["val_loss"] * part["val_tokens"], float(part["val_tokens"])]
+            if sliced:
+                scored = self.strategy.sum(scored)
+            total, count = total + scored[0], count + int(scored[1])
+        loss = total / max(count, 1)
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
     # -- the loop -----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -285,7 +394,8 @@ class Trainer:
                     logger.info("stopping at step %d: a callback asked to stop", self.step)
                     break
         finally:
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
         summary = {
             "steps": self.step,
             "final_loss": record.get("loss"),
@@ -296,7 +406,8 @@ class Trainer:
             "tokens_per_second": self.tokens_seen / max(self.elapsed, 1e-9),
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.strategy.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for cb in self.callbacks:
             cb.on_train_end(self, summary)
         return summary
@@ -308,7 +419,8 @@ class Trainer:
         if self.routing.count:
             entry["routing"] = self.routing.summary()
         self.routing.reset()
-        self.metrics.write(entry)
+        if self.metrics is not None:
+            self.metrics.write(entry)
         for cb in self.callbacks:
             cb.on_log(self, entry)
 
