@@ -61,6 +61,13 @@ class SwitchFFN(nn.Module):
 
     Keyword arguments other than ``d_model``, ``d_ff``, ``activation`` and ``init_scale`` are
     :class:`MoEConfig` fields (``top_k``, ``eval_capacity_factor``, ``group_size``, ``dropless``, ...).
+
+    Host synchronisation (the hot path otherwise keeps every decision on the device, and with a capacity it
+    traces under ``torch.compile`` without a graph break): the grouped layout (CUDA, and dropless routing in eager
+    CPU code; ``torch._grouped_mm``) takes the per-expert offsets on the device, and only its fallback for builds
+    without grouped GEMM reads the counts (``.tolist()``). The padded layout, with dropless routing (compiled CPU
+    code, or ``kernel='padded-bmm'``), reads the busiest expert's count once per call to size the padding
+    (``.item()``, a graph break). ``overflow='next-best'`` checks once per re-routing round for dropped tokens.
     """
 
     def __init__(self, config: SwitchFFNConfig | None = None, /, **kwargs: Any) -> None:

@@ -95,7 +95,8 @@ def route(
     token_mask_T = token_mask_T.reshape(num_tokens).to(device=device, dtype=torch.bool)
 
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    top_probs_TK, choice_TK = torch.topk(probs_TE, k, dim=-1)
+    # max returns the first of tied maxima (as the reference does) and is cheaper than topk for k = 1.
+    top_probs_TK, choice_TK = probs_TE.max(-1, keepdim=True) if k == 1 else torch.topk(probs_TE, k, dim=-1)
     # Top-1 keeps p_i(x) so the router learns through the gate; top-k renormalises over the chosen experts.
     gate_TK = top_probs_TK if k == 1 else top_probs_TK / top_probs_TK.sum(-1, keepdim=True)
 

@@ -21,16 +21,15 @@ def load_balancing_loss(routing: Routing) -> torch.Tensor:
     Equals 1 for perfectly uniform top-1 routing (``k`` for top-k, whose choices sum to k per token).
     """
     probs_TE, num_experts, num_groups = routing.probs, routing.num_experts, routing.num_groups
-    valid_T = routing.token_mask.to(probs_TE.dtype)
-    group_T = routing.group_index
     k = routing.choice.shape[1]
+    member_GT = _real_tokens_of_groups(routing, probs_TE.dtype)
 
-    tokens_G = torch.zeros(num_groups, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(0, group_T, valid_T)
-    segment_C = (group_T[:, None] * num_experts + routing.choice).reshape(-1)
+    tokens_G = member_GT.sum(1)
+    segment_C = (routing.group_index[:, None] * num_experts + routing.choice).reshape(-1)
     chosen_GE = torch.zeros(num_groups * num_experts, dtype=probs_TE.dtype, device=probs_TE.device)
-    chosen_GE = chosen_GE.index_add_(0, segment_C, valid_T.repeat_interleave(k)).view(num_groups, num_experts)
-    prob_sum_GE = torch.zeros(num_groups, num_experts, dtype=probs_TE.dtype, device=probs_TE.device)
-    prob_sum_GE = prob_sum_GE.index_add(0, group_T, probs_TE * valid_T[:, None])
+    weight_C = routing.token_mask.to(probs_TE.dtype).repeat_interleave(k)
+    chosen_GE = chosen_GE.index_add_(0, segment_C, weight_C).view(num_groups, num_experts)
+    prob_sum_GE = member_GT @ probs_TE
 
     denom_G = tokens_G.clamp(min=1.0)
     fraction_GE = chosen_GE / denom_G[:, None]
@@ -53,11 +52,20 @@ def router_z_loss(routing: Routing) -> torch.Tensor:
 
 
 def _mean_over_groups(values_T: torch.Tensor, valid_T: torch.Tensor, routing: Routing) -> torch.Tensor:
-    zeros_G = values_T.new_zeros(routing.num_groups)
-    sums_G = zeros_G.index_add(0, routing.group_index, values_T)
-    counts_G = zeros_G.index_add(0, routing.group_index, valid_T)
+    member_GT = _real_tokens_of_groups(routing, values_T.dtype)
+    sums_G, counts_G = member_GT @ values_T, member_GT.sum(1)
     nonempty_G = (counts_G > 0).to(values_T.dtype)
     return (sums_G / counts_G.clamp(min=1.0) * nonempty_G).sum() / nonempty_G.sum().clamp(min=1.0)
+
+
+def _real_tokens_of_groups(routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+    """``[G, T]`` 0/1 matrix: token t is a real token of group g. Per-group sums are then matmuls.
+
+    A matmul rather than ``index_add``: no scatter (deterministic on any device), and inductor's CPU code
+    generation fails on a scatter-add whose index it derives from ``arange`` (``route``'s group index).
+    """
+    groups_G1 = torch.arange(routing.num_groups, device=routing.group_index.device)[:, None]
+    return ((routing.group_index[None, :] == groups_G1) & routing.token_mask[None, :]).to(dtype)
 
 
 @dataclasses.dataclass
@@ -80,11 +88,14 @@ def router_stats(routing: Routing) -> RouterStats:
     )
     num_valid = valid_T.sum().clamp(min=1.0)
     kept = (routing.keep.float() * valid_T[:, None]).sum()
-    probs_TE = routing.probs
-    entropy_T = -(probs_TE * torch.log(probs_TE.clamp(min=1e-30))).sum(-1)
+    top_T1 = routing.choice[:, :1]
+    top_prob_T1 = routing.probs.gather(1, top_T1)
+    # Entropy without a logarithm per probability: log p_e = logit_e - logit_top + log p_top, so
+    # H = -log p_top + sum_e p_e (logit_top - logit_e), a sum of non-negative terms (no cancellation).
+    entropy_T = (routing.probs * (routing.logits.gather(1, top_T1) - routing.logits)).sum(-1) - top_prob_T1.log()[:, 0]
     return RouterStats(
         tokens_per_expert=tokens_per_expert,
         dropped_fraction=1.0 - kept / (num_valid * k),
-        router_confidence=(probs_TE.max(-1).values * valid_T).sum() / num_valid,
+        router_confidence=(top_prob_T1[:, 0] * valid_T).sum() / num_valid,
         router_entropy=(entropy_T * valid_T).sum() / num_valid,
     )

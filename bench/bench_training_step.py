@@ -1,0 +1,99 @@
+"""Whole training steps of a tiny Switch model (32 experts) against its FLOP-matched dense model, tokens/s.
+
+    python bench/bench_training_step.py
+    python bench/bench_training_step.py --sparse switch-tiny-8 --batch 32
+
+One step = forward, backward, gradient clipping at 1.0 (as the trainer does) and an AdamW update, on the same
+batch of random tokens for both models, round by round in one process (see ``harness.interleaved_medians``).
+Two AdamW implementations are measured: torch's default (the trainer's ``build_optimizer``; on CPU a per-tensor
+loop) and ``fused=True`` (one pass over each tensor); the Switch model has 8x the parameters, so the optimizer's
+memory traffic shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+
+import harness
+from harness import Column, ms, ratio
+from switchformer import build_model, get_preset
+from switchformer.training.config import TrainConfig
+from switchformer.training.optim import build_optimizer
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sparse", default="switch-tiny-32")
+    p.add_argument("--dense", default="t5-tiny", help="the sparse preset's FLOP-matched dense model")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--target-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-thp", action="store_true", help="leave PyTorch's transparent-huge-page allocation off")
+    p.add_argument("--system-malloc", action="store_true", help="let glibc return freed memory (see harness)")
+    return p.parse_args(argv)
+
+
+def make_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, labels: torch.Tensor
+) -> Callable[[], None]:
+    def step() -> None:
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def fused_adamw(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """``build_optimizer``'s AdamW (same groups and settings) with ``fused=True``."""
+    groups = [
+        {"params": g["params"], "weight_decay": g["weight_decay"]} for g in build_optimizer(model, config).param_groups
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=True)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    harness.configure(threads=args.threads, huge_pages=not args.no_thp, keep_freed_memory=not args.system_malloc)
+    print(harness.machine_summary())
+    torch.manual_seed(0)
+    config = TrainConfig()
+    models = {name: build_model(get_preset(name)).train() for name in (args.dense, args.sparse)}
+    vocab = models[args.dense].config.vocab_size
+    ids = torch.randint(2, vocab, (args.batch, args.input_len))
+    labels = torch.randint(2, vocab, (args.batch, args.target_len))
+    cases: dict[str, Callable[[], object]] = {}
+    for name, model in models.items():
+        cases[f"{name}, AdamW default"] = make_step(model, build_optimizer(model, config), ids, labels)
+        cases[f"{name}, AdamW fused"] = make_step(model, fused_adamw(model, config), ids, labels)
+    times = harness.interleaved_medians(cases, repeats=args.repeats, warmup=2)
+
+    tokens = args.batch * (args.input_len + args.target_len)
+    params = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models.items()}
+    print(f"{tokens} tokens a step ({args.batch} x ({args.input_len} + {args.target_len})), medians of {args.repeats}")
+    columns = [
+        Column("optimizer"),
+        Column(f"{args.dense} ms ({params[args.dense]:.1f}M params)", ms),
+        Column(f"{args.sparse} ms ({params[args.sparse]:.1f}M params)", ms),
+        Column(f"{args.dense} tokens/s", lambda v: f"{v:.0f}"),
+        Column(f"{args.sparse} tokens/s", lambda v: f"{v:.0f}"),
+        Column("sparse / dense tokens/s", ratio),
+    ]
+    rows = []
+    for kind in ("default", "fused"):
+        dense_s, sparse_s = times[f"{args.dense}, AdamW {kind}"], times[f"{args.sparse}, AdamW {kind}"]
+        rows.append((f"AdamW {kind}", dense_s, sparse_s, tokens / dense_s, tokens / sparse_s, dense_s / sparse_s))
+    print(harness.markdown_table(columns, rows))
+    print("target: sparse / dense tokens/s >= 0.85")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
