@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -87,22 +88,64 @@ class Config:
         return type(self).from_dict(data)
 
     def _coerce_fields(self) -> None:
-        """Accept strings for enum fields and dicts for nested configs (as JSON gives them)."""
+        """Check every value against its declared type, accepting what JSON gives: strings for enums, dicts for
+        nested configs, lists for tuples, ints for floats. Non-finite floats are refused here, once, for all."""
         hints = typing.get_type_hints(type(self))
+        owner = type(self).__name__
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            target = _strip_optional(hints[f.name])
+            declared = hints[f.name]
+            target = _strip_optional(declared)
             if value is None:
-                continue
-            if isinstance(target, type) and issubclass(target, enum.Enum) and not isinstance(value, target):
-                try:
-                    value = target(value)
-                except ValueError:
-                    allowed = ", ".join(repr(m.value) for m in target)
-                    raise invalid(type(self).__name__, f.name, value, f"must be one of {allowed}") from None
-                setattr(self, f.name, value)
-            elif isinstance(target, type) and issubclass(target, Config) and isinstance(value, dict):
-                setattr(self, f.name, target.from_dict(value))
+                if target is not declared:
+                    continue
+                raise invalid(owner, f.name, value, f"must not be null (expected {_type_name(target)})")
+            setattr(self, f.name, _coerce_value(owner, f.name, target, value))
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce_value(owner: str, name: str, target: Any, value: Any) -> Any:
+    if isinstance(target, type) and issubclass(target, enum.Enum):
+        if isinstance(value, target):
+            return value
+        try:
+            return target(value)
+        except (ValueError, TypeError):
+            allowed = ", ".join(repr(m.value) for m in target)
+            raise invalid(owner, name, value, f"must be one of {allowed}") from None
+    if isinstance(target, type) and issubclass(target, Config):
+        if isinstance(value, dict):
+            return target.from_dict(value)
+        if not isinstance(value, target):
+            raise invalid(owner, name, value, f"must be a {target.__name__} (or an object of its fields)")
+        return value
+    if target is bool:
+        if not isinstance(value, bool):
+            raise invalid(owner, name, value, "must be true or false")
+        return value
+    if target is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise invalid(owner, name, value, "must be an integer")
+        return value
+    if target is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise invalid(owner, name, value, "must be a number")
+        if not math.isfinite(value):
+            raise invalid(owner, name, value, "must be a finite number")
+        return float(value)
+    if target is str:
+        if not isinstance(value, str):
+            raise invalid(owner, name, value, "must be a string")
+        return value
+    if typing.get_origin(target) is tuple:
+        if not isinstance(value, list | tuple):
+            raise invalid(owner, name, value, "must be a list")
+        item_types = [a for a in typing.get_args(target) if a is not Ellipsis]
+        return tuple(_coerce_value(owner, name, item_types[0] if item_types else Any, v) for v in value)
+    return value
 
 
 def _looks_like_path(value: str | Path) -> bool:
@@ -143,9 +186,11 @@ def _from_plain(tp: Any, value: Any, where: str) -> Any:
 
 def _parse_scalar(tp: Any, raw: str, where: str) -> Any:
     """Parse an override's text against the field's type (``null`` clears optional fields)."""
-    if raw.lower() in ("null", "none"):
-        return None
     target = _strip_optional(tp)
+    if raw.lower() in ("null", "none"):
+        if target is tp:
+            raise ConfigError(f"override {where}={raw!r}: {where} is required and cannot be null")
+        return None
     try:
         if target is bool:
             if raw.lower() in ("true", "1", "yes", "on"):
@@ -164,7 +209,12 @@ def _parse_scalar(tp: Any, raw: str, where: str) -> Any:
     except (ValueError, json.JSONDecodeError):
         raise ConfigError(f"override {where}={raw!r}: cannot parse as {getattr(target, '__name__', target)}") from None
     if typing.get_origin(target) in (tuple, list):
-        return json.loads(raw) if raw.startswith("[") else [x.strip() for x in raw.split(",") if x.strip()]
+        if not raw.startswith("["):
+            return [x.strip() for x in raw.split(",") if x.strip()]
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise ConfigError(f"override {where}={raw!r}: not a JSON list such as [0.9,0.98]") from None
     return raw
 
 
@@ -175,7 +225,7 @@ def _set_path(cls: type[Config], data: dict[str, Any], path: list[str], raw: str
         known = sorted(f.name for f in dataclasses.fields(cls))
         raise ConfigError(f"{cls.__name__} has no field {head!r}; known fields: {known}")
     if len(path) == 1:
-        data[head] = _parse_scalar(hints[head], raw, head)
+        data[head] = _parse_scalar(hints[head], raw, f"{cls.__name__}.{head}")
         return
     sub = _strip_optional(hints[head])
     if not (isinstance(sub, type) and issubclass(sub, Config)):

@@ -101,8 +101,21 @@ def _model_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> Mod
 
 
 def _saved_configs(run_dir: Path) -> dict[str, Any] | None:
+    """The configs to resume with: the latest checkpoint's (checksummed), else the run folder's config.json."""
+    from switchformer.training.checkpoint import latest_checkpoint, verify_checkpoint
+
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if latest is not None:
+        verify_checkpoint(latest)
+        return json.loads((latest / "config.json").read_text())
     path = run_dir / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        logger.warning("%s is damaged and no checkpoint exists yet: starting the run afresh from the flags", path)
+        return None
 
 
 def _strategy(args: argparse.Namespace) -> DistributedStrategy | None:
@@ -195,8 +208,10 @@ def _run(args: argparse.Namespace, strategy: DistributedStrategy | None) -> int:
 def _announce(run_dir, model_config, train_config, data_config, data, args, resumed, strategy) -> None:
     """Write the run's config.json and print what is about to happen."""
     extra = {"data": data_config.to_dict()}
-    (run_dir / "config.json").write_text(json.dumps({"model": model_config.to_dict(), "train": train_config.to_dict(),
-                                                     **extra}, indent=2) + "\n")  # fmt: skip
+    payload = {"model": model_config.to_dict(), "train": train_config.to_dict(), **extra}
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, run_dir / "config.json")  # atomic: a kill mid-write never leaves a cut config
     print_table(
         f"switchformer train -> {run_dir}",
         [

@@ -98,6 +98,7 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:08d}"
     tmp = directory / f".step-{step:08d}.tmp-{os.getpid()}"
+    replaced = directory / f".step-{step:08d}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -116,19 +117,42 @@ def save_checkpoint(
         }
         _write_json(tmp / MANIFEST, manifest)
         _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it only once the new one is complete
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # re-saving a step (e.g. after a resume): set the old one aside until the new one is in
+            os.replace(final, replaced)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if replaced.exists():
+                os.replace(replaced, final)
+            raise
+    # Not only OSError: on a full disk safetensors raises SafetensorError and torch.save a RuntimeError.
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_save_failure(final, error)) from error
+    try:  # the checkpoint is complete once renamed; a failed directory fsync only weakens power-loss durability
         _fsync_dir(directory)
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(directory)
-        kept = f"; the previous checkpoint {previous} is intact" if previous else ""
-        raise CheckpointError(f"could not write checkpoint {final} ({error.strerror or error}){kept}") from error
+        logger.warning("saved %s, but could not fsync %s (%s)", final, directory, error)
+    shutil.rmtree(replaced, ignore_errors=True)
     if keep is not None:
         prune_checkpoints(directory, keep)
     logger.info("saved checkpoint %s", final)
     return final
+
+
+def _save_failure(final: Path, error: BaseException) -> str:
+    """What went wrong, how much space is left, and that the checkpoints already there are safe."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    message = f"could not write checkpoint {final} ({reason})"
+    try:
+        free = shutil.disk_usage(final.parent).free
+        message += f"; {free / 2**20:,.1f} MiB free on its disk"
+    except OSError:  # pragma: no cover - the folder itself became unreadable
+        pass
+    previous = latest_checkpoint(final.parent)
+    if previous is not None:
+        return message + f"; the previous checkpoint {previous} is intact and --resume continues from it"
+    return message + "; no earlier checkpoint exists, so nothing saved was lost"
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -158,14 +182,24 @@ def resolve_checkpoint(path: Path | str) -> Path:
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints, and leftovers of writes and deletions that were killed.
+
+    Each folder is first renamed out of sight, so a kill during the deletion never leaves a half-deleted folder
+    that still looks complete.
+    """
     for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in directory.glob(".step-*.tmp-*"):  # left by a process that was killed mid-write
+        hidden = directory / f".{old.name}.old-{os.getpid()}"
+        os.replace(old, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+    for stale in [*directory.glob(".step-*.tmp-*"), *directory.glob(".step-*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Check every file against the manifest; raise :class:`CheckpointError` naming the first bad one."""
+    """Check every file against the manifest; raise :class:`CheckpointError` naming the first bad one.
+
+    The manifest must cover the files that are read back (model, trainer state, config), so none is used unchecked.
+    """
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(
@@ -174,8 +208,14 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{manifest_path} is unreadable ({error}); the checkpoint cannot be trusted") from error
+        step = manifest["step"]
+        problem = _manifest_problem(step, files)
+        if problem is None and (path / OPTIMIZER_FILE).is_file() and OPTIMIZER_FILE not in files:
+            problem = f"incomplete (no checksum for {OPTIMIZER_FILE})"
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        problem = f"unreadable ({error})"
+    if problem:
+        raise CheckpointError(f"{manifest_path} is {problem}; the checkpoint cannot be trusted")
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -187,26 +227,46 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _manifest_problem(step: Any, files: Any) -> str | None:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"malformed (step {step!r} is not a step number)"
+    if not isinstance(files, dict):
+        return "malformed (no file table)"
+    for name, expected in files.items():
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            return f"malformed (file name {name!r} is not a plain file name)"
+        if not (isinstance(expected, dict) and isinstance(expected.get("bytes"), int)
+                and isinstance(expected.get("sha256"), str)):  # fmt: skip
+            return f"malformed (no size and checksum for {name})"
+    unchecked = [name for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE) if name not in files]
+    if unchecked:
+        return f"incomplete (no checksum for {', '.join(unchecked)})"
+    return None
+
+
 def load_checkpoint(path: Path, *, with_optimizer: bool = True, verify: bool = True) -> Checkpoint:
     """Read a checkpoint folder; nothing is applied to a model here, so a bad file leaves the model untouched."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    manifest = verify_checkpoint(path) if verify else json.loads((path / MANIFEST).read_text())
     try:
+        manifest = verify_checkpoint(path) if verify else json.loads((path / MANIFEST).read_text())
+        step = int(manifest["step"])
         model_state = load_file(str(path / MODEL_FILE))
         trainer_state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
         optimizer_state = None
         if with_optimizer and (path / OPTIMIZER_FILE).is_file():
             optimizer_state = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
         config = json.loads((path / CONFIG_FILE).read_text())
+    except CheckpointError:
+        raise
     except Exception as error:  # safetensors / unpickler errors: a crafted or damaged file
         raise CheckpointError(f"could not read checkpoint {path}: {error}") from error
-    return Checkpoint(path, int(manifest["step"]), model_state, optimizer_state, trainer_state, config)
+    return Checkpoint(path, step, model_state, optimizer_state, trainer_state, config)
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: Path | str) -> None:
-    """Load weights only if every name and shape fits, so a mismatched checkpoint is never half-loaded."""
+def check_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: Path | str) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has exactly the model's tensor names and shapes."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -226,4 +286,9 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, 
             f"checkpoint {source} was saved from another model config ({'; '.join(details)}); "
             "train with the same preset/--set overrides, or start a new run folder"
         )
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: Path | str) -> None:
+    """Load weights only if every name and shape fits, so a mismatched checkpoint is never half-loaded."""
+    check_model_state(model, state, source=source)
     model.load_state_dict(state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,10 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard: bool = True) -> None:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_metrics(run_dir) if record["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            os.replace(tmp, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.tb = None
@@ -99,7 +100,19 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The logged records; a line cut short (a full disk, a kill mid-write) is skipped with a warning."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s line %d is not complete JSON (cut by a crash or a full disk); skipping it", path, number)
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
