@@ -1,0 +1,89 @@
+"""Sparse upcycling (Komatsuzaki et al. 2022): a dense checkpoint becomes a Switch model that starts where it is.
+
+Every FFN that the new config makes sparse (``sparse_every``) becomes a Switch layer whose experts are all exact
+copies of the dense FFN it replaces; its router is freshly initialised with the paper's reduced-scale truncated
+normal (std ``sqrt(0.1 / d_model)``); every other weight is copied unchanged. Since each expert equals the dense
+FFN, the Switch layer computes ``p_i(x) * FFN(x)``: the dense output scaled by the router's gate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from switchformer.layers.feed_forward import DenseFFN
+from switchformer.layers.moe import SwitchFFN
+from switchformer.models.base import SwitchModelBase
+from switchformer.models.config import ModelConfig
+from switchformer.routing.config import MoEConfig
+
+logger = logging.getLogger(__name__)
+
+ROUTER_INIT_SCALE = 0.1  # the paper's initialisation scale (section 2.3)
+
+
+def upcycled_config(dense: ModelConfig, moe: MoEConfig, *, sparse_every: int | None = None) -> ModelConfig:
+    """The Switch config of a dense one: same shapes, ``moe`` added, Switch layers every ``sparse_every`` FFNs."""
+    if dense.moe is not None:
+        raise ValueError(f"the model is already a Switch model ({dense.moe.num_experts} experts); upcycling "
+                         "starts from a dense checkpoint (moe=None)")  # fmt: skip
+    config = dense.replace(moe=moe, sparse_every=sparse_every if sparse_every is not None else dense.sparse_every)
+    decoder_layers = config.decoder_layers if config.is_encoder_decoder else 0
+    if not any(config.is_sparse_layer(i) for i in range(max(config.num_layers, decoder_layers))):
+        raise ValueError(f"sparse_every={config.sparse_every} makes no layer sparse in a model of "
+                         f"{config.num_layers} layers; use sparse_every=1")  # fmt: skip
+    return config
+
+
+def upcycle(
+    model_or_path: SwitchModelBase | str | Path,
+    *,
+    moe: MoEConfig,
+    sparse_every: int | None = None,
+    router_init_scale: float = ROUTER_INIT_SCALE,
+    seed: int = 0,
+) -> SwitchModelBase:
+    """A Switch model (eval mode) from a dense model or checkpoint folder; ``seed`` draws the routers.
+
+    The dense model is not modified; the experts are copies, so training one leaves the others unchanged.
+    """
+    from switchformer.interop.checkpoint_io import from_pretrained, model_from_state_dict
+    from switchformer.models.factory import build_model
+
+    dense = from_pretrained(model_or_path) if isinstance(model_or_path, str | Path) else model_or_path
+    config = upcycled_config(dense.config, moe, sparse_every=sparse_every)
+    with torch.device("meta"):
+        layout = build_model(config)  # names and shapes only
+    state = {name: tensor.detach().clone() for name, tensor in dense.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    upcycled = []
+    for name, module in layout.named_modules():
+        if not isinstance(module, SwitchFFN):
+            continue
+        ffn = dense.get_submodule(name)
+        assert isinstance(ffn, DenseFFN), f"{name} is {type(ffn).__name__} in the dense model"
+        experts = moe.num_experts
+        wi_DF = state.pop(f"{name}.wi.weight").t()  # nn.Linear stores [out, in]; experts hold [in, out]
+        wo_FD = state.pop(f"{name}.wo.weight").t()
+        state[f"{name}.experts.wi"] = wi_DF.unsqueeze(0).repeat(experts, 1, 1)  # [E, D, M*F]: E copies
+        state[f"{name}.experts.wo"] = wo_FD.unsqueeze(0).repeat(experts, 1, 1)  # [E, F, D]
+        state[f"{name}.router.weight"] = _router_init(module.router.weight.shape, router_init_scale, generator,
+                                                      wi_DF.dtype)  # fmt: skip
+        if module.router.bias is not None:
+            state[f"{name}.router.bias"] = torch.zeros(experts, dtype=wi_DF.dtype)
+        upcycled.append(name)
+    model = model_from_state_dict(config, state, dtype=None)
+    logger.info("upcycled %d FFNs into Switch layers of %d experts: %s", len(upcycled), moe.num_experts,
+                ", ".join(upcycled))  # fmt: skip
+    return model
+
+
+def _router_init(shape: torch.Size, scale: float, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Truncated normal at two standard deviations, std ``sqrt(scale / d_model)`` (the paper's init, seeded)."""
+    std = math.sqrt(scale / shape[1])
+    weight = torch.empty(shape, dtype=torch.float32)
+    torch.nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std, generator=generator)
+    return weight.to(dtype)

@@ -1,0 +1,91 @@
+"""``switchformer finetune`` and ``switchformer upcycle`` end to end: dense checkpoint -> upcycled Switch model ->
+fine-tuned run with its best model; bad rows named by line; resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from switchformer import from_pretrained
+from switchformer.cli import finetune as finetune_command
+from switchformer.cli import main as cli_main
+from switchformer.cli import upcycle as upcycle_command
+from tests.finetune.helpers import (
+    one_thread,  # noqa: F401 (a fixture)
+    tiny_config,
+    write_checkpoint,
+    write_jsonl,
+    write_task,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = ["--steps", "6", "--eval-every", "3", "--batch-size", "8", "--lr", "5e-3", "--no-progress",
+        "--finetune-set", "max_new_tokens=6"]  # fmt: skip
+
+
+def cli(argv: list[str]) -> int:
+    """Run a subcommand through a parser holding these two commands (``switchformer.cli.main`` once registered)."""
+    parser = argparse.ArgumentParser(prog="switchformer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    finetune_command.register(sub)
+    upcycle_command.register(sub)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return write_task(tmp_path_factory.mktemp("task"), train=64, validation=16)
+
+
+def test_upcycle_a_dense_checkpoint_then_finetune_it(tmp_path, task, capsys):
+    dense = write_checkpoint(tmp_path / "dense", tiny_config(sparse=False, num_layers=3))
+    assert cli(["upcycle", str(dense), str(tmp_path / "sparse"), "--experts", "4", "--sparse-every", "1",
+                "--set", "moe.capacity_factor=1.5"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Switch layers" in out and "6, every 1 FFN(s), 4 experts each" in out and "tokenizer.json" in out
+    sparse = from_pretrained(tmp_path / "sparse")
+    assert sparse.config.moe.num_experts == 4 and sparse.config.moe.capacity_factor == 1.5
+    with pytest.raises(ValueError, match=r"moe.FIELD=VALUE only \(got d_model=8\)"):
+        cli(["upcycle", str(dense), str(tmp_path / "x"), "--experts", "4", "--set", "d_model=8"])
+
+    run = tmp_path / "run"
+    argv = ["finetune", str(tmp_path / "sparse"), "--train", str(task[0]), "--validation", str(task[1]),
+            "--output", str(run), *FAST]  # fmt: skip
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning summary" in out and "best by exact_match" in out and "0.1 outside experts, 0.4 inside" in out
+    assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [0, 3, 6]
+    best = from_pretrained(run / "best")
+    assert best.config.moe.expert_dropout == 0.4 and (run / "best" / "tokenizer.json").is_file()
+
+    # Resume the run to 9 steps with the saved settings.
+    assert cli([*argv[: -len(FAST)], "--resume", "--steps", "9", "--no-progress"]) == 0
+    assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [0, 3, 6, 9]
+    saved = json.loads((run / "checkpoints" / "step-00000009" / "config.json").read_text())
+    assert saved["train"]["steps"] == 9 and saved["finetune"]["batch_size"] == 8
+
+
+def test_bad_rows_are_an_error_naming_lines_or_skipped_with_a_report(tmp_path, task, capsys):
+    checkpoint = write_checkpoint(tmp_path / "start", tiny_config())
+    rows = [{"input": "a", "target": "A"}, {"input": "b"}, {"input": "c", "target": ""}, "{oops", {"input": "d",
+            "target": "D"}]  # fmt: skip
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    argv = ["finetune", str(checkpoint), "--train", str(bad), "--validation", str(task[1]), *FAST]
+    with pytest.raises(ValueError, match=r"3 bad rows: line 2: missing field 'target'; line 3: field 'target' is "
+                                         r"empty; line 4: invalid JSON"):  # fmt: skip
+        cli([*argv, "--output", str(tmp_path / "refused")])
+    assert cli([*argv, "--output", str(tmp_path / "run"), "--skip-bad-rows", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped rows of bad.jsonl" in out and "line 2 (missing field 'target')" in out and "line 4 (invalid" in out
+
+
+@pytest.mark.skipif(finetune_command not in cli_main.SUBCOMMANDS, reason="finetune is not registered in cli/main.py")
+def test_main_prints_input_errors_without_a_traceback(tmp_path, task, capsys):
+    checkpoint = write_checkpoint(tmp_path / "start", tiny_config())
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"input": "a", "target": "A"}, {"input": "b"}])
+    argv = ["finetune", str(checkpoint), "--train", str(bad), "--validation", str(task[1]), *FAST]
+    assert cli_main.main(argv) == 2
+    assert "line 2: missing field 'target'" in capsys.readouterr().err
