@@ -1,0 +1,130 @@
+"""``switchformer compare``: train the FLOP-matched dense model and Switch variants on the same data, then report
+time to quality (the paper's Table 1 and Figure 4 at CPU scale). With no arguments it runs the documented default
+comparison on the built-in corpus in about an hour on 2 cores; rerunning it resumes or skips finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from switchformer.cli.common import print_table
+from switchformer.cli.distill import parse_init
+from switchformer.experiments.distillation import distill_best, existing_distillations
+from switchformer.experiments.plan import ComparePlan
+from switchformer.experiments.report import write_report
+from switchformer.experiments.runner import data_config_for, load_plan, run_comparison
+from switchformer.training.callbacks import ProgressBar
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT = Path("runs/compare")
+HEADER_FILE = "report_header.json"  # the training session's command, date and load, kept for --replot
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("compare", help="dense vs Switch vs top-2 on the same data: time-to-quality report",
+                            description=__doc__)  # fmt: skip
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help=f"comparison folder with one run folder per model (default {DEFAULT_OUTPUT}); "
+                        "rerunning with the same folder resumes")  # fmt: skip
+    parser.add_argument("--report", type=Path, help="where report.md and the plots go (default: the --output folder)")
+    parser.add_argument("--data", help="text file, folder, .jsonl, .parquet or dataset (default: built-in corpus)")
+    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
+    parser.add_argument("--steps", type=int, help="optimizer steps of every run")
+    parser.add_argument("--experts", type=_ints, help="expert counts of the Switch sweep, e.g. 2,8,32")
+    parser.add_argument("--capacity-factors", type=_floats, help="extra Switch runs at these capacity factors")
+    parser.add_argument("--seeds", type=_ints, help="dense seeds (two or more estimate the run-to-run noise)")
+    parser.add_argument("--no-top2", action="store_true", help="leave out the top-2 MoE baseline")
+    parser.add_argument("--only", help="train only these runs, e.g. dense-seed0,switch-8 (others are left as they are)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any ComparePlan field, e.g. --set d_model=256 --set lr=1e-3")  # fmt: skip
+    parser.add_argument("--distill", action="store_true", help="also distil the best Switch run into a dense student")
+    parser.add_argument("--distill-init", default="mean", help="student init: mean, expert:N or random")
+    parser.add_argument("--replot", action="store_true", help="rewrite the report and plots from the run folders only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    parser.set_defaults(run=run)
+
+
+def plan_from_args(args: argparse.Namespace, base: ComparePlan | None = None) -> ComparePlan:
+    """The default plan (or a folder's saved one) with the flags and ``--set`` overrides applied."""
+    plan = (base or ComparePlan()).with_overrides(args.overrides)
+    changes: dict[str, object] = {}
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.experts is not None:
+        changes["expert_counts"] = args.experts
+    if args.capacity_factors is not None:
+        changes["capacity_factors"] = args.capacity_factors
+    if args.seeds is not None:
+        changes["dense_seeds"], changes["seed"] = args.seeds, args.seeds[0]
+    if args.no_top2:
+        changes["top2_experts"] = None
+    changes["only"] = tuple(x.strip() for x in args.only.split(",") if x.strip()) if args.only else ()
+    return plan.replace(**changes)
+
+
+def _header(argv: list[str], load_before: tuple[float, float, float]) -> list[str]:
+    load_after = os.getloadavg()
+    return [
+        f"- Command: `switchformer {shlex.join(argv)}`",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; torch {torch.__version__}; Python {platform.python_version()}; "
+        f"{os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch threads",
+        f"- Load average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in load_before)}; "
+        f"at the end: {', '.join(f'{x:.2f}' for x in load_after)}",
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    load_before = os.getloadavg()
+    output: Path = args.output
+    saved = args.replot or (output / "compare.json").is_file()
+    base, saved_data = load_plan(output) if saved else (None, None)  # --replot: the folder must exist
+    plan = plan_from_args(args, base)
+    data = saved_data or data_config_for(plan, args.data, args.text_field)
+    if saved_data is not None and args.data is not None and args.data != saved_data.source:
+        raise ValueError(f"{output} was made with --data {saved_data.source}; use a new --output for other data")
+    distill = parse_init(args.distill_init, teacher_weight=0.25)
+
+    def bars(name: str) -> list[ProgressBar]:
+        return [] if args.no_progress else [ProgressBar(desc=name, leave=True)]
+
+    if not args.replot:
+        print_table(f"switchformer compare -> {output}", [
+            ("data", data.source or "built-in corpus (Python standard library)"),
+            ("model", f"{plan.architecture.value}, d_model {plan.d_model}, d_ff {plan.d_ff}, {plan.num_layers} "
+                      f"layers, vocab {plan.vocab_size}"),
+            ("budget", f"{plan.steps} steps x {plan.batch_size} x {plan.sequence_length} tokens, lr {plan.lr:g}"),
+        ])  # fmt: skip
+        outcomes = run_comparison(plan, output, data, callbacks=lambda spec: bars(spec.name))
+        for outcome in outcomes:
+            logger.info("%s: %s", outcome.spec.name, outcome.status.value)
+        if args.distill:
+            distill_best(output, distill, steps=plan.steps, callbacks=bars("distill"))
+        header = _header(sys.argv[1:], load_before)
+        (output / HEADER_FILE).write_text(json.dumps(header) + "\n")
+    else:
+        saved_header = output / HEADER_FILE
+        header = json.loads(saved_header.read_text()) if saved_header.is_file() else []
+        header.append(f"- Report re-plotted from the run folders on {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    distilled = [line for result in existing_distillations(output) for line in result.lines()]
+    report = write_report(output, report_dir=args.report, header=header, distillation=distilled)
+    print_table("comparison report", [("report", str(report)), ("runs", str(output / "runs"))])
+    return 0

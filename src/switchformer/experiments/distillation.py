@@ -1,0 +1,50 @@
+"""The comparison's optional distillation row: the best Switch run distilled into a dense student."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from switchformer.distill.config import DistillConfig
+from switchformer.distill.run import DistillResult, distill, read_result
+from switchformer.distill.student import student_config
+from switchformer.experiments.plan import RunKind
+from switchformer.experiments.results import RunResult, read_results
+from switchformer.experiments.runner import SPEC_FILE, run_dir
+from switchformer.models.config import ModelConfig
+from switchformer.training.callbacks import Callback
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "distill-"
+
+
+def best_teacher(results: Sequence[RunResult]) -> RunResult:
+    """The top-1 Switch run with the lowest final validation loss (the fewest experts on a tie)."""
+    switch = [r for r in results if r.kind is RunKind.SWITCH]
+    if not switch:
+        raise ValueError("--distill needs a trained Switch run to use as the teacher")
+    return min(switch, key=lambda r: (r.final_loss, r.num_experts))
+
+
+def distill_best(
+    output: Path, config: DistillConfig, *, steps: int, callbacks: Sequence[Callback] = ()
+) -> DistillResult:
+    """Distil the best Switch run of ``output`` for ``steps`` (the comparison's budget) into ``runs/distill-NAME``."""
+    teacher = best_teacher(read_results(output))
+    name = PREFIX + teacher.name
+    teacher_model = json.loads((teacher.folder / SPEC_FILE).read_text())["model"]
+    student_model = student_config(ModelConfig.from_dict(teacher_model))
+    spec = {"name": name, "kind": RunKind.DISTILLED.value, "seed": teacher.seed, "num_experts": 1,
+            "capacity_factor": None, "teacher": teacher.name, "model": student_model.to_dict()}  # fmt: skip
+    folder = run_dir(output, name)
+    logger.info("distilling %s into a dense student in %s", teacher.name, folder)
+    return distill(teacher.folder, folder, config, steps=steps, callbacks=callbacks, spec=spec)
+
+
+def existing_distillations(output: Path) -> list[DistillResult]:
+    """Distillation results already in a comparison folder (for re-plotting without retraining)."""
+    found = (read_result(folder) for folder in sorted((Path(output) / "runs").glob(PREFIX + "*/")))
+    return [r for r in found if r is not None]

@@ -1,0 +1,124 @@
+"""The comparison's PNG plots: loss vs steps, loss vs time, final loss vs experts (Figure 4), expert load."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from switchformer.experiments.plan import RunKind
+from switchformer.experiments.results import RunResult
+from switchformer.experiments.speedup import seed_noise
+
+_STYLE = {RunKind.DENSE: "-", RunKind.SWITCH: "-", RunKind.TOP2: "--", RunKind.DISTILLED: ":"}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _zoom(ax: Any, results: Sequence[RunResult], reference: RunResult) -> None:
+    """Leave out the first, steep quarter of the run so the region where the curves separate is readable."""
+    low = min(min(r.curve.losses) for r in results)
+    losses = reference.curve.losses
+    high = max(losses[len(losses) // 4], max(r.final_loss for r in results) + 0.05)
+    ax.set_ylim(low - 0.03 * (high - low), high)
+    ax.axhline(reference.final_loss, color="gray", linestyle=":", linewidth=1, label="dense final loss")
+
+
+def _curves(results: Sequence[RunResult], reference: RunResult, path: Path, *, by_time: bool) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        xs = r.curve.seconds if by_time else r.curve.steps
+        width = 2.2 if r.name == reference.name else 1.4
+        ax.plot(xs, r.curve.losses, _STYLE[r.kind], marker=".", linewidth=width, label=r.label)
+    _zoom(ax, results, reference)
+    ax.set_xlabel("training time (s, evaluation excluded)" if by_time else "step")
+    ax.set_ylabel("validation cross-entropy (nats/token)")
+    ax.set_title("validation loss vs " + ("wall-clock time" if by_time else "steps"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _experts(results: Sequence[RunResult], reference: RunResult, path: Path) -> Path:
+    """Figure 4 analogue: final loss against the number of experts at one capacity factor (dense = 1 expert)."""
+    plt = _pyplot()
+    factors = [r.capacity_factor for r in results if r.kind is RunKind.SWITCH]
+    default_cf = max(set(factors), key=factors.count) if factors else None
+    sweep = sorted(
+        (r.num_experts, r.final_loss)
+        for r in results
+        if r.kind is RunKind.SWITCH and r.capacity_factor == default_cf and r.seed == reference.seed
+    )
+    points = [(1, reference.final_loss), *sweep]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"Switch, capacity factor {default_cf}")
+    noise = seed_noise([r.final_loss for r in results if r.kind is RunKind.DENSE])
+    if noise is not None:
+        ax.errorbar([1], [reference.final_loss], yerr=[2 * noise], fmt="none", capsize=4, color="black",
+                    label="dense, 2 std over seeds")  # fmt: skip
+    top2 = [r for r in results if r.kind is RunKind.TOP2]
+    for r in top2:
+        ax.plot([r.num_experts], [r.final_loss], "s", color="tab:red", label=f"top-2, {r.num_experts} experts")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([p[0] for p in points], [str(p[0]) for p in points])
+    ax.set_xlabel("experts (1 = dense)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("more experts at equal FLOPs per token")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _load(results: Sequence[RunResult], path: Path) -> Path | None:
+    """Per run, the share of tokens each expert got in each Switch layer (last logging interval), busiest first."""
+    sparse = [r for r in results if r.load]
+    if not sparse:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(sparse))
+    rows = math.ceil(len(sparse) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, r in zip(axes.flat, sparse, strict=False):
+        for layer, shares in r.load.items():
+            ax.plot(range(len(shares)), sorted(shares, reverse=True), marker=".", label=layer)
+        ax.axhline(1 / r.num_experts, color="gray", linestyle="--")
+        dropped = f", {r.dropped_fraction:.1%} dropped" if r.dropped_fraction is not None else ""
+        ax.set_title(f"{r.name}{dropped}", fontsize=9)
+        ax.set_xlabel("expert (sorted by load)", fontsize=8)
+        ax.set_ylabel("share of tokens", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(sparse) :]:
+        ax.set_visible(False)
+    fig.suptitle("expert load per layer at the last logged step (dashed: perfect balance)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(results: Sequence[RunResult], reference: RunResult, folder: Path) -> list[Path]:
+    """Write the four PNGs into ``folder``; returns the paths written (no load plot without Switch runs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [
+        _curves(results, reference, folder / "loss_vs_steps.png", by_time=False),
+        _curves(results, reference, folder / "loss_vs_time.png", by_time=True),
+        _experts(results, reference, folder / "loss_vs_experts.png"),
+    ]
+    load = _load(results, folder / "expert_load.png")
+    return paths + ([load] if load else [])

@@ -1,0 +1,217 @@
+"""The comparison report: a table in the spirit of the paper's Table 1, the checks the issue asks for, and plots.
+
+Everything is computed from the run folders (:mod:`switchformer.experiments.results`), so ``write_report`` can be
+called again at any time without retraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from switchformer.experiments.plan import RunKind
+from switchformer.experiments.plots import write_plots
+from switchformer.experiments.results import RunResult, read_results
+from switchformer.experiments.runner import load_plan
+from switchformer.experiments.speedup import TimeToTarget, monotone_within, seed_noise, time_to_target
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_STEP_SPEEDUP = 1.3  # the issue's acceptance: the best Switch run needs 1.3x fewer steps than dense ...
+NOISE_SIGMAS = 2.0  # ... and "does not get worse with more experts" means by no more than 2 seed std devs
+
+
+@dataclasses.dataclass
+class Verdict:
+    """The acceptance checks, each with the numbers behind it."""
+
+    reference: str
+    target_loss: float
+    noise_std: float | None
+    best_by_steps: str | None
+    best_step_speedup: float | None
+    best_time_speedup: float | None  # of the same run
+    speedup_ok: bool
+    sweep: list[tuple[int, float]]  # (experts, final loss), dense = 1 expert
+    sweep_ok: bool | None  # None without a noise estimate
+
+    def lines(self) -> list[str]:
+        noise = f"{self.noise_std:.4f}" if self.noise_std is not None else "n/a (one dense seed)"
+        out = [
+            f"- Reference: `{self.reference}`, final validation loss {self.target_loss:.4f}; "
+            f"run-to-run noise (std of the dense seeds' final losses): {noise}.",
+        ]
+        if self.best_by_steps is None:
+            out.append("- No Switch run reached the dense model's final loss: **speedup check FAILED**.")
+        else:
+            verdict = "passed" if self.speedup_ok else "FAILED"
+            out.append(
+                f"- Best Switch run by steps: `{self.best_by_steps}`, {_x(self.best_step_speedup)} fewer steps and "
+                f"{_x(self.best_time_speedup)} less training time to the dense final loss (required: >= "
+                f"{REQUIRED_STEP_SPEEDUP}x steps and > 1x time): **{verdict}**."
+            )
+        sweep = ", ".join(f"{e}: {loss:.4f}" for e, loss in self.sweep)
+        if self.sweep_ok is None:
+            out.append(f"- Final loss by experts ({sweep}); no noise estimate, so no verdict (run two dense seeds).")
+        else:
+            verdict = "passed" if self.sweep_ok else "FAILED"
+            out.append(
+                f"- Final loss by number of experts (1 = dense): {sweep}; never worse than the previous count by more "
+                f"than {NOISE_SIGMAS:g} noise std: **{verdict}**."
+            )
+        return out
+
+
+def _x(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "n/a"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return format(value, fmt) if value is not None else "not reached"
+
+
+def reference_run(results: Sequence[RunResult]) -> RunResult:
+    """The dense run every speedup is measured against: the one sharing the Switch runs' seed (the first dense)."""
+    dense = [r for r in results if r.kind is RunKind.DENSE]
+    if not dense:
+        raise ValueError("the comparison has no evaluated dense run yet; the report needs it as the reference")
+    sparse_seeds = {r.seed for r in results if r.kind is not RunKind.DENSE}
+    return next((r for r in dense if r.seed in sparse_seeds), dense[0])
+
+
+def speedups(results: Sequence[RunResult], reference: RunResult) -> dict[str, TimeToTarget]:
+    return {r.name: time_to_target(r.curve, reference.final_loss, reference.curve) for r in results}
+
+
+def verdict(results: Sequence[RunResult]) -> Verdict:
+    reference = reference_run(results)
+    table = speedups(results, reference)
+    noise = seed_noise([r.final_loss for r in results if r.kind is RunKind.DENSE])
+    switch = [r for r in results if r.kind is RunKind.SWITCH and table[r.name].step_speedup is not None]
+    best = max(switch, key=lambda r: table[r.name].step_speedup or 0.0, default=None)
+    best_steps = table[best.name].step_speedup if best else None
+    best_time = table[best.name].time_speedup if best else None
+    speedup_ok = bool(best_steps and best_time and best_steps >= REQUIRED_STEP_SPEEDUP and best_time > 1.0)
+    default_cf = _sweep_capacity_factor(results)
+    sweep = [(1, reference.final_loss)] + [
+        (r.num_experts, r.final_loss)
+        for r in results
+        if r.kind is RunKind.SWITCH and r.capacity_factor == default_cf and r.seed == reference.seed
+    ]
+    sweep.sort()
+    sweep_ok = monotone_within([loss for _, loss in sweep], NOISE_SIGMAS * noise) if noise is not None else None
+    return Verdict(reference.name, reference.final_loss, noise, best.name if best else None, best_steps, best_time,
+                   speedup_ok, sweep, sweep_ok)  # fmt: skip
+
+
+def _sweep_capacity_factor(results: Sequence[RunResult]) -> float | None:
+    """The capacity factor shared by most Switch runs: the expert sweep's (the others vary it one run each)."""
+    factors = [r.capacity_factor for r in results if r.kind is RunKind.SWITCH]
+    return max(set(factors), key=factors.count) if factors else None
+
+
+def table_lines(results: Sequence[RunResult], reference: RunResult) -> list[str]:
+    table = speedups(results, reference)
+    lines = [
+        "| run | experts | capacity factor | params (total) | params (active) | steps | final val loss "
+        "| steps to dense loss | time to dense loss (s) | speedup (steps) | speedup (time) | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        t = table[r.name]
+        cf = f"{r.capacity_factor:g}" if r.capacity_factor is not None else "-"
+        experts = f"{r.num_experts} (top-{r.top_k})" if r.num_experts > 1 else "-"
+        lines.append(
+            f"| {r.name} | {experts} | {cf} | {r.params_total / 1e6:.2f}M "
+            f"| {r.params_active / 1e6:.2f}M | {r.steps} | {r.final_loss:.4f} | {_num(t.steps, '.0f')} "
+            f"| {_num(t.seconds, '.0f')} | {_x(t.step_speedup)} | {_x(t.time_speedup)} | {r.tokens_per_second:,.0f} |"
+        )
+    return lines
+
+
+def _progress_lines(results: Sequence[RunResult]) -> list[str]:
+    """A warning when the runs are not all finished: the table then compares them at their common step."""
+    if len({r.steps for r in results}) == 1:
+        return []
+    common = int(min(r.curve.steps[-1] for r in results))
+    behind = ", ".join(f"{r.name} at step {r.steps}" for r in results)
+    return [f"**In progress** ({behind}): losses and speedups are compared at step {common}, the last step "
+            "every run has evaluated.", ""]  # fmt: skip
+
+
+def _every(n: int) -> str:
+    return {1: "in every FFN", 2: "in every other FFN"}.get(n, f"in every {n}th FFN")
+
+
+def _settings_lines(output: Path) -> list[str]:
+    """The shared settings of every run, from the comparison folder's saved plan."""
+    try:
+        plan, data = load_plan(output)
+    except ValueError:
+        return []
+    return [
+        f"- Data: {data.source or 'built-in corpus (Python standard library sources)'}; {data.objective.value}, "
+        f"BPE vocabulary {plan.vocab_size}, {plan.batch_size} x {plan.sequence_length} tokens a step",
+        f"- Model: {plan.architecture.value}, d_model {plan.d_model}, d_ff {plan.d_ff} (each expert), "
+        f"{plan.num_layers} layers, {plan.num_heads} heads, "
+        f"Switch layers {_every(plan.sparse_every)}, init scale "
+        f"{plan.init_scale:g}, no dropout",
+        f"- Training: AdamW lr {plan.lr:g}, {plan.schedule.value} schedule, {plan.warmup_steps} warmup steps, "
+        f"{plan.steps} steps, evaluation every {plan.eval_every} steps, {plan.threads} torch threads; "
+        f"load-balancing coefficient {plan.load_balancing_loss_coef:g}, eval capacity factor "
+        f"{plan.eval_capacity_factor:g} (x2 for top-2)",
+    ]
+
+
+def _load_lines(results: Sequence[RunResult]) -> list[str]:
+    loads = [f"{r.name} {r.load_average:.2f}" for r in results if r.load_average is not None]
+    if not loads:
+        return []
+    return [f"Machine load (5-minute load average at the end of each run; 2 cores): {', '.join(loads)}.", ""]
+
+
+def write_report(
+    output: Path, *, report_dir: Path | None = None, header: Sequence[str] = (), distillation: Sequence[str] = ()
+) -> Path:
+    """Write ``report.md``, ``results.json`` and the PNG plots for the comparison in ``output``.
+
+    ``report_dir`` (default: ``output``) is where they go, e.g. ``docs/results/NAME`` while the run folders with
+    their checkpoints stay out of the repository. ``header`` lines (command, date, machine load) open the report;
+    ``distillation`` lines become a section of their own.
+    """
+    results = read_results(output)
+    if not results:
+        raise ValueError(f"{output} has no evaluated run yet; nothing to report")
+    report_dir = Path(report_dir or output)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    reference = reference_run(results)
+    check = verdict(results)
+    plots = write_plots(results, reference, report_dir)
+    lines = ["# Switch vs dense: time to quality", "", *header, *_settings_lines(output), ""]
+    lines += ["## Results", "", *_progress_lines(results), *table_lines(results, reference), ""]
+    lines += [
+        "Speedups are the dense reference's steps (or training seconds, evaluation excluded) to reach its own "
+        "final validation loss, divided by the run's; crossings are linearly interpolated between evaluations. "
+        "Active parameters are those one token uses (its top-k experts).",
+        "",
+        *_load_lines(results),
+        "## Checks",
+        "",
+        *check.lines(),
+        "",
+    ]
+    if distillation:
+        lines += ["## Distillation", "", *distillation, ""]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    path = report_dir / "report.md"
+    path.write_text("\n".join(lines))
+    rows = {r.name: {"final_val_loss": r.final_loss, "steps": r.steps, "train_seconds": r.train_seconds,
+                     "tokens_per_second": r.tokens_per_second, "params_total": r.params_total,
+                     "params_active": r.params_active, **dataclasses.asdict(speedups(results, reference)[r.name])}
+            for r in results}  # fmt: skip
+    (report_dir / "results.json").write_text(json.dumps({"runs": rows, "checks": dataclasses.asdict(check)}, indent=2))
+    logger.info("report written to %s", path)
+    return path

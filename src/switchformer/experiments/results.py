@@ -1,0 +1,128 @@
+"""Read finished (or partly finished) runs back from their folders: curves, throughput, sizes and expert load.
+
+The report and the plots are computed from these records alone, so they can be redrawn at any time without
+retraining, and a comparison still running can be inspected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from switchformer.experiments.plan import RunKind
+from switchformer.experiments.runner import MACHINE_FILE, SPEC_FILE
+from switchformer.experiments.speedup import Curve
+from switchformer.models.config import ModelConfig
+from switchformer.models.flops import count_parameters
+from switchformer.training.metrics import read_metrics
+
+_KIND_ORDER = {RunKind.DENSE: 0, RunKind.SWITCH: 1, RunKind.TOP2: 2, RunKind.DISTILLED: 3}
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What the report needs from one run folder."""
+
+    name: str
+    kind: RunKind
+    seed: int
+    num_experts: int
+    capacity_factor: float | None
+    top_k: int
+    curve: Curve
+    steps: int  # last step logged
+    train_seconds: float  # training time (evaluation excluded) up to that step
+    tokens_per_second: float
+    params_total: int
+    params_active: int
+    load: dict[str, list[float]]  # Switch layer -> share of tokens per expert over the last logging interval
+    dropped_fraction: float | None  # mean over Switch layers, last logging interval
+    load_average: float | None  # 5-minute load average at the end of the run (2 = both cores busy)
+    folder: Path
+
+    @property
+    def final_loss(self) -> float:
+        return self.curve.final_loss
+
+    def up_to(self, step: float) -> RunResult:
+        """This result with its curve cut at ``step``, to compare runs of a comparison still in progress fairly."""
+        keep = sum(1 for s in self.curve.steps if s <= step)
+        c = self.curve
+        return dataclasses.replace(self, curve=Curve(c.steps[:keep], c.seconds[:keep], c.losses[:keep]))
+
+    @property
+    def label(self) -> str:
+        if self.kind is RunKind.DENSE:
+            return f"dense (seed {self.seed})"
+        if self.kind is RunKind.DISTILLED:
+            return f"dense student of {self.name.removeprefix('distill-')}"
+        what = "top-2 MoE" if self.kind is RunKind.TOP2 else "Switch"
+        return f"{what}, {self.num_experts} experts, cf {self.capacity_factor:g}"
+
+
+def read_run(folder: Path) -> RunResult | None:
+    """The result of one run folder, or None if it has no spec or no evaluation yet."""
+    spec_path = folder / SPEC_FILE
+    if not spec_path.is_file():
+        return None
+    spec = json.loads(spec_path.read_text())
+    records = read_metrics(folder)
+    evaluated = [r for r in records if "val_loss" in r]
+    if not evaluated:
+        return None
+    model = ModelConfig.from_dict(spec["model"])
+    total, active = count_parameters(model)
+    curve = Curve(
+        steps=tuple(float(r["step"]) for r in evaluated),
+        seconds=tuple(float(r["elapsed_seconds"]) for r in evaluated),
+        losses=tuple(float(r["val_loss"]) for r in evaluated),
+    )
+    last = records[-1]
+    routing: dict[str, Any] = next((r["routing"] for r in reversed(records) if "routing" in r), {})
+    return RunResult(
+        name=spec["name"],
+        kind=RunKind(spec["kind"]),
+        seed=int(spec["seed"]),
+        num_experts=int(spec["num_experts"]),
+        capacity_factor=spec["capacity_factor"],
+        top_k=model.moe.top_k if model.moe is not None else 1,
+        curve=curve,
+        steps=int(last["step"]),
+        train_seconds=float(last["elapsed_seconds"]),
+        tokens_per_second=_tokens_per_second(folder, records),
+        params_total=total,
+        params_active=active,
+        load={layer: stats["load"] for layer, stats in routing.items()},
+        dropped_fraction=(sum(s["dropped_fraction"] for s in routing.values()) / len(routing)) if routing else None,
+        load_average=_load_average(folder),
+        folder=folder,
+    )
+
+
+def _load_average(folder: Path) -> float | None:
+    path = folder / MACHINE_FILE
+    return float(json.loads(path.read_text())["load_end"][1]) if path.is_file() else None
+
+
+def _tokens_per_second(folder: Path, records: list[dict[str, Any]]) -> float:
+    summary = folder / "summary.json"
+    if summary.is_file():
+        return float(json.loads(summary.read_text())["tokens_per_second"])
+    rates = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
+    return sum(rates) / len(rates) if rates else 0.0
+
+
+def read_results(output: Path, *, common_step: bool = True) -> list[RunResult]:
+    """All runs of a comparison folder with at least one evaluation: dense first, then by experts and factor.
+
+    With ``common_step``, curves are cut at the last step every run has reached, so a comparison still in
+    progress compares all runs at the same step.
+    """
+    folders = sorted((Path(output) / "runs").glob("*/"))
+    results = [r for r in (read_run(f) for f in folders) if r is not None]
+    if common_step and results:
+        last = min(r.curve.steps[-1] for r in results)
+        results = [r.up_to(last) for r in results]
+    return sorted(results, key=lambda r: (_KIND_ORDER[r.kind], r.num_experts, r.capacity_factor or 0.0, r.seed))

@@ -1,0 +1,144 @@
+"""Train the runs of a :class:`ComparePlan`, one at a time, each in its own folder under ``OUTPUT/runs/``.
+
+Folder layout::
+
+    OUTPUT/compare.json          the plan and data config (a rerun must match them, except steps and `only`)
+    OUTPUT/data/                 tokenizer and token arrays, shared by all runs (prepared once, then cached)
+    OUTPUT/runs/NAME/            spec.json, metrics.jsonl, summary.json, checkpoints/ (one Trainer run each)
+
+Rerunning the same command skips finished runs and resumes unfinished ones from their last checkpoint, so an
+interrupted comparison loses at most ``checkpoint_every`` steps of one run, and a larger ``steps`` extends every
+run (the inverse-sqrt schedule does not depend on the total).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from switchformer.data import DataConfig, Objective, PreparedData, prepare_data
+from switchformer.experiments.plan import ComparePlan, RunSpec, plan_runs
+from switchformer.training.callbacks import Callback
+from switchformer.training.checkpoint import latest_checkpoint
+from switchformer.training.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "compare.json"
+SPEC_FILE = "spec.json"
+MACHINE_FILE = "machine.json"  # load averages when a run started and ended: timings need a quiet machine
+_MAY_CHANGE = {"steps", "only", "checkpoint_every"}  # plan fields a rerun may change without invalidating runs
+
+
+class RunStatus(enum.Enum):
+    TRAINED = "trained"
+    RESUMED = "resumed"
+    SKIPPED = "skipped"  # already finished with at least the planned steps
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOutcome:
+    spec: RunSpec
+    status: RunStatus
+    run_dir: Path
+
+
+def data_config_for(plan: ComparePlan, source: str | None = None, text_field: str = "text") -> DataConfig:
+    """The data every run reads: the plan's tokenizer, sequence length and batch, the objective of its architecture."""
+    objective = Objective.SPAN_CORRUPTION if plan.architecture.value == "encoder-decoder" else Objective.CAUSAL_LM
+    return DataConfig(
+        source=source, text_field=text_field, objective=objective, sequence_length=plan.sequence_length,
+        batch_size=plan.batch_size, vocab_size=plan.vocab_size, validation_batches=plan.validation_batches,
+        seed=plan.seed,
+    )  # fmt: skip
+
+
+def run_dir(output: Path, name: str) -> Path:
+    return Path(output) / "runs" / name
+
+
+def write_or_check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> None:
+    """Record the plan in a new folder, or refuse to mix a different plan into an existing one."""
+    path = Path(output) / PLAN_FILE
+    current = {"plan": plan.to_dict(), "data": data.to_dict()}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        plan_now, plan_then = current["plan"], saved["plan"]
+        changed = sorted(k for k in plan_now if k not in _MAY_CHANGE and plan_then.get(k) != plan_now[k])
+        changed += sorted(f"data.{k}" for k in current["data"] if saved["data"].get(k) != current["data"][k])
+        if changed:
+            raise ValueError(
+                f"{output} holds a comparison made with other settings ({', '.join(changed)} differ); rerun with "
+                "the same settings to resume it, or choose a new --output"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2) + "\n")
+
+
+def load_plan(output: Path) -> tuple[ComparePlan, DataConfig]:
+    """The plan and data config a comparison folder was made with."""
+    path = Path(output) / PLAN_FILE
+    if not path.is_file():
+        raise ValueError(f"{output} is not a comparison folder (no {PLAN_FILE}); run `switchformer compare` first")
+    saved = json.loads(path.read_text())
+    return ComparePlan.from_dict(saved["plan"]), DataConfig.from_dict(saved["data"])
+
+
+def finished_steps(folder: Path) -> int:
+    """Steps of a run's last completed training (``summary.json``), 0 if it never finished."""
+    summary = folder / "summary.json"
+    return int(json.loads(summary.read_text())["steps"]) if summary.is_file() else 0
+
+
+def prepare_run_data(data: DataConfig, output: Path, seed: int) -> PreparedData:
+    """A fresh batch stream for one run (streams are stateful), from the cache shared by all runs."""
+    return prepare_data(data.replace(seed=seed), Path(output) / "data")
+
+
+def train_run(
+    spec: RunSpec,
+    plan: ComparePlan,
+    data: DataConfig,
+    output: Path,
+    *,
+    callbacks: Sequence[Callback] = (),
+) -> RunOutcome:
+    """Train (or resume, or skip) one run of the plan in ``output/runs/NAME``."""
+    folder = run_dir(output, spec.name)
+    if finished_steps(folder) >= plan.steps:
+        logger.info("%s: finished (%d steps), skipped", spec.name, finished_steps(folder))
+        return RunOutcome(spec, RunStatus.SKIPPED, folder)
+    resume = latest_checkpoint(folder / "checkpoints") is not None
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    prepared = prepare_run_data(data, output, spec.seed)
+    extra: dict[str, Any] = {"data": data.replace(seed=spec.seed).to_dict(), "compare_run": spec.to_dict()}
+    trainer = Trainer(
+        spec.model, plan.train_config(spec.seed), train_batches=prepared.train, validation=prepared.validation,
+        run_dir=folder, extra_config=extra, callbacks=callbacks, resume=resume, tensorboard=False,
+    )  # fmt: skip
+    logger.info("%s: %s at step %d of %d", spec.name, "resuming" if resume else "training", trainer.step, plan.steps)
+    started = os.getloadavg()
+    trainer.train()
+    (folder / MACHINE_FILE).write_text(json.dumps({"load_start": started, "load_end": os.getloadavg()}) + "\n")
+    return RunOutcome(spec, RunStatus.RESUMED if resume else RunStatus.TRAINED, folder)
+
+
+def run_comparison(
+    plan: ComparePlan,
+    output: Path,
+    data: DataConfig,
+    *,
+    callbacks: Callable[[RunSpec], Sequence[Callback]] = lambda spec: (),
+) -> list[RunOutcome]:
+    """Train every run of ``plan`` in order, one at a time; finished runs are skipped, interrupted ones resumed."""
+    output = Path(output)
+    write_or_check_plan(output, plan, data)
+    vocab = prepare_run_data(data, output, plan.seed).tokenizer.vocab_size
+    return [train_run(spec, plan, data, output, callbacks=callbacks(spec)) for spec in plan_runs(plan, vocab)]

@@ -1,0 +1,82 @@
+"""Speedup arithmetic: when does a validation-loss curve first reach a target, and how much sooner than dense.
+
+The paper's headline (Figure 5/6, Table 1) is time to quality: the steps, or seconds, a model needs to reach the
+dense baseline's final validation loss. Evaluations are sparse (every ``eval_every`` steps), so the crossing is
+found by linear interpolation between the two evaluations around it. Pure functions, tested by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import statistics
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """Validation loss at each evaluation, with the step and training seconds (evaluation excluded) it came at."""
+
+    steps: tuple[float, ...]
+    seconds: tuple[float, ...]
+    losses: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.steps) == len(self.seconds) == len(self.losses)):
+            raise ValueError("a Curve needs as many steps and seconds as losses")
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.losses else math.nan
+
+
+def first_crossing(xs: Sequence[float], losses: Sequence[float], target: float) -> float | None:
+    """The first ``x`` at which the piecewise-linear curve through ``(xs, losses)`` is at or below ``target``.
+
+    ``None`` if it never gets there. If the very first evaluation is already at or below ``target`` its ``x`` is
+    returned (nothing is known before it).
+    """
+    if not xs:
+        return None
+    if losses[0] <= target:
+        return float(xs[0])
+    for (x0, l0), (x1, l1) in itertools.pairwise(zip(xs, losses, strict=True)):
+        if l1 <= target < l0:
+            return x0 + (l0 - target) / (l0 - l1) * (x1 - x0)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeToTarget:
+    """Steps and seconds a curve needs to reach a target loss, and the speedups over the reference's."""
+
+    steps: float | None  # None: never reached
+    seconds: float | None
+    step_speedup: float | None  # reference steps / these steps (> 1: fewer steps than the reference)
+    time_speedup: float | None
+
+
+def time_to_target(curve: Curve, target: float, reference: Curve) -> TimeToTarget:
+    """How soon ``curve`` reaches ``target`` (usually the reference's final loss), and how much sooner than it."""
+    steps = first_crossing(curve.steps, curve.losses, target)
+    seconds = first_crossing(curve.seconds, curve.losses, target)
+    ref_steps = first_crossing(reference.steps, reference.losses, target)
+    ref_seconds = first_crossing(reference.seconds, reference.losses, target)
+    return TimeToTarget(steps, seconds, _ratio(ref_steps, steps), _ratio(ref_seconds, seconds))
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def seed_noise(final_losses: Sequence[float]) -> float | None:
+    """Run-to-run noise of a final loss: the sample standard deviation over seeds (None with fewer than two)."""
+    return statistics.stdev(final_losses) if len(final_losses) >= 2 else None
+
+
+def monotone_within(values: Sequence[float], tolerance: float) -> bool:
+    """True if no value is worse (higher) than the previous one by more than ``tolerance``."""
+    return all(b <= a + tolerance for a, b in itertools.pairwise(values))

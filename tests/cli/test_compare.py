@@ -1,0 +1,56 @@
+"""``switchformer compare`` end to end on tiny settings: report, distillation row, rerun, re-plot and errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from switchformer.cli import compare
+from tests.experiments.conftest import write_corpus
+
+TINY = ["--set", "d_model=32", "--set", "d_ff=64", "--set", "num_layers=2", "--set", "num_heads=2",
+        "--set", "vocab_size=512", "--set", "sequence_length=32", "--set", "batch_size=4",
+        "--set", "validation_batches=2", "--set", "eval_every=3", "--set", "warmup_steps=2", "--set", "threads=1",
+        "--no-progress"]  # fmt: skip
+
+
+def run_cli(argv: list[str]) -> int:
+    """The subcommand through its own parser (as ``switchformer compare`` runs it once registered in main)."""
+    parser = argparse.ArgumentParser(prog="switchformer")
+    compare.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["compare", *argv])
+    return args.run(args)
+
+
+def test_compare_with_distillation_then_replot(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt", modules=("json", "email"))
+    out, docs = tmp_path / "cmp", tmp_path / "docs"
+    argv = ["--data", str(corpus), "--output", str(out), "--report", str(docs), "--steps", "4", "--experts", "2,4",
+            "--capacity-factors", "2.0", "--set", "capacity_experts=2", "--no-top2", "--distill", *TINY]  # fmt: skip
+    assert run_cli(argv) == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["dense-seed0", "dense-seed1", "distill-" + _teacher(out), "switch-2", "switch-2-cf2", "switch-4"]
+    text = (docs / "report.md").read_text()
+    assert "## Distillation" in text and "Share of the teacher's gain kept" in text
+    assert f"| distill-{_teacher(out)} |" in text
+    assert "- Command: `switchformer" in text and "Load average" in text
+    assert len(list(docs.glob("*.png"))) == 4
+    assert "comparison report" in capsys.readouterr().out
+
+    (docs / "report.md").unlink()
+    assert run_cli(["--output", str(out), "--report", str(docs), "--replot", "--no-progress"]) == 0
+    assert "re-plotted" in (docs / "report.md").read_text()
+
+
+def _teacher(out) -> str:
+    result = json.loads(next((out / "runs").glob("distill-*/distill.json")).read_text())
+    return result["teacher"].split("/runs/")[1].split("/")[0]
+
+
+def test_compare_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="not a comparison folder"):
+        run_cli(["--output", str(tmp_path / "none"), "--replot"])
+    with pytest.raises(ValueError, match="unknown run"):
+        run_cli(["--output", str(tmp_path / "x"), "--only", "switch-3", *TINY])

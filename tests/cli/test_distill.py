@@ -1,0 +1,43 @@
+"""``switchformer distill`` on a checkpoint from ``switchformer train``: trains the student and a dense baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from switchformer.cli import distill
+from switchformer.cli.main import main
+
+TINY_MODEL = ["--preset", "switch-lm-tiny-8", "--set", "d_model=32", "--set", "d_ff=64", "--set", "num_layers=2",
+              "--set", "num_heads=2", "--set", "moe.num_experts=4"]  # fmt: skip
+SMALL_DATA = ["--seq-len", "32", "--batch-size", "4", "--vocab-size", "600", "--data-set", "max_corpus_bytes=200000",
+              "--eval-every", "3", "--no-progress"]  # fmt: skip
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="switchformer")
+    distill.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["distill", *argv])
+    return args.run(args)
+
+
+def test_distill_a_trained_checkpoint(tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--steps", "3", "--output", str(teacher), *TINY_MODEL, *SMALL_DATA]) == 0
+    student = tmp_path / "student"
+    assert run_cli([str(teacher), "--output", str(student), "--init", "expert:1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "share of the teacher's gain kept" in out
+    result = json.loads((student / "distill.json").read_text())
+    assert result["steps"] == 3 and result["student_init"] == "expert:1" and result["teacher_weight"] == 0.25
+    assert "dense-baseline" in result["baseline"]  # outside a comparison, a dense model is trained from scratch
+    assert [r["step"] for r in map(json.loads, (student / "metrics.jsonl").read_text().splitlines())][-1] == 3
+    saved = json.loads(next((student / "checkpoints").glob("step-*/config.json")).read_text())
+    assert saved["model"]["moe"] is None and saved["distill"]["expert_init"] == "expert"
+
+    with pytest.raises(ValueError, match="--init='avg'"):
+        run_cli([str(teacher), "--init", "avg"])
+    with pytest.raises(ValueError, match="dense model"):
+        run_cli([str(result["baseline"]), "--output", str(tmp_path / "s2")])

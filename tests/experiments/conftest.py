@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from switchformer.experiments.plan import ComparePlan
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def write_corpus(path: Path, modules: tuple[str, ...] = ("json", "email", "logging", "http")) -> Path:
+    """A small real corpus: a few standard-library packages' sources in one text file."""
+    texts = [p.read_text(encoding="utf-8") for m in modules for p in sorted((STDLIB / m).glob("*.py"))]
+    path.write_text("\n\n".join(texts), encoding="utf-8")
+    return path
+
+
+def tiny_plan(**changes) -> ComparePlan:
+    """Two layers of width 32 and a handful of steps: plumbing, not results."""
+    base = ComparePlan(
+        d_model=32, d_ff=64, num_layers=2, num_heads=2, vocab_size=512, sequence_length=32, batch_size=4,
+        validation_batches=2, steps=6, eval_every=3, checkpoint_every=3, warmup_steps=2, threads=1,
+        dense_seeds=(0, 1), expert_counts=(2, 4), capacity_factors=(1.0,), capacity_experts=4, top2_experts=4,
+    )  # fmt: skip
+    return base.replace(**changes)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Runs fix ``torch.set_num_threads``; give the rest of the test session its setting back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,63 @@
+"""A whole comparison on tiny settings: every run trains, the report and all plots appear, reruns skip or resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from switchformer.experiments.report import write_report
+from switchformer.experiments.results import read_results
+from switchformer.experiments.runner import RunStatus, data_config_for, load_plan, run_comparison
+from switchformer.training.metrics import read_metrics
+
+from .conftest import tiny_plan
+
+NAMES = ["dense-seed0", "dense-seed1", "switch-2", "switch-4", "switch-4-cf1", "top2-4"]
+
+
+def test_comparison_report_plots_skip_resume_and_replot(tmp_path, corpus):
+    plan = tiny_plan()
+    data = data_config_for(plan, str(corpus))
+    out = tmp_path / "cmp"
+    outcomes = run_comparison(plan, out, data)
+    assert [o.spec.name for o in outcomes] == NAMES
+    assert {o.status for o in outcomes} == {RunStatus.TRAINED}
+
+    report = write_report(out, report_dir=tmp_path / "docs", header=["- Command: `test`"])
+    text = report.read_text()
+    assert "- Command: `test`" in text and "## Checks" in text and "speedup (steps)" in text
+    for name in NAMES:
+        assert f"| {name} |" in text
+    pngs = {p.name: p.stat().st_size for p in (tmp_path / "docs").glob("*.png")}
+    assert set(pngs) == {"loss_vs_steps.png", "loss_vs_time.png", "loss_vs_experts.png", "expert_load.png"}
+    assert all(size > 10_000 for size in pngs.values())
+    results = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert set(results["runs"]) == set(NAMES) and results["runs"]["dense-seed0"]["step_speedup"] == 1.0
+    assert results["checks"]["noise_std"] is not None  # two dense seeds give a noise estimate
+    by_name = {r.name: r for r in read_results(out)}
+    assert by_name["switch-4"].params_total > by_name["dense-seed0"].params_total
+    assert by_name["switch-4"].params_active < by_name["top2-4"].params_active
+    assert len(by_name["switch-4"].load) == 1 and len(by_name["switch-4"].load["decoder.1"]) == 4
+
+    # Rerunning skips every finished run and leaves its log alone.
+    before = read_metrics(out / "runs" / "switch-2")
+    again = run_comparison(plan, out, data)
+    assert {o.status for o in again} == {RunStatus.SKIPPED}
+    assert read_metrics(out / "runs" / "switch-2") == before
+
+    # More steps resume each selected run from its last checkpoint and extend its curve.
+    longer = plan.replace(steps=9, only=("switch-2",))
+    [extended] = run_comparison(longer, out, data)
+    assert extended.status is RunStatus.RESUMED
+    records = read_metrics(out / "runs" / "switch-2")
+    assert [r["step"] for r in records] == [3, 6, 9] and records[:2] == before
+    assert load_plan(out)[0].steps == 9
+
+    # A different shape in the same folder is refused; re-plotting needs no training.
+    with pytest.raises(ValueError, match="d_model"):
+        run_comparison(plan.replace(d_model=64), out, data)
+    for png in (tmp_path / "docs").glob("*.png"):
+        png.unlink()
+    write_report(out, report_dir=tmp_path / "docs")
+    assert len(list((tmp_path / "docs").glob("*.png"))) == 4

@@ -1,0 +1,43 @@
+"""The plan: which runs, with which configs; every run shares shape, data and seed; errors name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from switchformer.config import ConfigError
+from switchformer.experiments.plan import ComparePlan, RunKind, plan_runs
+from switchformer.models.flops import flops_per_token
+
+
+def test_default_plan_runs_and_flop_matching():
+    runs = plan_runs(ComparePlan(), vocab_size=4096)
+    names = [r.name for r in runs]
+    assert names == ["dense-seed0", "dense-seed1", "switch-2", "switch-8", "switch-32", "switch-8-cf1",
+                     "switch-8-cf2", "top2-8"]  # fmt: skip
+    dense = runs[0].model
+    for run in runs:
+        assert run.model.replace(moe=None) == dense  # only the FFNs differ
+        assert run.seed == (1 if run.name == "dense-seed1" else 0)
+    top1 = [r for r in runs if r.kind is RunKind.SWITCH]
+    # Top-1 Switch runs match the dense FLOPs per token up to the router (d_model * experts per sparse layer).
+    for run in top1:
+        extra = flops_per_token(run.model) - flops_per_token(dense)
+        assert 0 < extra <= 2 * 2 * dense.d_model * run.num_experts
+    top2 = next(r for r in runs if r.kind is RunKind.TOP2)
+    assert top2.model.moe.top_k == 2 and flops_per_token(top2.model) > flops_per_token(dense) * 1.1
+    assert {r.name: r.capacity_factor for r in top1}["switch-8-cf1"] == 1.0
+
+
+def test_only_selects_runs_and_rejects_unknown_names():
+    runs = plan_runs(ComparePlan(only=("dense-seed0", "switch-8")), vocab_size=4096)
+    assert [r.name for r in runs] == ["dense-seed0", "switch-8"]
+    with pytest.raises(ValueError, match="switch-7"):
+        plan_runs(ComparePlan(only=("switch-7",)), vocab_size=4096)
+
+
+def test_invalid_plans_name_the_field():
+    with pytest.raises(ConfigError, match="expert_counts"):
+        ComparePlan(expert_counts=(1, 8))
+    with pytest.raises(ConfigError, match="dense_seeds"):
+        ComparePlan(dense_seeds=(3,), seed=0)
+    assert ComparePlan().with_overrides(["d_model=64", "expert_counts=4,16"]).expert_counts == (4, 16)

@@ -1,0 +1,53 @@
+"""Speedup arithmetic on synthetic curves, with every expected value worked by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from switchformer.experiments.speedup import Curve, first_crossing, monotone_within, seed_noise, time_to_target
+
+DENSE = Curve(steps=(100, 200, 300, 400), seconds=(10, 20, 30, 40), losses=(4.0, 3.0, 2.5, 2.2))
+SWITCH = Curve(steps=(100, 200, 300, 400), seconds=(12, 24, 36, 48), losses=(3.8, 2.6, 2.0, 1.8))
+
+
+def test_crossing_is_interpolated_between_the_evaluations_around_it():
+    # 2.6 at step 200, 2.0 at step 300: 2.2 is 0.4/0.6 of the way, step 266.67; seconds 24 + 0.4/0.6 * 12 = 32.
+    assert first_crossing(SWITCH.steps, SWITCH.losses, 2.2) == pytest.approx(200 + 400 / 6)
+    assert first_crossing(SWITCH.seconds, SWITCH.losses, 2.2) == pytest.approx(32.0)
+    # The dense curve first reaches its own final loss at its final evaluation.
+    assert first_crossing(DENSE.steps, DENSE.losses, DENSE.final_loss) == 400
+
+
+def test_speedup_is_the_reference_steps_and_seconds_over_the_runs():
+    result = time_to_target(SWITCH, DENSE.final_loss, DENSE)
+    assert result.steps == pytest.approx(266.6667, rel=1e-5)
+    assert result.step_speedup == pytest.approx(1.5)  # 400 / 266.67
+    assert result.time_speedup == pytest.approx(1.25)  # 40 s / 32 s: slower steps eat part of the gain
+    same = time_to_target(DENSE, DENSE.final_loss, DENSE)
+    assert (same.step_speedup, same.time_speedup) == (1.0, 1.0)
+
+
+def test_a_curve_that_never_gets_there_has_no_speedup():
+    slow = Curve(steps=(100, 200, 300, 400), seconds=(9, 18, 27, 36), losses=(3.9, 3.0, 2.5, 2.3))
+    result = time_to_target(slow, DENSE.final_loss, DENSE)
+    assert result.steps is None and result.seconds is None
+    assert result.step_speedup is None and result.time_speedup is None
+
+
+def test_edge_cases_first_point_already_below_non_monotone_and_empty():
+    assert first_crossing((100, 200), (1.0, 0.5), 5.0) == 100  # nothing is known before the first evaluation
+    # 3.0 -> 2.0 crosses 2.2 at 100 + 0.8 * 100 = 180; the later bump to 2.5 does not matter.
+    assert first_crossing((100, 200, 300, 400), (3.0, 2.0, 2.5, 1.5), 2.2) == pytest.approx(180.0)
+    assert first_crossing((), (), 1.0) is None
+    assert math.isnan(Curve((), (), ()).final_loss)
+    with pytest.raises(ValueError, match="as many"):
+        Curve((1,), (), (1.0,))
+
+
+def test_seed_noise_and_monotone_within_noise():
+    assert seed_noise([2.0, 2.1]) == pytest.approx(0.1 / math.sqrt(2))  # sample std of two values
+    assert seed_noise([2.0]) is None
+    assert monotone_within([2.2, 2.1, 2.15, 2.0], tolerance=0.06)  # the 0.05 bump is within tolerance
+    assert not monotone_within([2.2, 2.1, 2.15, 2.0], tolerance=0.04)
