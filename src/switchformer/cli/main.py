@@ -7,10 +7,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from switchformer.cli import convert, generate, info, train
+from switchformer.cli import compare, convert, distill, finetune, generate, info, train, upcycle
 from switchformer.cli import eval as eval_command
 
-SUBCOMMANDS = [train, eval_command, generate, convert, info]
+SUBCOMMANDS = [train, eval_command, compare, distill, finetune, generate, convert, upcycle, info]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,11 +29,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from switchformer.parallel.collectives import CollectiveError
+    from switchformer.training.trainer import NonFiniteLossError
+
     try:
         return int(args.run(args) or 0)
     except ValueError as error:  # configuration and input errors: say what is wrong, no traceback
         print(f"switchformer {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, CollectiveError) as error:  # the run failed; the message says where and why
+        print(f"switchformer {args.command}: failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"switchformer {args.command}: interrupted; the last complete checkpoint is kept "
+              "(continue with --resume --output RUN_DIR)", file=sys.stderr)  # fmt: skip
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

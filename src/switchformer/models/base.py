@@ -65,6 +65,10 @@ class SwitchModelBase(nn.Module):
 
         return generate(self, input_ids=input_ids, **kwargs)
 
+    def count_labels(self, labels: torch.Tensor) -> int:
+        """How many label tokens of ``labels`` count in the loss (a causal LM drops its first position)."""
+        return int((labels != IGNORE_INDEX).sum())
+
     def logits(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return self.lm_head(hidden_BSD)

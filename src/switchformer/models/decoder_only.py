@@ -24,6 +24,10 @@ class SwitchLM(SwitchModelBase):
         self.decoder = TransformerStack(config, num_layers=config.num_layers, causal=True, cross_attention=False)
         self.reset_parameters()
 
+    def count_labels(self, labels: torch.Tensor) -> int:
+        """Labels are shifted inside: position 0 is never predicted."""
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -73,7 +73,9 @@ class CollapseWarning(Callback):
         for layer, stats in record.get("routing", {}).items():
             load = stats["load"]
             busiest = max(range(len(load)), key=load.__getitem__)
-            if load[busiest] >= self.share:
+            # "Most of the tokens" beyond an expert's fair share: with 2 experts 57% is normal, 80% is not.
+            threshold = self.share + (1 - self.share) / len(load)
+            if load[busiest] >= threshold:
                 self.streak[layer] = self.streak.get(layer, 0) + interval
             else:
                 self.streak[layer] = 0

@@ -285,7 +285,7 @@ class Trainer:
     def accumulate_gradients(self, batch: Batch) -> dict[str, float]:
         """Backward over the micro-batches of ``batch``, leaving the global batch's gradient in ``.grad``."""
         self.model.train()
-        total_labels = int((batch["labels"] != -100).sum())  # of the global batch, whichever rank holds them
+        total_labels = self.model.count_labels(batch["labels"])  # of the global batch, whichever rank holds them
         micro = split_batch(self.strategy.local_batch(batch), self.config.micro_batches)
         # Each rank's share of the global token mean; gradient averaging over W ranks divides by W again.
         ce_scale = self.strategy.world_size / max(total_labels, 1)
