@@ -60,6 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-ff", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (times with synchronisation, memory from CUDA stats)")
     p.add_argument(
         "--compile",
         choices=["off", "some", "all"],
@@ -168,13 +169,18 @@ def floor_fn(ours: SwitchFFN) -> Callable[[], None]:
 def run_config(args: argparse.Namespace, tokens: int, dtype_name: str, experts: int, mode: str) -> list[Result]:
     dtype = DTYPES[dtype_name]
     d, f, s = args.d_model, args.d_ff, args.seq_len
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    x32 = torch.randn(tokens // s, s, d)
+    x32 = torch.randn(tokens // s, s, d, device=device)
     kwargs = switch_kwargs(mode, s, experts)
     ours = SwitchFFN(d_model=d, d_ff=f, num_experts=experts, router_jitter=0.0, grouping="sequence", **kwargs)
     dense = DenseFFN(d, f, Activation.RELU)
     dense.reset_parameters(init_scale=0.1)
     hf = None if args.no_hf else build_hf(ours, int(kwargs.get("expert_capacity", s)))  # type: ignore[arg-type]
+    ours.to(device)
+    dense.to(device)
+    if hf is not None:
+        hf.to(device)
     check = check_against_hf(ours, hf, x32)
     modules = [m for m in (ours, dense, hf) if m is not None]
     for m in modules:
@@ -202,13 +208,15 @@ def run_config(args: argparse.Namespace, tokens: int, dtype_name: str, experts: 
             cases["hf"] = make(hf)
         if pass_ == "fwd+bwd":
             cases["floor"] = floor_fn(ours)
-        times = harness.interleaved_medians(cases, repeats=args.repeats, before_each=drop_grads)
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        times = harness.interleaved_medians(cases, repeats=args.repeats, before_each=drop_grads, sync=sync)
         mem_ours = mem_hf = None
         if pass_ == "fwd+bwd" and not args.no_memory:
-            dense_bytes = harness.peak_activation_bytes(make(dense), dense.parameters())
-            mem_ours = harness.peak_activation_bytes(make(ours), ours.parameters()) / dense_bytes
+            peak = harness.peak_cuda_activation_bytes if device.type == "cuda" else harness.peak_activation_bytes
+            dense_bytes = peak(make(dense), dense.parameters())
+            mem_ours = peak(make(ours), ours.parameters()) / dense_bytes
             if hf is not None:
-                mem_hf = harness.peak_activation_bytes(make(hf), hf.parameters()) / dense_bytes
+                mem_hf = peak(make(hf), hf.parameters()) / dense_bytes
         results.append(
             Result(
                 tokens,
@@ -228,21 +236,26 @@ def run_config(args: argparse.Namespace, tokens: int, dtype_name: str, experts: 
         )
         print(format_rows(results[-1:], header=False), flush=True)
     if args.profile:
-        print_profile(train_fn(ours, x, grad), drop_grads, f"{tokens} tokens, {dtype_name}, {experts} experts, {mode}")
+        title = f"{tokens} tokens, {dtype_name}, {experts} experts, {mode}"
+        print_profile(train_fn(ours, x, grad), drop_grads, title, device)
     return results
 
 
-def print_profile(step: Callable[[], None], drop_grads: Callable[[], None], title: str) -> None:
-    """Self CPU time per op of one profiled fwd+bwd (after a warm-up step)."""
+def print_profile(step: Callable[[], None], drop_grads: Callable[[], None], title: str, device: torch.device) -> None:
+    """Self time per op of one profiled fwd+bwd (after a warm-up step): CPU time, or kernel time on CUDA."""
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     drop_grads()
     step()
     drop_grads()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=activities) as prof:
         step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     print(f"\nprofile of our layer's fwd+bwd ({title}):")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=20))
 
 
 COLUMNS = [

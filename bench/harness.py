@@ -43,8 +43,9 @@ def machine_summary() -> str:
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
     keep = all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY.items())
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}{gpu}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
         f"THP_MEM_ALLOC_ENABLE={thp}, freed memory kept={keep}, load average {load}"
     )
@@ -56,11 +57,13 @@ def interleaved_medians(
     repeats: int,
     warmup: int = 1,
     before_each: Callable[[], None] | None = None,
+    sync: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """Median wall time in seconds of each case over ``repeats`` rounds; each round runs every case once.
 
     The start of each round rotates through the cases, so no case always runs right after the same neighbour.
-    ``before_each`` (untimed) runs before every call, e.g. to drop gradients as ``zero_grad`` does.
+    ``before_each`` (untimed) runs before every call, e.g. to drop gradients as ``zero_grad`` does. ``sync`` waits
+    for queued device work (``torch.cuda.synchronize`` on a GPU) before the clock starts and before it stops.
     """
     names = list(cases)
     for _ in range(warmup):
@@ -74,8 +77,10 @@ def interleaved_medians(
         for name in names[shift:] + names[:shift]:
             if before_each is not None:
                 before_each()
+            sync()
             start = time.perf_counter()
             cases[name]()
+            sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
@@ -119,6 +124,20 @@ def peak_activation_bytes(step: Callable[[], object], params: Iterable[torch.Ten
     return peak
 
 
+def peak_cuda_activation_bytes(step: Callable[[], object], params: Iterable[torch.Tensor]) -> int:
+    """The CUDA counterpart of :func:`peak_activation_bytes`, from the caching allocator's peak statistics."""
+    params = list(params)
+    for p in params:
+        p.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    return torch.cuda.max_memory_allocated() - before - grad_bytes
+
+
 @dataclasses.dataclass
 class Column:
     title: str
@@ -126,7 +145,10 @@ class Column:
 
 
 def ms(seconds: object) -> str:
-    return "-" if seconds is None else f"{float(seconds) * 1e3:.0f}"  # type: ignore[arg-type]
+    if seconds is None:
+        return "-"
+    millis = float(seconds) * 1e3  # type: ignore[arg-type]
+    return f"{millis:.0f}" if millis >= 10 else f"{millis:.3f}"
 
 
 def ratio(value: object) -> str:

@@ -41,3 +41,12 @@ def test_invalid_plans_name_the_field():
     with pytest.raises(ConfigError, match="dense_seeds"):
         ComparePlan(dense_seeds=(3,), seed=0)
     assert ComparePlan().with_overrides(["d_model=64", "expert_counts=4,16"]).expert_counts == (4, 16)
+
+
+def test_device_and_precision_reach_every_run_and_bad_devices_are_named():
+    plan = ComparePlan().with_overrides(["device=cuda", "precision=bf16"])
+    train = plan.train_config(seed=0)
+    assert (train.device, train.precision.value) == ("cuda", "bf16")
+    assert ComparePlan().train_config(seed=0).device == "cpu"  # the documented timings are CPU timings
+    with pytest.raises(ConfigError, match="device"):
+        ComparePlan(device="tpu")

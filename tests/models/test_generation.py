@@ -182,3 +182,14 @@ def test_decoder_only_left_padded_batch_continues_each_prompt_as_alone():
 def test_generation_config_rejects_bad_values(field, value):
     with pytest.raises(ConfigError, match=f"GenerationConfig.{field}"):
         GenerationConfig(**{field: value})
+
+
+def test_keyword_options_equal_an_explicit_config_and_unknown_ones_are_named():
+    model = _varied_model("decoder-only")
+    prompts = _prompts()
+    explicit = generate(model, input_ids=prompts, config=GenerationConfig(max_new_tokens=5, strategy="beam"))
+    keywords = model.generate(input_ids=prompts, max_new_tokens=5, strategy="beam")
+    assert keywords.sequences.shape[1] == prompts.shape[1] + 5
+    assert torch.equal(explicit.sequences, keywords.sequences)
+    with pytest.raises(TypeError, match=r"max_tokens.*max_new_tokens"):
+        model.generate(input_ids=prompts, max_tokens=5)

@@ -16,7 +16,7 @@ import enum
 from switchformer.config import Config
 from switchformer.models.config import Architecture, ModelConfig
 from switchformer.routing.config import MoEConfig
-from switchformer.training.config import Schedule, TrainConfig
+from switchformer.training.config import Precision, Schedule, TrainConfig
 
 
 class RunKind(enum.Enum):
@@ -51,6 +51,8 @@ class ComparePlan(Config):
     eval_every: int = 100
     checkpoint_every: int = 500
     threads: int = 2  # torch.set_num_threads, fixed so every run gets the same cores
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto; every run of a comparison must use the same one
+    precision: Precision = Precision.FP32  # bf16 autocast is the fast choice on CUDA; fp32 matches CPU runs
     seed: int = 0  # model init, router jitter and data order of every run but the extra dense seeds
     # -- the runs ------------------------------------------------------------------------------------------------
     dense_seeds: tuple[int, ...] = (0, 1)  # dense runs; more than one estimates the run-to-run noise
@@ -79,6 +81,8 @@ class ComparePlan(Config):
         self.check(self.vocab_size >= 512, "vocab_size", "must be >= 512 (bytes, specials and sentinels)")
         self.check(self.lr > 0, "lr", "must be > 0")
         self.check(self.eval_every >= 1, "eval_every", "must be >= 1")
+        self.check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device",
+                   "must be 'cpu', 'cuda', 'cuda:N' or 'auto'")  # fmt: skip
         self.check(self.validation_batches >= 1, "validation_batches", "must be >= 1")
         self.check(len(self.dense_seeds) >= 1, "dense_seeds", "needs at least one seed: the dense run is the reference")
         self.check(self.seed in self.dense_seeds, "dense_seeds", f"must include the shared seed={self.seed}")
@@ -92,7 +96,7 @@ class ComparePlan(Config):
         return TrainConfig(
             steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, schedule=self.schedule,
             eval_every=self.eval_every, log_every=min(10, self.eval_every), checkpoint_every=self.checkpoint_every,
-            keep_checkpoints=1, seed=seed, threads=self.threads, device="cpu",
+            keep_checkpoints=1, seed=seed, threads=self.threads, device=self.device, precision=self.precision,
         )  # fmt: skip
 
     def dense_model(self, vocab_size: int) -> ModelConfig:

@@ -82,8 +82,13 @@ class GroupedExperts(nn.Module):
     ) -> torch.Tensor:
         if grouped_mm_supported(rows_RD, wi) and grouped_mm_supported(rows_RD, wo):
             offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+            # grouped_mm never writes the rows past the last offset (the rows of dropped claims), in its output or
+            # in its input's gradient: on CUDA they hold whatever memory held before, inf and NaN included. Select
+            # (never multiply) zeros there, on the way in and out, so neither direction can carry that memory on.
+            counted_R1 = (torch.arange(rows_RD.shape[0], device=rows_RD.device) < offsets[-1])[:, None]
+            rows_RD = torch.where(counted_R1, rows_RD, 0)
             h_RF = self.dropout(apply_activation(torch._grouped_mm(rows_RD, wi, offs=offsets), self.activation))
-            return torch._grouped_mm(h_RF, wo, offs=offsets)
+            return torch.where(counted_R1, torch._grouped_mm(h_RF, wo, offs=offsets), 0)
         # Portable fallback: one matmul per expert over its slice of rows (needs the counts on the host).
         counts = tokens_per_expert.tolist()
         outputs, start = [], 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+from typing import Any
 
 import torch
 
@@ -123,12 +124,21 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     config: GenerationConfig | None = None,
     generator: torch.Generator | None = None,
+    **overrides: Any,
 ) -> GenerationOutput:
     """Decode continuations of ``input_ids`` (``[B, S]``; decoder-only prompts left-padded when batched).
 
-    Run the model in eval mode: in training mode dropout, router jitter and the training capacity factor apply.
+    ``overrides`` set :class:`GenerationConfig` fields directly, as in ``generate(model, input_ids=ids,
+    max_new_tokens=20, strategy="beam")``. Run the model in eval mode: in training mode dropout, router jitter and
+    the training capacity factor apply.
     """
     config = config or GenerationConfig()
+    if overrides:
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(GenerationConfig)})
+        if unknown:
+            fields = ", ".join(f.name for f in dataclasses.fields(GenerationConfig))
+            raise TypeError(f"generate() got unknown option(s) {unknown}; GenerationConfig fields: {fields}")
+        config = config.replace(**overrides)
     if model.training:
         logger.warning("generate() on a model in training mode: dropout and router jitter are active")
     eos = config.eos_token_id if config.eos_token_id is not None else model.config.eos_token_id
