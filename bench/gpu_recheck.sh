@@ -8,14 +8,7 @@ timeout 90 python3 bench/cuda_check.py 2>&1 | tee "$OUT/cuda_check.log" | grep -
 timeout 100 python3 -m switchformer train --device cuda --steps 300 --eval-every 100 --no-progress \
   --output /tmp/gpu-train > "$OUT/train.log" 2>&1
 echo "train exit $?"; grep -E "failed|Error" "$OUT/train.log" | head -3
-python3 - <<'PY'
-import json
-rows = [json.loads(l) for l in open("/tmp/gpu-train/metrics.jsonl") if l.strip()]
-for r in rows:
-    if r["step"] % 50 == 0 or "val_loss" in r:
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k in
-               ("step", "loss", "val_loss", "tokens_per_second", "dropped_fraction", "elapsed_seconds")})
-PY
+python3 bench/show_metrics.py /tmp/gpu-train
 timeout 60 python3 bench/bench_switch_layer.py --device cuda --dtypes bfloat16 --experts 32 --tokens 65536 \
   --seq-len 1024 --d-model 768 --d-ff 3072 --modes cf1.0 --repeats 10 --threads 4 --compile off --no-hf \
   --no-memory --passes fwd+bwd --profile > "$OUT/profile.log" 2>&1
