@@ -34,6 +34,7 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys):
     assert runs == ["dense-seed0", "dense-seed1", "distill-" + _teacher(out), "switch-2", "switch-2-cf2", "switch-4"]
     text = (docs / "report.md").read_text()
     assert "## Distillation" in text and "Share of the teacher's gain kept" in text
+    assert "without the teacher (weight 0)" in text  # the control run of the distillation
     assert f"| distill-{_teacher(out)} |" in text
     assert "- Command: `switchformer" in text and "Load average" in text
     assert len(list(docs.glob("*.png"))) == 4

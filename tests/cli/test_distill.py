@@ -29,13 +29,23 @@ def test_distill_a_trained_checkpoint(tmp_path, capsys):
     student = tmp_path / "student"
     assert run_cli([str(teacher), "--output", str(student), "--init", "expert:1", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "share of the teacher's gain kept" in out
+    assert "share of the teacher's gain kept" in out and "share due to the soft targets" in out
     result = json.loads((student / "distill.json").read_text())
+    control = json.loads((student / "no-teacher" / "summary.json").read_text())
+    assert control["steps"] == 3 and result["control_loss"] is not None  # the same student without its teacher
+    gain = result["dense_loss"] - result["teacher_loss"]
+    expected = (result["control_loss"] - result["student_loss"]) / gain if gain > 0 else None
+    assert result["soft_target_share"] == (pytest.approx(expected) if expected is not None else None)
     assert result["steps"] == 3 and result["student_init"] == "expert:1" and result["teacher_weight"] == 0.25
     assert "dense-baseline" in result["baseline"]  # outside a comparison, a dense model is trained from scratch
     assert [r["step"] for r in map(json.loads, (student / "metrics.jsonl").read_text().splitlines())][-1] == 3
     saved = json.loads(next((student / "checkpoints").glob("step-*/config.json")).read_text())
     assert saved["model"]["moe"] is None and saved["distill"]["expert_init"] == "expert"
+
+    random = tmp_path / "random"
+    assert run_cli([str(teacher), "--output", str(random), "--init", "random", "--no-progress"]) == 0
+    assert not (random / "no-teacher").exists()  # a random-init control would just be the dense baseline again
+    assert json.loads((random / "distill.json").read_text())["control_loss"] is None
 
     with pytest.raises(ValueError, match="--init='avg'"):
         run_cli([str(teacher), "--init", "avg"])

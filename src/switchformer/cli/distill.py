@@ -14,7 +14,7 @@ from pathlib import Path
 
 from switchformer.cli.common import print_table
 from switchformer.distill.config import DistillConfig
-from switchformer.distill.run import distill
+from switchformer.distill.run import distill, format_share
 from switchformer.distill.student import ExpertInit
 from switchformer.training.callbacks import ProgressBar
 
@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "expert), or 'random' (no weight transfer at all)")  # fmt: skip
     parser.add_argument("--baseline", type=Path, help="dense run folder trained with the same budget "
                         "(default: the comparison's dense run, else one is trained from scratch)")  # fmt: skip
+    parser.add_argument("--no-control", action="store_true",
+                        help="skip the control run (the same student trained without the teacher), which shows "
+                        "how much of the student's gain the teacher's soft targets account for")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.set_defaults(run=run)
 
@@ -51,15 +54,21 @@ def run(args: argparse.Namespace) -> int:
     config = parse_init(args.init, args.teacher_weight)
     output = args.output or Path("runs") / f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
     callbacks = [] if args.no_progress else [ProgressBar(desc="student")]
-    result = distill(args.teacher, output, config, steps=args.steps, baseline=args.baseline, callbacks=callbacks)
-    retained = f"{result.retained:.1%}" if result.retained is not None else "n/a (teacher not better than dense)"
-    print_table(f"switchformer distill -> {output}", [
+    result = distill(args.teacher, output, config, steps=args.steps, baseline=args.baseline,
+                     control=not args.no_control, callbacks=callbacks)  # fmt: skip
+    rows = [
         ("teacher", result.teacher),
         ("dense baseline", result.baseline),
         ("steps", str(result.steps)),
         ("teacher validation loss", f"{result.teacher_loss:.4f}"),
         ("dense from scratch", f"{result.dense_loss:.4f}"),
         ("distilled student", f"{result.student_loss:.4f}"),
-        ("share of the teacher's gain kept", f"{retained} (paper: about 30%)"),
-    ])  # fmt: skip
+        ("share of the teacher's gain kept", f"{format_share(result.retained, 1)} (paper: about 30%)"),
+    ]
+    if result.control_loss is not None:
+        rows += [
+            ("student without the teacher", f"{result.control_loss:.4f}"),
+            ("share due to the soft targets", format_share(result.soft_target_share, 1)),
+        ]
+    print_table(f"switchformer distill -> {output}", rows)
     return 0

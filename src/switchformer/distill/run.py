@@ -4,6 +4,12 @@ The student trains for the teacher's budget (same steps, batch, schedule and dat
 model trained from scratch with that budget: ``retained = (dense - student) / (dense - teacher)``, the share of
 the teacher's quality gain the student keeps (the paper kept about 30%, Table 6). For a teacher from a
 ``switchformer compare`` folder, that dense model is the comparison's own dense run; otherwise one is trained.
+
+That share credits the student with everything its start gives it, including the teacher's training steps: at a
+small budget, a student that inherits trained weights and trains as long again beats the from-scratch baseline
+whatever the teacher's soft targets do. So a control is trained too (unless switched off): the same student init and
+steps without the teacher (weight 0). ``(control - student) / (dense - teacher)`` is the share of the teacher's gain
+that the soft targets themselves account for.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from switchformer.training.trainer import Trainer
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "distill.json"
+CONTROL_DIR = "no-teacher"  # the student trained without its teacher
 
 
 @dataclasses.dataclass
@@ -45,22 +52,47 @@ class DistillResult:
     retained: float | None  # (dense - student) / (dense - teacher); None if the teacher is not better than dense
     teacher_weight: float
     student_init: str  # 'mean', 'expert:N' or 'random'
+    control_loss: float | None = None  # same init and steps, teacher weight 0; None when not trained
+    soft_target_share: float | None = None  # (control - student) / (dense - teacher)
 
     def lines(self) -> list[str]:
-        share = f"{self.retained:.0%}" if self.retained is not None else "n/a (the teacher is not better than dense)"
-        return [
+        lines = [
             f"- Teacher `{self.teacher}`: validation loss {self.teacher_loss:.4f}.",
             f"- Dense baseline trained from scratch for {self.steps} steps: {self.dense_loss:.4f}.",
             f"- Dense student distilled for {self.steps} steps (teacher weight {self.teacher_weight:g}, init "
             f"{self.student_init}): {self.student_loss:.4f}.",
-            f"- Share of the teacher's gain kept by the student: **{share}** (paper: about 30%).",
+            f"- Share of the teacher's gain kept by the student: **{format_share(self.retained)}** (paper: about 30%).",
         ]
+        if self.control_loss is not None:
+            lines += [
+                f"- Control, the same student init and {self.steps} steps without the teacher (weight 0): "
+                f"{self.control_loss:.4f}. Share of the teacher's gain due to its soft targets, (control - student) "
+                f"/ (dense - teacher): **{format_share(self.soft_target_share)}**.",
+            ]
+            if self.student_init != "random":
+                lines.append(
+                    "- The student starts from the teacher's trained weights, so it has trained for the teacher's "
+                    "steps plus its own; the control shows how much of its lead over the from-scratch baseline "
+                    "that alone explains."
+                )
+        return lines
+
+
+def format_share(share: float | None, decimals: int = 0) -> str:
+    """A share of the teacher's gain as a percentage, or why there is none."""
+    return f"{share:.{decimals}%}" if share is not None else "n/a (the teacher is not better than dense)"
 
 
 def retained_share(dense: float, student: float, teacher: float) -> float | None:
     """``(dense - student) / (dense - teacher)``: 1 = the student is as good as the teacher, 0 = as the dense one."""
     gain = dense - teacher
     return (dense - student) / gain if gain > 0 else None
+
+
+def soft_target_share(dense: float, teacher: float, control: float, student: float) -> float | None:
+    """``(control - student) / (dense - teacher)``: what the teacher's probabilities add beyond the weight transfer."""
+    gain = dense - teacher
+    return (control - student) / gain if gain > 0 else None
 
 
 @dataclasses.dataclass
@@ -108,14 +140,16 @@ def distill(
     *,
     steps: int | None = None,
     baseline: Path | None = None,
+    control: bool = True,
     callbacks: Sequence[Callback] = (),
     spec: dict[str, object] | None = None,
 ) -> DistillResult:
     """Distil the teacher into a dense student in ``output`` (resumable), then compare it with dense and teacher.
 
     ``baseline`` is a dense run folder trained with the same budget; without one (and outside a comparison
-    folder) a dense model is trained from scratch in ``output/dense-baseline``. ``spec`` is written as
-    ``spec.json`` so a comparison report lists the student as a run.
+    folder) a dense model is trained from scratch in ``output/dense-baseline``. ``control`` also trains the same
+    student without the teacher in ``output/no-teacher``. ``spec`` is written as ``spec.json`` so a comparison
+    report lists the student as a run.
     """
     teacher = load_trained(Path(teacher_path))
     if teacher.model_config.moe is None:
@@ -130,10 +164,7 @@ def distill(
 
     student_model_config = student_config(teacher.model_config)
     resume = latest_checkpoint(output / "checkpoints") is not None
-    torch.manual_seed(train_config.seed)
-    student = build_model(student_model_config)
-    if config.init_from_teacher and not resume:
-        init_student_from_teacher(student, teacher.model, config.expert_init, config.expert_index)
+    student = _initial_student(student_model_config, train_config.seed, teacher.model, config)
     if not _finished(output, train_config.steps):
         extra = {"data": teacher.data_config.to_dict(), "distill": config.to_dict(), "teacher": str(teacher.path)}
         DistillationTrainer(
@@ -144,15 +175,24 @@ def distill(
     student_path = resolve_checkpoint(output)
     baseline_path = baseline or comparison_baseline(teacher.path, train_config.seed)
     if baseline_path is None:
-        baseline_path = _train_baseline(student_model_config, train_config, teacher.data_config, cache,
-                                        output / "dense-baseline", callbacks)  # fmt: skip
+        baseline_path = _train_dense(student_model_config, train_config, teacher.data_config, cache,
+                                     output / "dense-baseline", callbacks)  # fmt: skip
     paths = {"teacher": teacher.path, "student": student_path, "dense": resolve_checkpoint(baseline_path)}
+    if control and config.init_from_teacher:  # a random-init control would be the baseline again
+        initial = _initial_student(student_model_config, train_config.seed, teacher.model, config)
+        paths["control"] = resolve_checkpoint(_train_dense(
+            student_model_config, train_config, teacher.data_config, cache, output / CONTROL_DIR, callbacks,
+            model=initial,
+        ))  # fmt: skip
     losses = {name: _validation_loss(path, data) for name, path in paths.items()}
+    control_loss = losses.get("control")
     result = DistillResult(
         teacher=str(teacher.path), baseline=str(resolve_checkpoint(baseline_path)), steps=train_config.steps,
         teacher_loss=losses["teacher"], student_loss=losses["student"], dense_loss=losses["dense"],
         retained=retained_share(losses["dense"], losses["student"], losses["teacher"]),
-        teacher_weight=config.teacher_weight, student_init=config.describe_init(),
+        teacher_weight=config.teacher_weight, student_init=config.describe_init(), control_loss=control_loss,
+        soft_target_share=None if control_loss is None else soft_target_share(
+            losses["dense"], losses["teacher"], control_loss, losses["student"]),
     )  # fmt: skip
     (output / RESULT_FILE).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     return result
@@ -163,16 +203,28 @@ def _finished(folder: Path, steps: int) -> bool:
     return summary.is_file() and int(json.loads(summary.read_text())["steps"]) >= steps
 
 
-def _train_baseline(
+def _initial_student(
+    model_config: ModelConfig, seed: int, teacher: SwitchModelBase, config: DistillConfig
+) -> SwitchModelBase:
+    """The student before training: seeded random init, then the teacher's weights unless ``init`` is random."""
+    torch.manual_seed(seed)
+    student = build_model(model_config)
+    if config.init_from_teacher:
+        init_student_from_teacher(student, teacher, config.expert_init, config.expert_index)
+    return student
+
+
+def _train_dense(
     model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig, cache: Path, folder: Path,
-    callbacks: Sequence[Callback],
+    callbacks: Sequence[Callback], model: SwitchModelBase | None = None,
 ) -> Path:  # fmt: skip
-    """The dense model from scratch with the student's budget (skipped if already trained in ``folder``)."""
+    """A dense model with the student's budget and plain cross-entropy, from scratch or from ``model``'s weights
+    (skipped if already trained in ``folder``; resumed if interrupted). Fresh data: the student's batches in order."""
     if not _finished(folder, train_config.steps):
         data = prepare_data(data_config, cache)
         resume = latest_checkpoint(folder / "checkpoints") is not None
         Trainer(model_config, train_config, train_batches=data.train, validation=data.validation, run_dir=folder,
-                extra_config={"data": data_config.to_dict()}, callbacks=callbacks, resume=resume,
+                extra_config={"data": data_config.to_dict()}, callbacks=callbacks, resume=resume, model=model,
                 tensorboard=False).train()  # fmt: skip
     return folder
 
