@@ -29,6 +29,8 @@ def test_comparison_report_plots_skip_resume_and_replot(tmp_path, corpus):
     assert "- Command: `test`" in text and "## Checks" in text and "speedup (steps)" in text
     for name in NAMES:
         assert f"| {name} |" in text
+    growth = text.split("### Speedup as training goes on")[1].split("##")[0]
+    assert "| run | N = " in growth and "| switch-2 |" in growth and "| dense-seed0 |" not in growth  # not vs itself
     pngs = {p.name: p.stat().st_size for p in (tmp_path / "docs").glob("*.png")}
     assert set(pngs) == {"loss_vs_steps.png", "loss_vs_time.png", "loss_vs_experts.png", "expert_load.png"}
     assert all(size > 10_000 for size in pngs.values())

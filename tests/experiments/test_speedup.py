@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from switchformer.experiments.speedup import Curve, first_crossing, monotone_within, seed_noise, time_to_target
+from switchformer.experiments.speedup import (
+    Curve,
+    first_crossing,
+    milestones,
+    monotone_within,
+    seed_noise,
+    step_speedup_at,
+    time_to_target,
+)
 
 DENSE = Curve(steps=(100, 200, 300, 400), seconds=(10, 20, 30, 40), losses=(4.0, 3.0, 2.5, 2.2))
 SWITCH = Curve(steps=(100, 200, 300, 400), seconds=(12, 24, 36, 48), losses=(3.8, 2.6, 2.0, 1.8))
@@ -51,3 +59,28 @@ def test_seed_noise_and_monotone_within_noise():
     assert seed_noise([2.0]) is None
     assert monotone_within([2.2, 2.1, 2.15, 2.0], tolerance=0.06)  # the 0.05 bump is within tolerance
     assert not monotone_within([2.2, 2.1, 2.15, 2.0], tolerance=0.04)
+
+
+def test_step_speedup_at_each_point_of_training():
+    # Stopped at 200, dense is at 3.0; Switch gets there between 100 (3.8) and 200 (2.6): 100 + 0.8/1.2 * 100.
+    assert step_speedup_at(SWITCH, DENSE, 200) == pytest.approx(200 / (100 + 80 / 1.2))
+    # Stopped at 300 (dense 2.5): Switch crosses between 200 (2.6) and 300 (2.0) at 200 + 0.1/0.6 * 100.
+    assert step_speedup_at(SWITCH, DENSE, 300) == pytest.approx(300 / (200 + 100 / 6))
+    # At 400 it is the final-loss speedup of the main table.
+    assert step_speedup_at(SWITCH, DENSE, 400) == pytest.approx(time_to_target(SWITCH, 2.2, DENSE).step_speedup)
+    # Between evaluations the reference's loss is interpolated: at 250 dense is at 2.75, which dense reaches at
+    # step 250 and Switch at 100 + 1.05/1.2 * 100 = 187.5.
+    assert step_speedup_at(SWITCH, DENSE, 250) == pytest.approx(250 / 187.5)
+    assert step_speedup_at(DENSE, DENSE, 300) == pytest.approx(1.0)
+    assert step_speedup_at(SWITCH, DENSE, 500) is None  # past the reference's last evaluation
+    assert step_speedup_at(SWITCH, DENSE, 50) is None
+    slow = Curve(steps=(100, 200), seconds=(1, 2), losses=(4.5, 3.5))
+    assert step_speedup_at(slow, DENSE, 300) is None  # never reaches 2.5
+
+
+def test_milestones_spread_over_the_evaluations():
+    evaluations = list(range(100, 1600, 100))
+    assert milestones(evaluations, 3) == [500, 1000, 1500]
+    assert milestones(evaluations, 6) == [200, 500, 700, 1000, 1200, 1500]  # nearest evaluation to 250, 750, ...
+    assert milestones([100, 200], 6) == [100, 200]  # no more columns than evaluations
+    assert milestones([], 3) == [] and milestones(evaluations, 0) == []

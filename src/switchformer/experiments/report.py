@@ -16,12 +16,20 @@ from switchformer.experiments.plan import RunKind
 from switchformer.experiments.plots import write_plots
 from switchformer.experiments.results import RunResult, read_results
 from switchformer.experiments.runner import load_plan
-from switchformer.experiments.speedup import TimeToTarget, monotone_within, seed_noise, time_to_target
+from switchformer.experiments.speedup import (
+    TimeToTarget,
+    milestones,
+    monotone_within,
+    seed_noise,
+    step_speedup_at,
+    time_to_target,
+)
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_STEP_SPEEDUP = 1.3  # the issue's acceptance: the best Switch run needs 1.3x fewer steps than dense ...
 NOISE_SIGMAS = 2.0  # ... and "does not get worse with more experts" means by no more than 2 seed std devs
+GROWTH_COLUMNS = 6  # evaluation steps in the "speedup as training goes on" table
 
 
 @dataclasses.dataclass
@@ -83,7 +91,12 @@ def reference_run(results: Sequence[RunResult]) -> RunResult:
 
 
 def speedups(results: Sequence[RunResult], reference: RunResult) -> dict[str, TimeToTarget]:
-    return {r.name: time_to_target(r.curve, reference.final_loss, reference.curve) for r in results}
+    """Time to the reference's final loss; none for a distilled student, which starts from a trained teacher."""
+    none = TimeToTarget(None, None, None, None)
+    return {
+        r.name: none if r.kind is RunKind.DISTILLED else time_to_target(r.curve, reference.final_loss, reference.curve)
+        for r in results
+    }
 
 
 def verdict(results: Sequence[RunResult]) -> Verdict:
@@ -124,12 +137,36 @@ def table_lines(results: Sequence[RunResult], reference: RunResult) -> list[str]
         t = table[r.name]
         cf = f"{r.capacity_factor:g}" if r.capacity_factor is not None else "-"
         experts = f"{r.num_experts} (top-{r.top_k})" if r.num_experts > 1 else "-"
+        speed = [_num(t.steps, ".0f"), _num(t.seconds, ".0f"), _x(t.step_speedup), _x(t.time_speedup)]
+        if r.kind is RunKind.DISTILLED:  # see speedups()
+            speed = ["-"] * len(speed)
         lines.append(
-            f"| {r.name} | {experts} | {cf} | {r.params_total / 1e6:.2f}M "
-            f"| {r.params_active / 1e6:.2f}M | {r.steps} | {r.final_loss:.4f} | {_num(t.steps, '.0f')} "
-            f"| {_num(t.seconds, '.0f')} | {_x(t.step_speedup)} | {_x(t.time_speedup)} | {r.tokens_per_second:,.0f} |"
+            f"| {r.name} | {experts} | {cf} | {r.params_total / 1e6:.2f}M | {r.params_active / 1e6:.2f}M | {r.steps} "
+            f"| {r.final_loss:.4f} | {' | '.join(speed)} | {r.tokens_per_second:,.0f} |"
         )
     return lines
+
+
+def growth_lines(results: Sequence[RunResult], reference: RunResult) -> list[str]:
+    """How the step speedup develops: at each of a few evaluation steps N, the dense reference's steps to its own
+    loss at N over each run's steps to that loss (the issue's long run asks whether it grows with training)."""
+    columns = milestones(reference.curve.steps, GROWTH_COLUMNS)
+    rows = [r for r in results if r.name != reference.name and r.kind is not RunKind.DISTILLED]
+    if len(columns) < 2 or not rows:
+        return []
+    lines = [
+        "### Speedup as training goes on",
+        "",
+        f"Step speedup had every run stopped at step N: `{reference.name}`'s steps to its own validation loss at N, "
+        "divided by the run's steps to that loss.",
+        "",
+        "| run | " + " | ".join(f"N = {n:.0f}" for n in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for r in rows:
+        cells = (_x(step_speedup_at(r.curve, reference.curve, n)) for n in columns)
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _progress_lines(results: Sequence[RunResult]) -> list[str]:
@@ -195,8 +232,10 @@ def write_report(
     lines += [
         "Speedups are the dense reference's steps (or training seconds, evaluation excluded) to reach its own "
         "final validation loss, divided by the run's; crossings are linearly interpolated between evaluations. "
-        "Active parameters are those one token uses (its top-k experts).",
+        "Active parameters are those one token uses (its top-k experts). A distilled student starts from its trained "
+        "teacher, so its time to quality is not comparable and is left out.",
         "",
+        *growth_lines(results, reference),
         *_load_lines(results),
         "## Checks",
         "",

@@ -66,6 +66,31 @@ def time_to_target(curve: Curve, target: float, reference: Curve) -> TimeToTarge
     return TimeToTarget(steps, seconds, _ratio(ref_steps, steps), _ratio(ref_seconds, seconds))
 
 
+def step_speedup_at(curve: Curve, reference: Curve, step: float) -> float | None:
+    """The step speedup had both runs stopped at ``step``: the reference's steps to its loss at ``step`` (read off
+    its curve by interpolation) over ``curve``'s steps to that loss. Tracks how the sparse lead grows with training;
+    ``None`` if ``step`` is outside the reference's curve or ``curve`` never gets there."""
+    ref_steps, ref_losses = reference.steps, reference.losses
+    if not ref_steps or not ref_steps[0] <= step <= ref_steps[-1]:
+        return None
+    target = next(
+        l0 + (step - x0) / (x1 - x0) * (l1 - l0) if x1 > x0 else l1
+        for (x0, l0), (x1, l1) in itertools.pairwise(zip(ref_steps, ref_losses, strict=True))
+        if x0 <= step <= x1
+    ) if len(ref_steps) > 1 else ref_losses[0]  # fmt: skip
+    return _ratio(first_crossing(ref_steps, ref_losses, target), first_crossing(curve.steps, curve.losses, target))
+
+
+def milestones(steps: Sequence[float], count: int) -> list[float]:
+    """Up to ``count`` evaluation steps spread evenly over a run (the last one included), for a table of how a
+    quantity develops: for evaluations at 100, 200, ... 1500 and ``count=3``, steps 500, 1000 and 1500."""
+    if not steps or count < 1:
+        return []
+    last = steps[-1]
+    picked = {min(steps, key=lambda s: abs(s - last * i / count)) for i in range(1, count + 1)}
+    return sorted(picked)
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator <= 0:
         return None
