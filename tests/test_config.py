@@ -70,11 +70,20 @@ def test_overrides_parse_against_field_types():
         ("d_model.x=1", "not a nested config"),
         ("dropout", "field=value"),
         ("moe.capacity_factor=0", "capacity_factor=0.0 is invalid"),
+        ("moe=0", "a nested config takes a JSON object"),  # found by the slow property test: was a TypeError
+        ("moe=[1, 2]", "a nested config takes a JSON object"),
     ],
 )
 def test_bad_overrides_are_clear(override, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
         get_preset("switch-tiny-8").with_overrides([override])
+
+
+def test_a_field_of_a_nested_config_set_after_a_bad_nested_value_is_a_clear_error():
+    with pytest.raises(ConfigError, match="nested config takes a JSON object"):
+        get_preset("switch-tiny-8").with_overrides(["moe=0", "moe.router_jitter=0"])
+    config = get_preset("t5-tiny").with_overrides(['moe={"num_experts": 4}', "moe.router_jitter=0"])
+    assert config.moe is not None and config.moe.num_experts == 4 and config.moe.router_jitter == 0.0
 
 
 def test_from_dict_rejects_unknown_keys():

@@ -205,7 +205,15 @@ def _parse_scalar(tp: Any, raw: str, where: str) -> Any:
         if isinstance(target, type) and issubclass(target, enum.Enum):
             return target(raw).value
         if isinstance(target, type) and issubclass(target, Config):
-            return json.loads(raw)
+            parsed = json.loads(raw)
+            if not isinstance(parsed, dict):
+                raise ConfigError(
+                    f"override {where}={raw!r}: a nested config takes a JSON object such as "
+                    f'{where}={{"field": value}}, or null, or set one field with {where}.FIELD=VALUE'
+                )
+            return parsed
+    except ConfigError:
+        raise
     except (ValueError, json.JSONDecodeError):
         raise ConfigError(f"override {where}={raw!r}: cannot parse as {getattr(target, '__name__', target)}") from None
     if typing.get_origin(target) in (tuple, list):
