@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -90,9 +90,10 @@ def retained_share(dense: float, student: float, teacher: float) -> float | None
 
 
 def soft_target_share(dense: float, teacher: float, control: float, student: float) -> float | None:
-    """``(control - student) / (dense - teacher)``: what the teacher's probabilities add beyond the weight transfer."""
-    gain = dense - teacher
-    return (control - student) / gain if gain > 0 else None
+    """``(control - student) / (dense - teacher)``: the share the student keeps beyond what the control (weight
+    transfer and extra steps, no teacher) keeps, i.e. what the teacher's probabilities add."""
+    kept = retained_share(dense, student, teacher)
+    return None if kept is None else kept - retained_share(dense, control, teacher)
 
 
 @dataclasses.dataclass
@@ -164,8 +165,9 @@ def distill(
 
     student_model_config = student_config(teacher.model_config)
     resume = latest_checkpoint(output / "checkpoints") is not None
-    student = _initial_student(student_model_config, train_config.seed, teacher.model, config)
     if not _finished(output, train_config.steps):
+        # a resumed run loads its checkpoint over this
+        student = _initial_student(student_model_config, train_config.seed, teacher.model, config)
         extra = {"data": teacher.data_config.to_dict(), "distill": config.to_dict(), "teacher": str(teacher.path)}
         DistillationTrainer(
             student_model_config, train_config, train_batches=data.train, validation=data.validation, run_dir=output,
@@ -179,10 +181,9 @@ def distill(
                                      output / "dense-baseline", callbacks)  # fmt: skip
     paths = {"teacher": teacher.path, "student": student_path, "dense": resolve_checkpoint(baseline_path)}
     if control and config.init_from_teacher:  # a random-init control would be the baseline again
-        initial = _initial_student(student_model_config, train_config.seed, teacher.model, config)
         paths["control"] = resolve_checkpoint(_train_dense(
             student_model_config, train_config, teacher.data_config, cache, output / CONTROL_DIR, callbacks,
-            model=initial,
+            initial=lambda: _initial_student(student_model_config, train_config.seed, teacher.model, config),
         ))  # fmt: skip
     losses = {name: _validation_loss(path, data) for name, path in paths.items()}
     control_loss = losses.get("control")
@@ -216,13 +217,15 @@ def _initial_student(
 
 def _train_dense(
     model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig, cache: Path, folder: Path,
-    callbacks: Sequence[Callback], model: SwitchModelBase | None = None,
+    callbacks: Sequence[Callback], initial: Callable[[], SwitchModelBase] | None = None,
 ) -> Path:  # fmt: skip
-    """A dense model with the student's budget and plain cross-entropy, from scratch or from ``model``'s weights
-    (skipped if already trained in ``folder``; resumed if interrupted). Fresh data: the student's batches in order."""
+    """A dense model with the student's budget and plain cross-entropy, from scratch or from the model ``initial``
+    builds (skipped if already trained in ``folder``; resumed if interrupted). Fresh data: the student's batches
+    in order."""
     if not _finished(folder, train_config.steps):
         data = prepare_data(data_config, cache)
         resume = latest_checkpoint(folder / "checkpoints") is not None
+        model = initial() if initial is not None else None
         Trainer(model_config, train_config, train_batches=data.train, validation=data.validation, run_dir=folder,
                 extra_config={"data": data_config.to_dict()}, callbacks=callbacks, resume=resume, model=model,
                 tensorboard=False).train()  # fmt: skip

@@ -13,6 +13,8 @@ import math
 import statistics
 from collections.abc import Sequence
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class Curve:
@@ -73,11 +75,7 @@ def step_speedup_at(curve: Curve, reference: Curve, step: float) -> float | None
     ref_steps, ref_losses = reference.steps, reference.losses
     if not ref_steps or not ref_steps[0] <= step <= ref_steps[-1]:
         return None
-    target = next(
-        l0 + (step - x0) / (x1 - x0) * (l1 - l0) if x1 > x0 else l1
-        for (x0, l0), (x1, l1) in itertools.pairwise(zip(ref_steps, ref_losses, strict=True))
-        if x0 <= step <= x1
-    ) if len(ref_steps) > 1 else ref_losses[0]  # fmt: skip
+    target = float(np.interp(step, ref_steps, ref_losses))
     return _ratio(first_crossing(ref_steps, ref_losses, target), first_crossing(curve.steps, curve.losses, target))
 
 
