@@ -103,6 +103,7 @@ def test_dense_model_exports_with_no_switch_layer(tmp_path):
         ({"architecture": "decoder-only"}, "encoder-decoder only"),
         ({"activation": "gated-gelu"}, "no gated FFN"),
         ({"moe": MoEConfig(num_experts=4, top_k=2)}, "top-1 only"),
+        ({"moe": MoEConfig(num_experts=4, gate="straight-through")}, "router probability"),
         ({"num_layers": 8, "sparse_every": 3}, "no equivalent in transformers"),
     ],
 )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from switchformer import SwitchFFN
+from switchformer.config import ConfigError
 from switchformer.experts.experts import GroupedExperts
 
 
@@ -74,3 +76,44 @@ def test_router_weight_init_is_small():
     std = float(layer.router.weight.std())
     assert 0.008 < std < 0.013
     assert float(layer.router.weight.abs().max()) <= 2 * (0.1 / 768) ** 0.5 + 1e-6  # truncated at 2 std
+
+
+def _gated_layers(**kwargs):
+    """Two Switch layers with identical weights, one per gate."""
+    torch.manual_seed(0)
+    paper = SwitchFFN(d_model=16, d_ff=32, num_experts=4, router_jitter=0.0, **kwargs)
+    straight = SwitchFFN(d_model=16, d_ff=32, num_experts=4, router_jitter=0.0, gate="straight-through", **kwargs)
+    straight.load_state_dict(paper.state_dict())
+    return paper, straight
+
+
+def test_straight_through_gate_outputs_the_expert_itself():
+    paper, straight = _gated_layers()
+    x = torch.randn(2, 8, 16)
+    out_paper, out_straight = paper(x), straight(x)
+    kept = out_paper.routing.keep[:, 0]
+    assert 0 < int(kept.sum()) < kept.numel()  # some tokens dropped: they stay zero under both gates
+    p = out_paper.routing.gate[:, 0]
+    assert float(p.max()) < 0.9  # the paper's gate shrinks every output
+    flat_paper = out_paper.hidden_states.reshape(-1, 16)
+    flat_straight = out_straight.hidden_states.reshape(-1, 16)
+    torch.testing.assert_close(flat_straight[kept], flat_paper[kept] / p[kept, None], atol=1e-6, rtol=1e-5)
+    assert flat_straight[~kept].abs().max() == 0
+    torch.testing.assert_close(out_straight.routing.gate[kept], torch.ones(int(kept.sum()), 1))
+
+
+def test_straight_through_gate_gives_the_router_the_papers_gradient():
+    """With a loss linear in the output, dL/dp is E_i(x) . c under both gates, so the router gradients agree;
+    the experts' gradients differ by the factor p the paper's gate applies."""
+    paper, straight = _gated_layers(capacity_factor=4.0)
+    x = torch.randn(2, 8, 16)
+    direction = torch.randn(2, 8, 16)
+    for layer in (paper, straight):
+        (layer(x).hidden_states * direction).sum().backward()
+    torch.testing.assert_close(straight.router.weight.grad, paper.router.weight.grad, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(straight.experts.wo.grad, paper.experts.wo.grad)
+
+
+def test_straight_through_gate_is_refused_for_top_2():
+    with pytest.raises(ConfigError, match=r"straight-through.*top_k=1"):
+        SwitchFFN(d_model=16, d_ff=32, num_experts=4, top_k=2, gate="straight-through")

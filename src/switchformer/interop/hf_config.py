@@ -16,7 +16,7 @@ from typing import Any
 from switchformer.config import ConfigError
 from switchformer.layers.activation import Activation
 from switchformer.models.config import ModelConfig
-from switchformer.routing.config import Grouping, MoEConfig, OverflowPolicy, RoutingPriority
+from switchformer.routing.config import Gate, Grouping, MoEConfig, OverflowPolicy, RoutingPriority
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +270,11 @@ def _hf_fields(config: ModelConfig, *, warn: bool) -> dict[str, Any]:
     if moe is not None:
         if moe.top_k != 1:
             raise ConfigError(f"MoEConfig.top_k={moe.top_k}: transformers' Switch port routes top-1 only")
+        if moe.gate is not Gate.PROBABILITY:
+            raise ConfigError(
+                f"MoEConfig.gate={moe.gate.value!r}: transformers' Switch port weights experts by the router "
+                "probability; save this model as switchformer"
+            )
         if warn and (moe.overflow is not OverflowPolicy.DROP or moe.priority is not RoutingPriority.POSITION):
             logger.warning("transformers drops overflowing tokens in position order; overflow/priority are lost")
         out |= {

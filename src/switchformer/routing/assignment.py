@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from switchformer.routing.config import Grouping, MoEConfig, OverflowPolicy, RoutingPriority
+from switchformer.routing.config import Gate, Grouping, MoEConfig, OverflowPolicy, RoutingPriority
 
 
 @dataclasses.dataclass
@@ -158,6 +158,10 @@ def route(
             num_segments,
         )
         gate_TK = probs_TE.gather(1, expert_index_TK)
+    if config.gate is Gate.STRAIGHT_THROUGH:
+        # Value 1, gradient of p_i(x): at init p_i(x) ~ 1/E would shrink the layer's output (and the experts'
+        # effective step size) E-fold until the router grows confident, which small budgets never amortise.
+        gate_TK = gate_TK + (1.0 - gate_TK.detach())
 
     return Routing(
         logits=logits_TE,

@@ -22,6 +22,13 @@ class OverflowPolicy(enum.Enum):
     NEXT_BEST = "next-best"  # appendix "no token left behind": re-route to the next-best expert with room
 
 
+class Gate(enum.Enum):
+    """How a top-1 expert's output is weighted by the router's probability ``p_i(x)``."""
+
+    PROBABILITY = "probability"  # the paper: y = p_i(x) E_i(x), so the router learns through the product
+    STRAIGHT_THROUGH = "straight-through"  # y = E_i(x) in value, with the paper's gradient for the router
+
+
 class Grouping(enum.Enum):
     """Which tokens are routed together (capacity and the balancing loss are computed per group)."""
 
@@ -53,6 +60,7 @@ class MoEConfig(Config):
     group_size: int = 1024  # tokens per group with grouping='tokens'; the last group holds the remainder
     priority: RoutingPriority = RoutingPriority.POSITION
     overflow: OverflowPolicy = OverflowPolicy.DROP
+    gate: Gate = Gate.PROBABILITY  # top-1 only: 'straight-through' stops the gate shrinking outputs to ~1/E early on
     router_jitter: float = 0.01  # multiplicative uniform noise on the router's copy of its input, training only
     router_bias: bool = False  # the paper's router has none; the HF port can have one
     ignore_padding_tokens: bool = True  # padding claims no expert slot and counts in no loss (HF: off by default)
@@ -81,6 +89,11 @@ class MoEConfig(Config):
             self.overflow is OverflowPolicy.DROP or self.top_k == 1,
             "overflow",
             "'next-best' (no token left behind) is defined for top_k=1 only; use 'drop' with top_k > 1",
+        )
+        self.check(
+            self.gate is Gate.PROBABILITY or self.top_k == 1,
+            "gate",
+            "'straight-through' is defined for top_k=1 only (top-k gates are renormalised to sum to 1 already)",
         )
 
     def capacity_factor_for(self, training: bool) -> float:
