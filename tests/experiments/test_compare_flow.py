@@ -8,7 +8,7 @@ import pytest
 
 from switchformer.experiments.report import write_report
 from switchformer.experiments.results import read_results
-from switchformer.experiments.runner import RunStatus, data_config_for, load_plan, run_comparison
+from switchformer.experiments.runner import RunStatus, data_config_for, load_plan, run_comparison, write_or_check_plan
 from switchformer.training.metrics import read_metrics
 
 from .conftest import tiny_plan
@@ -63,3 +63,17 @@ def test_comparison_report_plots_skip_resume_and_replot(tmp_path, corpus):
         png.unlink()
     write_report(out, report_dir=tmp_path / "docs")
     assert len(list((tmp_path / "docs").glob("*.png"))) == 4
+
+
+def test_folders_saved_before_the_gate_option_ran_the_papers_gate(tmp_path):
+    """A compare.json without ``gate`` (earlier releases) replots with the paper's gate, and a rerun with the new
+    default is refused instead of mixing gates in one folder."""
+    plan = tiny_plan()
+    data = data_config_for(plan)
+    saved = {"plan": plan.to_dict(), "data": data.to_dict()}
+    del saved["plan"]["gate"]
+    (tmp_path / "compare.json").write_text(json.dumps(saved))
+    assert load_plan(tmp_path)[0].gate.value == "probability"
+    with pytest.raises(ValueError, match="gate"):
+        write_or_check_plan(tmp_path, plan, data)
+    write_or_check_plan(tmp_path, plan.with_overrides(["gate=probability"]), data)  # the same plan: accepted

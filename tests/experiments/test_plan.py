@@ -50,3 +50,11 @@ def test_device_and_precision_reach_every_run_and_bad_devices_are_named():
     assert ComparePlan().train_config(seed=0).device == "cpu"  # the documented timings are CPU timings
     with pytest.raises(ConfigError, match="device"):
         ComparePlan(device="tpu")
+
+
+def test_gate_reaches_the_switch_runs_and_top2_keeps_its_renormalised_gates():
+    for gate in ("straight-through", "probability"):
+        runs = plan_runs(ComparePlan().with_overrides([f"gate={gate}"]), vocab_size=4096)
+        assert {r.model.moe.gate.value for r in runs if r.kind is RunKind.SWITCH} == {gate}
+        assert next(r for r in runs if r.kind is RunKind.TOP2).model.moe.gate.value == "probability"
+    assert ComparePlan().gate.value == "straight-through"  # the default, measured in docs/results/

@@ -15,7 +15,7 @@ import enum
 
 from switchformer.config import Config
 from switchformer.models.config import Architecture, ModelConfig
-from switchformer.routing.config import MoEConfig
+from switchformer.routing.config import Gate, MoEConfig
 from switchformer.training.config import Precision, Schedule, TrainConfig
 
 
@@ -64,6 +64,11 @@ class ComparePlan(Config):
     top2_experts: int | None = 8  # the top-2 baseline's expert count; None = no top-2 run
     top2_capacity_factor: float = 2.0  # Table 1's MoE-Base row; both choices share the slots, as in Mesh-TF
     load_balancing_loss_coef: float = 1e-2
+    # The Switch runs' gate (MoEConfig.gate). The paper's p_i(x) starts near 1/E and shrinks every Switch layer's
+    # output (and its experts' effective step) E-fold until the router grows confident, which a budget of 1500
+    # steps never recovers: 1.13x with it, see docs/results/compare-paper-gate/. Straight-through keeps the
+    # paper's router gradient and FLOPs. `--set gate=probability` runs the paper's gate; top-2 renormalises.
+    gate: Gate = Gate.STRAIGHT_THROUGH
     only: tuple[str, ...] = ()  # train only runs with these names (empty = all)
 
     def __post_init__(self) -> None:
@@ -110,7 +115,7 @@ class ComparePlan(Config):
         eval_factor = max(self.eval_capacity_factor, capacity_factor) * top_k
         return MoEConfig(
             num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor, eval_capacity_factor=eval_factor,
-            load_balancing_loss_coef=self.load_balancing_loss_coef,
+            load_balancing_loss_coef=self.load_balancing_loss_coef, gate=self.gate if top_k == 1 else Gate.PROBABILITY,
         )  # fmt: skip
 
 

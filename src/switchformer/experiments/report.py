@@ -24,6 +24,7 @@ from switchformer.experiments.speedup import (
     step_speedup_at,
     time_to_target,
 )
+from switchformer.routing.config import Gate
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,14 @@ def _settings_lines(output: Path) -> list[str]:
         f"{plan.steps} steps, evaluation every {plan.eval_every} steps, {plan.threads} torch threads; "
         f"load-balancing coefficient {plan.load_balancing_loss_coef:g}, eval capacity factor "
         f"{plan.eval_capacity_factor:g} (x2 for top-2)",
+        f"- Switch gate: {_GATE_TEXT[plan.gate]}; top-2 renormalises its two gates to sum to 1",
     ]
+
+
+_GATE_TEXT = {
+    Gate.PROBABILITY: "the paper's, y = p_i(x) E_i(x)",
+    Gate.STRAIGHT_THROUGH: "straight-through, y = E_i(x) in value with the paper's router gradient",
+}
 
 
 def _load_lines(results: Sequence[RunResult]) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from switchformer.data import DataConfig, Objective, PreparedData, prepare_data
 from switchformer.experiments.plan import ComparePlan, RunSpec, plan_runs
+from switchformer.routing.config import Gate
 from switchformer.training.callbacks import Callback
 from switchformer.training.checkpoint import latest_checkpoint
 from switchformer.training.trainer import Trainer
@@ -68,7 +69,7 @@ def write_or_check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> No
     path = Path(output) / PLAN_FILE
     current = {"plan": plan.to_dict(), "data": data.to_dict()}
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = _read_saved_plan(path)
         plan_now, plan_then = current["plan"], saved["plan"]
         changed = sorted(k for k in plan_now if k not in _MAY_CHANGE and plan_then.get(k) != plan_now[k])
         changed += sorted(f"data.{k}" for k in current["data"] if saved["data"].get(k) != current["data"][k])
@@ -86,8 +87,15 @@ def load_plan(output: Path) -> tuple[ComparePlan, DataConfig]:
     path = Path(output) / PLAN_FILE
     if not path.is_file():
         raise ValueError(f"{output} is not a comparison folder (no {PLAN_FILE}); run `switchformer compare` first")
-    saved = json.loads(path.read_text())
+    saved = _read_saved_plan(path)
     return ComparePlan.from_dict(saved["plan"]), DataConfig.from_dict(saved["data"])
+
+
+def _read_saved_plan(path: Path) -> dict[str, Any]:
+    """A folder's ``compare.json``; plans saved before ``ComparePlan.gate`` existed ran the paper's gate."""
+    saved = json.loads(path.read_text())
+    saved["plan"].setdefault("gate", Gate.PROBABILITY.value)
+    return saved
 
 
 def finished_steps(folder: Path) -> int:
