@@ -25,7 +25,7 @@ class Routing:
     probs: torch.Tensor  # [T, E] float32 softmax(logits)
     choice: torch.Tensor  # [T, K] int64 the router's top-k experts, before capacity (used by the balancing loss)
     expert_index: torch.Tensor  # [T, K] int64 expert that serves each claim (differs from choice after re-routing)
-    gate: torch.Tensor  # [T, K] float32 combine weight p_i(x) (renormalised over the k choices when k > 1)
+    gate: torch.Tensor  # [T, K] float32 combine weight p_i(x) (renormalised when k > 1; 1 in value if straight-through)
     keep: torch.Tensor  # [T, K] bool: the claim got a slot (False when dropped or the token is padding)
     position: torch.Tensor  # [T, K] int64 slot of the claim among its (group, expert) claims; valid where keep
     group_index: torch.Tensor  # [T] int64 routing group of each token
