@@ -65,15 +65,18 @@ def test_comparison_report_plots_skip_resume_and_replot(tmp_path, corpus):
     assert len(list((tmp_path / "docs").glob("*.png"))) == 4
 
 
-def test_folders_saved_before_the_gate_option_ran_the_papers_gate(tmp_path):
-    """A compare.json without ``gate`` (earlier releases) replots with the paper's gate, and a rerun with the new
-    default is refused instead of mixing gates in one folder."""
+def test_folders_saved_before_the_gate_and_group_options_load_with_what_they_ran(tmp_path):
+    """A compare.json without ``gate`` or ``group_size`` (earlier releases) replots with the paper's gate and
+    1024-token groups, and a rerun with other values is refused instead of mixing settings in one folder."""
     plan = tiny_plan()
     data = data_config_for(plan)
     saved = {"plan": plan.to_dict(), "data": data.to_dict()}
-    del saved["plan"]["gate"]
+    del saved["plan"]["gate"], saved["plan"]["group_size"]
     (tmp_path / "compare.json").write_text(json.dumps(saved))
-    assert load_plan(tmp_path)[0].gate.value == "probability"
+    loaded = load_plan(tmp_path)[0]
+    assert (loaded.gate.value, loaded.group_size) == ("probability", 1024)
     with pytest.raises(ValueError, match="gate"):
-        write_or_check_plan(tmp_path, plan, data)
-    write_or_check_plan(tmp_path, plan.with_overrides(["gate=probability"]), data)  # the same plan: accepted
+        write_or_check_plan(tmp_path, plan.replace(group_size=1024), data)
+    with pytest.raises(ValueError, match="group_size"):
+        write_or_check_plan(tmp_path, plan.with_overrides(["gate=probability", "group_size=64"]), data)
+    write_or_check_plan(tmp_path, plan.with_overrides(["gate=probability", "group_size=1024"]), data)  # accepted

@@ -58,3 +58,10 @@ def test_gate_reaches_the_switch_runs_and_top2_keeps_its_renormalised_gates():
         assert {r.model.moe.gate.value for r in runs if r.kind is RunKind.SWITCH} == {gate}
         assert next(r for r in runs if r.kind is RunKind.TOP2).model.moe.gate.value == "probability"
     assert ComparePlan().gate.value == "straight-through"  # the default, measured in docs/results/
+
+
+def test_group_size_reaches_every_routed_run():
+    runs = plan_runs(ComparePlan().with_overrides(["group_size=256"]), vocab_size=4096)
+    assert {r.model.moe.group_size for r in runs if r.model.moe is not None} == {256}
+    with pytest.raises(ConfigError, match="group_size"):
+        ComparePlan(group_size=0)

@@ -64,6 +64,11 @@ class ComparePlan(Config):
     top2_experts: int | None = 8  # the top-2 baseline's expert count; None = no top-2 run
     top2_capacity_factor: float = 2.0  # Table 1's MoE-Base row; both choices share the slots, as in Mesh-TF
     load_balancing_loss_coef: float = 1e-2
+    # Tokens routed together (MoEConfig.group_size); capacity is a share of a group. The whole default step, as
+    # flaxformer routes up to 8192 tokens. In Mesh-TF's 1024-token groups 32 experts get 40 slots each, and a small
+    # group's loads swing further from their mean: Switch-32 dropped 12% of its tokens at 1024, 7% at 4096.
+    group_size: int = 4096
+    z_loss_coef: float = 0.0  # router z-loss (ST-MoE; MoEConfig.z_loss_coef), not in the Switch paper
     # The Switch runs' gate (MoEConfig.gate). The paper's p_i(x) starts near 1/E and shrinks every Switch layer's
     # output (and its experts' effective step) E-fold until the router grows confident, which a budget of 1500
     # steps never recovers: 1.13x with it, see docs/results/compare-paper-gate/. Straight-through keeps the
@@ -88,6 +93,8 @@ class ComparePlan(Config):
         self.check(self.eval_every >= 1, "eval_every", "must be >= 1")
         self.check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device",
                    "must be 'cpu', 'cuda', 'cuda:N' or 'auto'")  # fmt: skip
+        self.check(self.group_size >= 1, "group_size", "must be >= 1")
+        self.check(self.z_loss_coef >= 0, "z_loss_coef", "must be >= 0")
         self.check(self.validation_batches >= 1, "validation_batches", "must be >= 1")
         self.check(len(self.dense_seeds) >= 1, "dense_seeds", "needs at least one seed: the dense run is the reference")
         self.check(self.seed in self.dense_seeds, "dense_seeds", f"must include the shared seed={self.seed}")
@@ -115,7 +122,9 @@ class ComparePlan(Config):
         eval_factor = max(self.eval_capacity_factor, capacity_factor) * top_k
         return MoEConfig(
             num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor, eval_capacity_factor=eval_factor,
-            load_balancing_loss_coef=self.load_balancing_loss_coef, gate=self.gate if top_k == 1 else Gate.PROBABILITY,
+            load_balancing_loss_coef=self.load_balancing_loss_coef, group_size=self.group_size,
+            z_loss_coef=self.z_loss_coef,
+            gate=self.gate if top_k == 1 else Gate.PROBABILITY,
         )  # fmt: skip
 
 

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 PLAN_FILE = "compare.json"
 SPEC_FILE = "spec.json"
 MACHINE_FILE = "machine.json"  # load averages when a run started and ended: timings need a quiet machine
+# What a plan saved before these ComparePlan fields existed ran: the paper's gate, MoEConfig's 1024-token groups.
+_BEFORE_THE_FIELD = {"gate": Gate.PROBABILITY.value, "group_size": 1024, "z_loss_coef": 0.0}
 _MAY_CHANGE = {"steps", "only", "checkpoint_every"}  # plan fields a rerun may change without invalidating runs
 
 
@@ -92,9 +94,10 @@ def load_plan(output: Path) -> tuple[ComparePlan, DataConfig]:
 
 
 def _read_saved_plan(path: Path) -> dict[str, Any]:
-    """A folder's ``compare.json``; plans saved before ``ComparePlan.gate`` existed ran the paper's gate."""
+    """A folder's ``compare.json``, completed with the values that plans saved before a field existed ran with."""
     saved = json.loads(path.read_text())
-    saved["plan"].setdefault("gate", Gate.PROBABILITY.value)
+    for name, value in _BEFORE_THE_FIELD.items():
+        saved["plan"].setdefault(name, value)
     return saved
 
 
