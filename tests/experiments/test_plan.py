@@ -60,8 +60,11 @@ def test_gate_reaches_the_switch_runs_and_top2_keeps_its_renormalised_gates():
     assert ComparePlan().gate.value == "straight-through"  # the default, measured in docs/results/
 
 
-def test_group_size_reaches_every_routed_run():
-    runs = plan_runs(ComparePlan().with_overrides(["group_size=256"]), vocab_size=4096)
-    assert {r.model.moe.group_size for r in runs if r.model.moe is not None} == {256}
+def test_group_size_and_z_loss_reach_every_routed_run():
+    runs = plan_runs(ComparePlan().with_overrides(["group_size=256", "z_loss_coef=1e-3"]), vocab_size=4096)
+    routed = [r.model.moe for r in runs if r.model.moe is not None]
+    assert {(moe.group_size, moe.z_loss_coef) for moe in routed} == {(256, 1e-3)}
     with pytest.raises(ConfigError, match="group_size"):
         ComparePlan(group_size=0)
+    with pytest.raises(ConfigError, match="z_loss_coef"):
+        ComparePlan(z_loss_coef=-1.0)
