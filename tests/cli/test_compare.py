@@ -37,7 +37,7 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys):
     assert "without the teacher (weight 0)" in text  # the control run of the distillation
     assert f"| distill-{_teacher(out)} |" in text
     assert "- Command: `switchformer" in text and "Load average" in text
-    assert len(list(docs.glob("*.png"))) == 4
+    assert len(list(docs.glob("*.png"))) == 5  # steps, time, speedup, experts, load
     assert "comparison report" in capsys.readouterr().out
 
     (docs / "report.md").unlink()

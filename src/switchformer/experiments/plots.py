@@ -1,4 +1,5 @@
-"""The comparison's PNG plots: loss vs steps, loss vs time, final loss vs experts (Figure 4), expert load."""
+"""The comparison's PNG plots: loss vs steps, loss vs time, speedup vs steps, final loss vs experts (Figure 4),
+expert load."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from switchformer.experiments.plan import RunKind
 from switchformer.experiments.results import RunResult
-from switchformer.experiments.speedup import seed_noise
+from switchformer.experiments.speedup import seed_noise, speedup_curve
 
 _STYLE = {RunKind.DENSE: "-", RunKind.SWITCH: "-", RunKind.TOP2: "--", RunKind.DISTILLED: ":"}
 
@@ -43,6 +44,30 @@ def _curves(results: Sequence[RunResult], reference: RunResult, path: Path, *, b
     ax.set_xlabel("training time (s, evaluation excluded)" if by_time else "step")
     ax.set_ylabel("validation cross-entropy (nats/token)")
     ax.set_title("validation loss vs " + ("wall-clock time" if by_time else "steps"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _growth(results: Sequence[RunResult], reference: RunResult, path: Path) -> Path | None:
+    """Step speedup over the reference had the runs stopped at each of its evaluations: whether the sparse lead
+    grows with training (the paper's speedups come from long runs), drawn instead of read off a table."""
+    rows = [r for r in results if r.name != reference.name and r.kind is not RunKind.DISTILLED]
+    if not rows or len(reference.curve.steps) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        points = speedup_curve(r.curve, reference.curve)
+        ax.plot([n for n, _ in points], [x for _, x in points], _STYLE[r.kind], marker=".", linewidth=1.4,
+                label=r.label)  # fmt: skip
+    ax.axhline(1.0, color="gray", linestyle=":", linewidth=1, label=f"{reference.name} (1x)")
+    ax.set_xlabel("step N")
+    ax.set_ylabel(f"{reference.name}'s steps to its loss at N / the run's")
+    ax.set_title("step speedup as training goes on")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -113,12 +138,14 @@ def _load(results: Sequence[RunResult], path: Path) -> Path | None:
 
 
 def write_plots(results: Sequence[RunResult], reference: RunResult, folder: Path) -> list[Path]:
-    """Write the four PNGs into ``folder``; returns the paths written (no load plot without Switch runs)."""
+    """Write the PNGs into ``folder``; returns the paths written (no speedup plot without a run to compare, no load
+    plot without Switch runs)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [
         _curves(results, reference, folder / "loss_vs_steps.png", by_time=False),
         _curves(results, reference, folder / "loss_vs_time.png", by_time=True),
+        _growth(results, reference, folder / "speedup_vs_steps.png"),
         _experts(results, reference, folder / "loss_vs_experts.png"),
+        _load(results, folder / "expert_load.png"),
     ]
-    load = _load(results, folder / "expert_load.png")
-    return paths + ([load] if load else [])
+    return [p for p in paths if p is not None]

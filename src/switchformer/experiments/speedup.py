@@ -79,6 +79,13 @@ def step_speedup_at(curve: Curve, reference: Curve, step: float) -> float | None
     return _ratio(first_crossing(ref_steps, ref_losses, target), first_crossing(curve.steps, curve.losses, target))
 
 
+def speedup_curve(curve: Curve, reference: Curve) -> list[tuple[float, float]]:
+    """``step_speedup_at`` at each of the reference's evaluations, as (step, speedup) pairs; steps where it is
+    undefined (``curve`` never reaches the reference's loss there) are left out."""
+    points = ((step, step_speedup_at(curve, reference, step)) for step in reference.steps)
+    return [(step, speedup) for step, speedup in points if speedup is not None]
+
+
 def milestones(steps: Sequence[float], count: int) -> list[float]:
     """Up to ``count`` evaluation steps spread evenly over a run (the last one included), for a table of how a
     quantity develops: for evaluations at 100, 200, ... 1500 and ``count=3``, steps 500, 1000 and 1500."""
