@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 
 import pytest
 
@@ -24,11 +26,12 @@ def run_cli(argv: list[str]) -> int:
     return args.run(args)
 
 
-def test_compare_with_distillation_then_replot(tmp_path, capsys):
+def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.txt", modules=("json", "email"))
     out, docs = tmp_path / "cmp", tmp_path / "docs"
     argv = ["--data", str(corpus), "--output", str(out), "--report", str(docs), "--steps", "4", "--experts", "2,4",
             "--capacity-factors", "2.0", "--set", "capacity_experts=2", "--no-top2", "--distill", *TINY]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["switchformer", "compare", *argv])
     assert run_cli(argv) == 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert runs == ["dense-seed0", "dense-seed1", "distill-" + _teacher(out), "switch-2", "switch-2-cf2", "switch-4"]
@@ -39,10 +42,19 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys):
     assert "- Command: `switchformer" in text and "Load average" in text
     assert len(list(docs.glob("*.png"))) == 5  # steps, time, speedup, experts, load
     assert "comparison report" in capsys.readouterr().out
+    assert "training sessions" not in text  # one command made it all
 
+    # A comparison grown in stages names every session that trained it, in order, also when re-plotted.
+    more = ["--output", str(out), "--report", str(docs), "--only", "switch-2", "--steps", "5", "--no-progress"]
+    monkeypatch.setattr(sys, "argv", ["switchformer", "compare", *more])
+    assert run_cli(more) == 0
     (docs / "report.md").unlink()
     assert run_cli(["--output", str(out), "--report", str(docs), "--replot", "--no-progress"]) == 0
-    assert "re-plotted" in (docs / "report.md").read_text()
+    text = (docs / "report.md").read_text()
+    assert "re-plotted" in text and "- All 2 training sessions in this folder, oldest first" in text
+    first, second = (line for line in text.splitlines() if line.startswith("  - "))
+    assert "`switchformer compare --data" in first and "--distill" in first
+    assert second.endswith("`switchformer compare " + shlex.join(more) + "`")
 
 
 def _teacher(out) -> str:

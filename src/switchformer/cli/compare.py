@@ -28,7 +28,10 @@ from switchformer.training.callbacks import ProgressBar
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = Path("runs/compare")
-HEADER_FILE = "report_header.json"  # the training session's command, date and load, kept for --replot
+HEADER_FILE = "report_header.json"  # the latest training session's command, date and load, kept for --replot
+# Every training session in the folder, oldest first: a comparison grown in stages (--only, more --steps) has no
+# single command, and the report should name all that produced it.
+HISTORY_FILE = "commands.jsonl"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -92,6 +95,25 @@ def _header(argv: list[str], load_before: tuple[float, float, float]) -> list[st
     ]
 
 
+def _record_session(output: Path, argv: list[str]) -> None:
+    """Append this session to the folder's history (one short line per append, so runs side by side may share it)."""
+    entry = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": f"switchformer {shlex.join(argv)}"}
+    with (output / HISTORY_FILE).open("a", encoding="utf-8") as history:
+        history.write(json.dumps(entry) + "\n")
+
+
+def _history_lines(output: Path) -> list[str]:
+    """The report's list of the folder's training sessions; nothing when one command made it all."""
+    path = output / HISTORY_FILE
+    sessions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if len(sessions) < 2:
+        return []
+    return [
+        f"- All {len(sessions)} training sessions in this folder, oldest first (each trains, resumes or skips runs):",
+        *(f"  - {s['date']}: `{s['command']}`" for s in sessions),
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     output: Path = args.output
@@ -120,9 +142,12 @@ def run(args: argparse.Namespace) -> int:
             distill_best(output, distill, steps=plan.steps, callbacks=bars("distill"))
         header = _header(sys.argv[1:], load_before)
         (output / HEADER_FILE).write_text(json.dumps(header) + "\n")
+        _record_session(output, sys.argv[1:])
+        header += _history_lines(output)
     else:
         saved_header = output / HEADER_FILE
         header = json.loads(saved_header.read_text()) if saved_header.is_file() else []
+        header += _history_lines(output)
         header.append(f"- Report re-plotted from the run folders on {time.strftime('%Y-%m-%d %H:%M %Z')}")
     distilled = [line for result in existing_distillations(output) for line in result.lines()]
     report = write_report(output, report_dir=args.report, header=header, distillation=distilled)
