@@ -49,6 +49,8 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["switchformer", "compare", *more])
     assert run_cli(more) == 0
     (docs / "report.md").unlink()
+    with (out / compare.HISTORY_FILE).open("a") as history:
+        history.write('{"date": "2026-11-29 12:00 UTC", "comm\n')  # cut short by a crash: skipped, not fatal
     assert run_cli(["--output", str(out), "--report", str(docs), "--replot", "--no-progress"]) == 0
     text = (docs / "report.md").read_text()
     assert "re-plotted" in text and "- All 2 training sessions in this folder, oldest first" in text

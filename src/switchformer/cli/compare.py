@@ -105,7 +105,13 @@ def _record_session(output: Path, argv: list[str]) -> None:
 def _history_lines(output: Path) -> list[str]:
     """The report's list of the folder's training sessions; nothing when one command made it all."""
     path = output / HISTORY_FILE
-    sessions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    sessions = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
+        try:
+            sessions.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash: the report is still worth writing
+            logger.warning("%s: skipped an unreadable line: %.60s", path, line)
+    sessions = [s for s in sessions if isinstance(s, dict) and {"date", "command"} <= s.keys()]
     if len(sessions) < 2:
         return []
     return [
