@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from switchformer.experiments.plan import RunKind
-from switchformer.experiments.results import RunResult
+from switchformer.experiments.results import RunResult, growth_runs
 from switchformer.experiments.speedup import seed_noise, speedup_curve
 
 _STYLE = {RunKind.DENSE: "-", RunKind.SWITCH: "-", RunKind.TOP2: "--", RunKind.DISTILLED: ":"}
@@ -22,6 +22,17 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt: Any, fig: Any, path: Path, ax: Any = None, *, legend_size: int = 7) -> Path:
+    """Finish a figure the same way everywhere: grid and legend on ``ax`` (if one is given), layout, PNG, close."""
+    if ax is not None:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _zoom(ax: Any, results: Sequence[RunResult], reference: RunResult) -> None:
@@ -44,18 +55,13 @@ def _curves(results: Sequence[RunResult], reference: RunResult, path: Path, *, b
     ax.set_xlabel("training time (s, evaluation excluded)" if by_time else "step")
     ax.set_ylabel("validation cross-entropy (nats/token)")
     ax.set_title("validation loss vs " + ("wall-clock time" if by_time else "steps"))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, ax)
 
 
 def _growth(results: Sequence[RunResult], reference: RunResult, path: Path) -> Path | None:
     """Step speedup over the reference had the runs stopped at each of its evaluations: whether the sparse lead
     grows with training (the paper's speedups come from long runs), drawn instead of read off a table."""
-    rows = [r for r in results if r.name != reference.name and r.kind is not RunKind.DISTILLED]
+    rows = growth_runs(results, reference)
     if not rows or len(reference.curve.steps) < 2:
         return None
     plt = _pyplot()
@@ -68,12 +74,7 @@ def _growth(results: Sequence[RunResult], reference: RunResult, path: Path) -> P
     ax.set_xlabel("step N")
     ax.set_ylabel(f"{reference.name}'s steps to its loss at N / the run's")
     ax.set_title("step speedup as training goes on")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, ax)
 
 
 def _experts(results: Sequence[RunResult], reference: RunResult, path: Path) -> Path:
@@ -101,12 +102,7 @@ def _experts(results: Sequence[RunResult], reference: RunResult, path: Path) -> 
     ax.set_xlabel("experts (1 = dense)")
     ax.set_ylabel("final validation loss")
     ax.set_title("more experts at equal FLOPs per token")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, ax, legend_size=8)
 
 
 def _load(results: Sequence[RunResult], path: Path) -> Path | None:
@@ -131,10 +127,7 @@ def _load(results: Sequence[RunResult], path: Path) -> Path | None:
     for ax in list(axes.flat)[len(sparse) :]:
         ax.set_visible(False)
     fig.suptitle("expert load per layer at the last logged step (dashed: perfect balance)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_plots(results: Sequence[RunResult], reference: RunResult, folder: Path) -> list[Path]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from switchformer.experiments.plan import RunKind
 from switchformer.experiments.plots import write_plots
-from switchformer.experiments.results import RunResult, read_results
+from switchformer.experiments.results import RunResult, growth_runs, read_results
 from switchformer.experiments.runner import load_plan
 from switchformer.experiments.speedup import (
     TimeToTarget,
@@ -152,7 +152,7 @@ def growth_lines(results: Sequence[RunResult], reference: RunResult) -> list[str
     """How the step speedup develops: at each of a few evaluation steps N, the dense reference's steps to its own
     loss at N over each run's steps to that loss (the issue's long run asks whether it grows with training)."""
     columns = milestones(reference.curve.steps, GROWTH_COLUMNS)
-    rows = [r for r in results if r.name != reference.name and r.kind is not RunKind.DISTILLED]
+    rows = growth_runs(results, reference)
     if len(columns) < 2 or not rows:
         return []
     lines = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,12 @@ def _tokens_per_second(folder: Path, records: list[dict[str, Any]]) -> float:
         return float(json.loads(summary.read_text())["tokens_per_second"])
     rates = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
     return sum(rates) / len(rates) if rates else 0.0
+
+
+def growth_runs(results: Sequence[RunResult], reference: RunResult) -> list[RunResult]:
+    """The runs whose step speedup over ``reference`` is followed through training: all but the reference itself
+    and distilled students (they start from a trained teacher, so their steps are not comparable)."""
+    return [r for r in results if r.name != reference.name and r.kind is not RunKind.DISTILLED]
 
 
 def read_results(output: Path, *, common_step: bool = True) -> list[RunResult]:
