@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from switchformer.cli import compare
+from switchformer.experiments.history import HISTORY_FILE
 from tests.experiments.conftest import write_corpus
 
 TINY = ["--set", "d_model=32", "--set", "d_ff=64", "--set", "num_layers=2", "--set", "num_heads=2",
@@ -49,13 +50,13 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["switchformer", "compare", *more])
     assert run_cli(more) == 0
     (docs / "report.md").unlink()
-    with (out / compare.HISTORY_FILE).open("a") as history:
+    with (out / HISTORY_FILE).open("a") as history:
         history.write('{"date": "2026-11-29 12:00 UTC", "comm\n')  # cut short by a crash: skipped, not fatal
     assert run_cli(["--output", str(out), "--report", str(docs), "--replot", "--no-progress"]) == 0
     text = (docs / "report.md").read_text()
     assert "re-plotted" in text and "- All 2 training sessions in this folder, oldest first" in text
     first, second = (line for line in text.splitlines() if line.startswith("  - "))
-    assert "`switchformer compare --data" in first and "--distill" in first
+    assert "`switchformer compare --data" in first and "--distill" in first and "(finished " in first
     assert second.endswith("`switchformer compare " + shlex.join(more) + "`")
 
 

@@ -20,6 +20,7 @@ import torch
 from switchformer.cli.common import print_table
 from switchformer.cli.distill import parse_init
 from switchformer.experiments.distillation import distill_best, existing_distillations
+from switchformer.experiments.history import history_lines, recorded_session
 from switchformer.experiments.plan import ComparePlan
 from switchformer.experiments.report import write_report
 from switchformer.experiments.runner import data_config_for, load_plan, run_comparison
@@ -29,9 +30,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = Path("runs/compare")
 HEADER_FILE = "report_header.json"  # the latest training session's command, date and load, kept for --replot
-# Every training session in the folder, oldest first: a comparison grown in stages (--only, more --steps) has no
-# single command, and the report should name all that produced it.
-HISTORY_FILE = "commands.jsonl"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -95,31 +93,6 @@ def _header(argv: list[str], load_before: tuple[float, float, float]) -> list[st
     ]
 
 
-def _record_session(output: Path, argv: list[str]) -> None:
-    """Append this session to the folder's history (one short line per append, so runs side by side may share it)."""
-    entry = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": f"switchformer {shlex.join(argv)}"}
-    with (output / HISTORY_FILE).open("a", encoding="utf-8") as history:
-        history.write(json.dumps(entry) + "\n")
-
-
-def _history_lines(output: Path) -> list[str]:
-    """The report's list of the folder's training sessions; nothing when one command made it all."""
-    path = output / HISTORY_FILE
-    sessions = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
-        try:
-            sessions.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash: the report is still worth writing
-            logger.warning("%s: skipped an unreadable line: %.60s", path, line)
-    sessions = [s for s in sessions if isinstance(s, dict) and {"date", "command"} <= s.keys()]
-    if len(sessions) < 2:
-        return []
-    return [
-        f"- All {len(sessions)} training sessions in this folder, oldest first (each trains, resumes or skips runs):",
-        *(f"  - {s['date']}: `{s['command']}`" for s in sessions),
-    ]
-
-
 def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     output: Path = args.output
@@ -141,19 +114,19 @@ def run(args: argparse.Namespace) -> int:
                       f"layers, vocab {plan.vocab_size}"),
             ("budget", f"{plan.steps} steps x {plan.batch_size} x {plan.sequence_length} tokens, lr {plan.lr:g}"),
         ])  # fmt: skip
-        outcomes = run_comparison(plan, output, data, callbacks=lambda spec: bars(spec.name))
-        for outcome in outcomes:
-            logger.info("%s: %s", outcome.spec.name, outcome.status.value)
-        if args.distill:
-            distill_best(output, distill, steps=plan.steps, callbacks=bars("distill"))
+        with recorded_session(output, f"switchformer {shlex.join(sys.argv[1:])}"):
+            outcomes = run_comparison(plan, output, data, callbacks=lambda spec: bars(spec.name))
+            for outcome in outcomes:
+                logger.info("%s: %s", outcome.spec.name, outcome.status.value)
+            if args.distill:
+                distill_best(output, distill, steps=plan.steps, callbacks=bars("distill"))
         header = _header(sys.argv[1:], load_before)
         (output / HEADER_FILE).write_text(json.dumps(header) + "\n")
-        _record_session(output, sys.argv[1:])
-        header += _history_lines(output)
+        header += history_lines(output)
     else:
         saved_header = output / HEADER_FILE
         header = json.loads(saved_header.read_text()) if saved_header.is_file() else []
-        header += _history_lines(output)
+        header += history_lines(output)
         header.append(f"- Report re-plotted from the run folders on {time.strftime('%Y-%m-%d %H:%M %Z')}")
     distilled = [line for result in existing_distillations(output) for line in result.lines()]
     report = write_report(output, report_dir=args.report, header=header, distillation=distilled)
