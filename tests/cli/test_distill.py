@@ -9,6 +9,7 @@ import pytest
 
 from switchformer.cli import distill
 from switchformer.cli.main import main
+from switchformer.distill.run import read_result
 
 TINY_MODEL = ["--preset", "switch-lm-tiny-8", "--set", "d_model=32", "--set", "d_ff=64", "--set", "num_layers=2",
               "--set", "num_heads=2", "--set", "moe.num_experts=4"]  # fmt: skip
@@ -42,12 +43,29 @@ def test_distill_a_trained_checkpoint(tmp_path, capsys):
     saved = json.loads(next((student / "checkpoints").glob("step-*/config.json")).read_text())
     assert saved["model"]["moe"] is None and saved["distill"]["expert_init"] == "expert"
 
+    assert result["teacher_steps"] == 3 and result["baseline_steps"] == 3
+
+    # A shorter student budget than the teacher's, against a given baseline: each step count is the real one.
     random = tmp_path / "random"
-    assert run_cli([str(teacher), "--output", str(random), "--init", "random", "--no-progress"]) == 0
+    baseline = result["baseline"]
+    argv = [str(teacher), "--output", str(random), "--init", "random", "--steps", "2", "--baseline", baseline]
+    assert run_cli([*argv, "--no-progress"]) == 0
     assert not (random / "no-teacher").exists()  # a random-init control would just be the dense baseline again
-    assert json.loads((random / "distill.json").read_text())["control_loss"] is None
+    short = json.loads((random / "distill.json").read_text())
+    assert short["control_loss"] is None and short["baseline"] == baseline
+    assert (short["steps"], short["teacher_steps"], short["baseline_steps"]) == (2, 3, 3)
+    assert "2 / 3 / 3" in capsys.readouterr().out  # the table's steps of student / teacher / dense baseline
+    lines = "\n".join(distill_lines(random))
+    assert "(3 steps): validation loss" in lines and "from scratch for 3 steps" in lines
+    assert "Dense student distilled for 2 steps" in lines
 
     with pytest.raises(ValueError, match="--init='avg'"):
         run_cli([str(teacher), "--init", "avg"])
     with pytest.raises(ValueError, match="dense model"):
         run_cli([str(result["baseline"]), "--output", str(tmp_path / "s2")])
+
+
+def distill_lines(folder) -> list[str]:
+    result = read_result(folder)
+    assert result is not None
+    return result.lines()

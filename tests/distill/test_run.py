@@ -42,13 +42,17 @@ def test_report_lines_name_the_control_and_its_share():
     no_control = "\n".join(_result(control_loss=None, soft_target_share=None).lines())
     assert "Control" not in no_control and "**120%**" in no_control
     assert "teacher's steps" not in "\n".join(_result(student_init="random").lines())
+    assert "Teacher `t/step-00000010` (10 steps)" in text and "from scratch for 10 steps" in text
+    longer = "\n".join(_result(teacher_steps=20000, baseline_steps=20000).lines())
+    assert "(20000 steps): validation loss 3.5000" in longer and "from scratch for 20000 steps: 4.0000" in longer
+    assert "Dense student distilled for 10 steps" in longer
     assert format_share(None) == "n/a (the teacher is not better than dense)"
     assert format_share(0.1234, 1) == "12.3%"
 
 
 def test_results_written_before_the_control_existed_still_load(tmp_path):
     old = dataclasses.asdict(_result())
-    del old["control_loss"], old["soft_target_share"]
+    del old["control_loss"], old["soft_target_share"], old["teacher_steps"], old["baseline_steps"]
     (tmp_path / "distill.json").write_text(json.dumps(old))
     loaded = read_result(tmp_path)
     assert loaded is not None and loaded.control_loss is None and loaded.student_loss == 3.4

@@ -54,11 +54,17 @@ class DistillResult:
     student_init: str  # 'mean', 'expert:N' or 'random'
     control_loss: float | None = None  # same init and steps, teacher weight 0; None when not trained
     soft_target_share: float | None = None  # (control - student) / (dense - teacher)
+    # Steps the teacher and the dense baseline trained; None in results written before they were recorded, when
+    # both were the student's steps. A student may train for less than its teacher (--steps).
+    teacher_steps: int | None = None
+    baseline_steps: int | None = None
 
     def lines(self) -> list[str]:
         lines = [
-            f"- Teacher `{self.teacher}`: validation loss {self.teacher_loss:.4f}.",
-            f"- Dense baseline trained from scratch for {self.steps} steps: {self.dense_loss:.4f}.",
+            f"- Teacher `{self.teacher}` ({self.teacher_steps or self.steps} steps): validation loss "
+            f"{self.teacher_loss:.4f}.",
+            f"- Dense baseline trained from scratch for {self.baseline_steps or self.steps} steps: "
+            f"{self.dense_loss:.4f}.",
             f"- Dense student distilled for {self.steps} steps (teacher weight {self.teacher_weight:g}, init "
             f"{self.student_init}): {self.student_loss:.4f}.",
             f"- Share of the teacher's gain kept by the student: **{format_share(self.retained)}** (paper: about 30%).",
@@ -185,7 +191,8 @@ def distill(
             student_model_config, train_config, teacher.data_config, cache, output / CONTROL_DIR, callbacks,
             initial=lambda: _initial_student(student_model_config, train_config.seed, teacher.model, config),
         ))  # fmt: skip
-    losses = {name: _validation_loss(path, data) for name, path in paths.items()}
+    trained = {name: load_trained(path) for name, path in paths.items()}
+    losses = {name: _validation_loss(loaded.model, data) for name, loaded in trained.items()}
     control_loss = losses.get("control")
     result = DistillResult(
         teacher=str(teacher.path), baseline=str(resolve_checkpoint(baseline_path)), steps=train_config.steps,
@@ -194,6 +201,7 @@ def distill(
         teacher_weight=config.teacher_weight, student_init=config.describe_init(), control_loss=control_loss,
         soft_target_share=None if control_loss is None else soft_target_share(
             losses["dense"], losses["teacher"], control_loss, losses["student"]),
+        teacher_steps=trained["teacher"].step, baseline_steps=trained["dense"].step,
     )  # fmt: skip
     (output / RESULT_FILE).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     return result
@@ -232,9 +240,8 @@ def _train_dense(
     return folder
 
 
-def _validation_loss(path: Path, data: PreparedData) -> float:
-    loaded = load_trained(path)
-    return evaluate_model(loaded.model, data.validation, device=torch.device("cpu"))["val_loss"]
+def _validation_loss(model: SwitchModelBase, data: PreparedData) -> float:
+    return evaluate_model(model, data.validation, device=torch.device("cpu"))["val_loss"]
 
 
 def read_result(folder: Path) -> DistillResult | None:
