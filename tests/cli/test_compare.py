@@ -70,3 +70,4 @@ def test_compare_errors_are_clear(tmp_path):
         run_cli(["--output", str(tmp_path / "none"), "--replot"])
     with pytest.raises(ValueError, match="unknown run"):
         run_cli(["--output", str(tmp_path / "x"), "--only", "switch-3", *TINY])
+    assert not (tmp_path / "x" / "data").exists()  # refused before the tokenizer was trained

@@ -150,6 +150,7 @@ def run_comparison(
 ) -> list[RunOutcome]:
     """Train every run of ``plan`` in order, one at a time; finished runs are skipped, interrupted ones resumed."""
     output = Path(output)
+    plan_runs(plan, plan.vocab_size)  # run names do not depend on the vocabulary: a bad --only fails before any work
     write_or_check_plan(output, plan, data)
     vocab = prepare_run_data(data, output, plan.seed).tokenizer.vocab_size
     return [train_run(spec, plan, data, output, callbacks=callbacks(spec)) for spec in plan_runs(plan, vocab)]
