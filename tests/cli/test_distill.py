@@ -44,6 +44,7 @@ def test_distill_a_trained_checkpoint(tmp_path, capsys):
     assert saved["model"]["moe"] is None and saved["distill"]["expert_init"] == "expert"
 
     assert result["teacher_steps"] == 3 and result["baseline_steps"] == 3
+    assert (student / "distill.png").read_bytes().startswith(b"\x89PNG")  # student and control curves
 
     # A shorter student budget than the teacher's, against a given baseline: each step count is the real one.
     random = tmp_path / "random"
@@ -58,6 +59,7 @@ def test_distill_a_trained_checkpoint(tmp_path, capsys):
     lines = "\n".join(distill_lines(random))
     assert "(3 steps): validation loss" in lines and "from scratch for 3 steps" in lines
     assert "Dense student distilled for 2 steps" in lines
+    assert (random / "distill.png").is_file()  # the student's curve alone: there is no control
 
     with pytest.raises(ValueError, match="--init='avg'"):
         run_cli([str(teacher), "--init", "avg"])

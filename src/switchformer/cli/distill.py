@@ -16,6 +16,7 @@ from switchformer.cli.common import print_table
 from switchformer.distill.config import DistillConfig
 from switchformer.distill.run import distill, format_share
 from switchformer.distill.student import ExpertInit
+from switchformer.experiments.plots import distillation_plot
 from switchformer.training.callbacks import ProgressBar
 
 
@@ -70,5 +71,8 @@ def run(args: argparse.Namespace) -> int:
             ("student without the teacher", f"{result.control_loss:.4f}"),
             ("share due to the soft targets", format_share(result.soft_target_share, 1)),
         ]
+    plot = distillation_plot(output, result)
+    if plot is not None:
+        rows.append(("plot", str(plot)))
     print_table(f"switchformer distill -> {output}", rows)
     return 0

@@ -1,5 +1,5 @@
 """The comparison's PNG plots: loss vs steps, loss vs time, speedup vs steps, final loss vs experts (Figure 4),
-expert load."""
+expert load; and a distilled student's curve against its control's."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from switchformer.distill.run import CONTROL_DIR, DistillResult
 from switchformer.experiments.plan import RunKind
 from switchformer.experiments.results import RunResult, growth_runs
 from switchformer.experiments.speedup import seed_noise, speedup_curve
+from switchformer.training.metrics import read_metrics
 
+DISTILL_PLOT = "distill.png"
 _STYLE = {RunKind.DENSE: "-", RunKind.SWITCH: "-", RunKind.TOP2: "--", RunKind.DISTILLED: ":"}
 
 
@@ -142,3 +145,25 @@ def write_plots(results: Sequence[RunResult], reference: RunResult, folder: Path
         _load(results, folder / "expert_load.png"),
     ]
     return [p for p in paths if p is not None]
+
+
+def distillation_plot(folder: Path, result: DistillResult) -> Path | None:
+    """The student's validation loss against its control's (same start, no teacher), between the teacher's and the
+    dense baseline's losses: where the soft targets help shows as the gap between the two curves."""
+    curves = {"student (with teacher)": folder, "control (no teacher)": folder / CONTROL_DIR}
+    logged = {label: [r for r in read_metrics(path) if "val_loss" in r] for label, path in curves.items()}
+    if not any(logged.values()):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (label, records), style in zip(logged.items(), ("-", "--"), strict=True):
+        if records:
+            ax.plot([r["step"] for r in records], [r["val_loss"] for r in records], style, marker=".", label=label)
+    ax.axhline(result.teacher_loss, color="tab:green", linestyle=":",
+               label=f"teacher ({result.teacher_steps or result.steps} steps)")  # fmt: skip
+    ax.axhline(result.dense_loss, color="gray", linestyle=":",
+               label=f"dense from scratch ({result.baseline_steps or result.steps} steps)")  # fmt: skip
+    ax.set_xlabel("student step")
+    ax.set_ylabel("validation cross-entropy (nats/token)")
+    ax.set_title(f"distillation, teacher weight {result.teacher_weight:g}, init {result.student_init}")
+    return _save(plt, fig, folder / DISTILL_PLOT, ax, legend_size=8)
