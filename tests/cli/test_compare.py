@@ -41,7 +41,9 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     assert "without the teacher (weight 0)" in text  # the control run of the distillation
     assert f"| distill-{_teacher(out)} |" in text
     assert "- Command: `switchformer" in text and "Load average" in text
-    assert len(list(docs.glob("*.png"))) == 5  # steps, time, speedup, experts, load
+    assert len(list(docs.glob("*.png"))) == 6  # steps, time, speedup, experts, load, the student vs its control
+    student = f"distill-{_teacher(out)}"
+    assert f"![{student}]({student}.png)" in text and (docs / f"{student}.png").is_file()
     assert "comparison report" in capsys.readouterr().out
     assert "training sessions" not in text  # one command made it all
 

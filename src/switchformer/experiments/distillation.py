@@ -44,7 +44,7 @@ def distill_best(
     return distill(teacher.folder, folder, config, steps=steps, callbacks=callbacks, spec=spec)
 
 
-def existing_distillations(output: Path) -> list[DistillResult]:
-    """Distillation results already in a comparison folder (for re-plotting without retraining)."""
-    found = (read_result(folder) for folder in sorted((Path(output) / "runs").glob(PREFIX + "*/")))
-    return [r for r in found if r is not None]
+def existing_distillations(output: Path) -> list[tuple[Path, DistillResult]]:
+    """Distillation run folders of a comparison with their results (for re-plotting without retraining)."""
+    found = ((folder, read_result(folder)) for folder in sorted((Path(output) / "runs").glob(PREFIX + "*/")))
+    return [(folder, result) for folder, result in found if result is not None]

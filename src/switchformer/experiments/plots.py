@@ -147,9 +147,10 @@ def write_plots(results: Sequence[RunResult], reference: RunResult, folder: Path
     return [p for p in paths if p is not None]
 
 
-def distillation_plot(folder: Path, result: DistillResult) -> Path | None:
+def distillation_plot(folder: Path, result: DistillResult, path: Path | None = None) -> Path | None:
     """The student's validation loss against its control's (same start, no teacher), between the teacher's and the
-    dense baseline's losses: where the soft targets help shows as the gap between the two curves."""
+    dense baseline's losses: where the soft targets help shows as the gap between the two curves. Written to
+    ``path`` (default ``folder/distill.png``)."""
     curves = {"student (with teacher)": folder, "control (no teacher)": folder / CONTROL_DIR}
     logged = {label: [r for r in read_metrics(path) if "val_loss" in r] for label, path in curves.items()}
     if not any(logged.values()):
@@ -166,4 +167,4 @@ def distillation_plot(folder: Path, result: DistillResult) -> Path | None:
     ax.set_xlabel("student step")
     ax.set_ylabel("validation cross-entropy (nats/token)")
     ax.set_title(f"distillation, teacher weight {result.teacher_weight:g}, init {result.student_init}")
-    return _save(plt, fig, folder / DISTILL_PLOT, ax, legend_size=8)
+    return _save(plt, fig, path or folder / DISTILL_PLOT, ax, legend_size=8)
