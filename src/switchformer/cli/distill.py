@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         ("teacher", result.teacher),
         ("dense baseline", result.baseline),
-        ("steps: student / teacher / dense", f"{result.steps} / {result.teacher_steps} / {result.baseline_steps}"),
+        ("steps: student / teacher / dense", f"{result.steps} / {result.teacher_budget} / {result.baseline_budget}"),
         ("teacher validation loss", f"{result.teacher_loss:.4f}"),
         ("dense from scratch", f"{result.dense_loss:.4f}"),
         ("distilled student", f"{result.student_loss:.4f}"),

@@ -59,12 +59,20 @@ class DistillResult:
     teacher_steps: int | None = None
     baseline_steps: int | None = None
 
+    @property
+    def teacher_budget(self) -> int:
+        """Steps the teacher trained."""
+        return self.teacher_steps or self.steps
+
+    @property
+    def baseline_budget(self) -> int:
+        """Steps the dense baseline trained."""
+        return self.baseline_steps or self.steps
+
     def lines(self) -> list[str]:
         lines = [
-            f"- Teacher `{self.teacher}` ({self.teacher_steps or self.steps} steps): validation loss "
-            f"{self.teacher_loss:.4f}.",
-            f"- Dense baseline trained from scratch for {self.baseline_steps or self.steps} steps: "
-            f"{self.dense_loss:.4f}.",
+            f"- Teacher `{self.teacher}` ({self.teacher_budget} steps): validation loss {self.teacher_loss:.4f}.",
+            f"- Dense baseline trained from scratch for {self.baseline_budget} steps: {self.dense_loss:.4f}.",
             f"- Dense student distilled for {self.steps} steps (teacher weight {self.teacher_weight:g}, init "
             f"{self.student_init}): {self.student_loss:.4f}.",
             f"- Share of the teacher's gain kept by the student: **{format_share(self.retained)}** (paper: about 30%).",

@@ -161,9 +161,9 @@ def distillation_plot(folder: Path, result: DistillResult, path: Path | None = N
         if records:
             ax.plot([r["step"] for r in records], [r["val_loss"] for r in records], style, marker=".", label=label)
     ax.axhline(result.teacher_loss, color="tab:green", linestyle=":",
-               label=f"teacher ({result.teacher_steps or result.steps} steps)")  # fmt: skip
+               label=f"teacher ({result.teacher_budget} steps)")  # fmt: skip
     ax.axhline(result.dense_loss, color="gray", linestyle=":",
-               label=f"dense from scratch ({result.baseline_steps or result.steps} steps)")  # fmt: skip
+               label=f"dense from scratch ({result.baseline_budget} steps)")  # fmt: skip
     ax.set_xlabel("student step")
     ax.set_ylabel("validation cross-entropy (nats/token)")
     ax.set_title(f"distillation, teacher weight {result.teacher_weight:g}, init {result.student_init}")
