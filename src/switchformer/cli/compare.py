@@ -19,10 +19,9 @@ import torch
 
 from switchformer.cli.common import print_table
 from switchformer.cli.distill import parse_init
-from switchformer.experiments.distillation import distill_best, existing_distillations
+from switchformer.experiments.distillation import distill_best
 from switchformer.experiments.history import history_lines, recorded_session
 from switchformer.experiments.plan import ComparePlan
-from switchformer.experiments.plots import distillation_plot
 from switchformer.experiments.report import write_report
 from switchformer.experiments.runner import data_config_for, load_plan, run_comparison
 from switchformer.training.callbacks import ProgressBar
@@ -129,14 +128,6 @@ def run(args: argparse.Namespace) -> int:
         header = json.loads(saved_header.read_text()) if saved_header.is_file() else []
         header += history_lines(output)
         header.append(f"- Report re-plotted from the run folders on {time.strftime('%Y-%m-%d %H:%M %Z')}")
-    report_dir = args.report or output
-    report_dir.mkdir(parents=True, exist_ok=True)
-    distilled: list[str] = []
-    for folder, result in existing_distillations(output):
-        distilled += result.lines()
-        plot = distillation_plot(folder, result, report_dir / f"{folder.name}.png")
-        if plot is not None:
-            distilled += ["", f"![{folder.name}]({plot.name})"]
-    report = write_report(output, report_dir=report_dir, header=header, distillation=distilled)
+    report = write_report(output, report_dir=args.report or output, header=header)
     print_table("comparison report", [("report", str(report)), ("runs", str(output / "runs"))])
     return 0

@@ -12,8 +12,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from switchformer.experiments.distillation import existing_distillations
 from switchformer.experiments.plan import RunKind
-from switchformer.experiments.plots import write_plots
+from switchformer.experiments.plots import distillation_plot, write_plots
 from switchformer.experiments.results import RunResult, growth_runs, read_results
 from switchformer.experiments.runner import load_plan
 from switchformer.experiments.speedup import (
@@ -218,14 +219,23 @@ def _load_lines(results: Sequence[RunResult]) -> list[str]:
     return [f"Machine load (5-minute load average at the end of each run; 2 cores): {', '.join(loads)}.", ""]
 
 
-def write_report(
-    output: Path, *, report_dir: Path | None = None, header: Sequence[str] = (), distillation: Sequence[str] = ()
-) -> Path:
+def distillation_lines(output: Path, report_dir: Path) -> list[str]:
+    """The distilled students' results, each with its curve against its no-teacher control (``distill-NAME.png``)."""
+    lines: list[str] = []
+    for folder, result in existing_distillations(output):
+        lines += result.lines()
+        plot = distillation_plot(folder, result, report_dir / f"{folder.name}.png")
+        if plot is not None:
+            lines += ["", f"![{folder.name}]({plot.name})"]
+    return lines
+
+
+def write_report(output: Path, *, report_dir: Path | None = None, header: Sequence[str] = ()) -> Path:
     """Write ``report.md``, ``results.json`` and the PNG plots for the comparison in ``output``.
 
     ``report_dir`` (default: ``output``) is where they go, e.g. ``docs/results/NAME`` while the run folders with
-    their checkpoints stay out of the repository. ``header`` lines (command, date, machine load) open the report;
-    ``distillation`` lines become a section of their own.
+    their checkpoints stay out of the repository. ``header`` lines (command, date, machine load) open the report.
+    Distilled students (``compare --distill``) get a section of their own.
     """
     results = read_results(output)
     if not results:
@@ -250,6 +260,7 @@ def write_report(
         *check.lines(),
         "",
     ]
+    distillation = distillation_lines(output, report_dir)
     if distillation:
         lines += ["## Distillation", "", *distillation, ""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
