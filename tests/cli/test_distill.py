@@ -71,3 +71,32 @@ def distill_lines(folder) -> list[str]:
     result = read_result(folder)
     assert result is not None
     return result.lines()
+
+
+def test_student_training_settings_change_the_student_and_control_but_not_the_baseline(tmp_path):
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--steps", "3", "--output", str(teacher), *TINY_MODEL, *SMALL_DATA]) == 0
+    teacher_train = json.loads(next((teacher / "checkpoints").glob("step-*/config.json")).read_text())["train"]
+    student = tmp_path / "student"
+    argv = [str(teacher), "--output", str(student), "--lr", "5e-4", "--warmup-steps", "0",
+            "--train-set", "schedule=constant", "--no-progress"]  # fmt: skip
+    assert run_cli(argv) == 0
+
+    def saved_train(folder):
+        return json.loads(sorted((folder / "checkpoints").glob("step-*/config.json"))[-1].read_text())["train"]
+
+    for folder in (student, student / "no-teacher"):  # the student and its control: the new settings
+        train = saved_train(folder)
+        assert (train["lr"], train["warmup_steps"], train["schedule"]) == (5e-4, 0, "constant")
+    baseline = saved_train(student / "dense-baseline")  # from scratch: the teacher's settings
+    assert (baseline["lr"], baseline["warmup_steps"]) == (teacher_train["lr"], teacher_train["warmup_steps"])
+    assert teacher_train["lr"] != 5e-4 and teacher_train["warmup_steps"] != 0
+    result = read_result(student)
+    assert result is not None and result.student_overrides == ["lr=0.0005", "warmup_steps=0", "schedule=constant"]
+    assert "init mean; lr=0.0005, warmup_steps=0, schedule=constant)" in "\n".join(result.lines())
+
+    with pytest.raises(ValueError, match="set with --steps"):
+        run_cli([str(teacher), "--output", str(tmp_path / "s3"), "--train-set", "steps=5", "--no-progress"])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        run_cli([str(teacher), "--output", str(tmp_path / "s4"), "--warmup-steps", "-1", "--no-progress"])
+    assert not (tmp_path / "s3").exists() and not (tmp_path / "s4").exists()  # refused before anything is written

@@ -35,8 +35,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-control", action="store_true",
                         help="skip the control run (the same student trained without the teacher), which shows "
                         "how much of the student's gain the teacher's soft targets account for")  # fmt: skip
+    student = parser.add_argument_group(
+        "student training", "the student and its control train with the teacher's settings unless changed here; "
+        "the dense baseline always keeps them (it trains from scratch)")  # fmt: skip
+    student.add_argument("--lr", type=float, help="peak learning rate (default: the teacher's)")
+    student.add_argument("--warmup-steps", type=int,
+                         help="warmup steps (default: the teacher's); a student starting from trained weights may "
+                         "lose less of what it inherits with 0 and a lower --lr")  # fmt: skip
+    student.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="FIELD=VALUE",
+                         help="override any other TrainConfig field, e.g. --train-set schedule=constant")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.set_defaults(run=run)
+
+
+def train_overrides(args: argparse.Namespace) -> list[str]:
+    """``--lr`` and ``--warmup-steps`` as FIELD=VALUE overrides, ahead of any ``--train-set`` ones."""
+    named = [f"lr={args.lr:g}"] if args.lr is not None else []
+    named += [f"warmup_steps={args.warmup_steps}"] if args.warmup_steps is not None else []
+    return named + list(args.train_overrides)
 
 
 def parse_init(text: str, teacher_weight: float) -> DistillConfig:
@@ -56,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or Path("runs") / f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
     callbacks = [] if args.no_progress else [ProgressBar(desc="student")]
     result = distill(args.teacher, output, config, steps=args.steps, baseline=args.baseline,
-                     control=not args.no_control, callbacks=callbacks)  # fmt: skip
+                     control=not args.no_control, train_overrides=train_overrides(args),
+                     callbacks=callbacks)  # fmt: skip
     rows = [
         ("teacher", result.teacher),
         ("dense baseline", result.baseline),

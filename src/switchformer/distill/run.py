@@ -58,6 +58,9 @@ class DistillResult:
     # both were the student's steps. A student may train for less than its teacher (--steps).
     teacher_steps: int | None = None
     baseline_steps: int | None = None
+    # The student's (and its control's) training settings changed from the teacher's, as FIELD=VALUE; the
+    # dense baseline keeps the teacher's, since it trains from scratch.
+    student_overrides: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def teacher_budget(self) -> int:
@@ -74,7 +77,7 @@ class DistillResult:
             f"- Teacher `{self.teacher}` ({self.teacher_budget} steps): validation loss {self.teacher_loss:.4f}.",
             f"- Dense baseline trained from scratch for {self.baseline_budget} steps: {self.dense_loss:.4f}.",
             f"- Dense student distilled for {self.steps} steps (teacher weight {self.teacher_weight:g}, init "
-            f"{self.student_init}): {self.student_loss:.4f}.",
+            f"{self.student_init}{self._settings()}): {self.student_loss:.4f}.",
             f"- Share of the teacher's gain kept by the student: **{format_share(self.retained)}** (paper: about 30%).",
         ]
         if self.control_loss is not None:
@@ -90,6 +93,9 @@ class DistillResult:
                     "that alone explains."
                 )
         return lines
+
+    def _settings(self) -> str:
+        return f"; {', '.join(self.student_overrides)}" if self.student_overrides else ""
 
 
 def format_share(share: float | None, decimals: int = 0) -> str:
@@ -156,6 +162,7 @@ def distill(
     steps: int | None = None,
     baseline: Path | None = None,
     control: bool = True,
+    train_overrides: Sequence[str] = (),
     callbacks: Sequence[Callback] = (),
     spec: dict[str, object] | None = None,
 ) -> DistillResult:
@@ -163,17 +170,22 @@ def distill(
 
     ``baseline`` is a dense run folder trained with the same budget; without one (and outside a comparison
     folder) a dense model is trained from scratch in ``output/dense-baseline``. ``control`` also trains the same
-    student without the teacher in ``output/no-teacher``. ``spec`` is written as ``spec.json`` so a comparison
-    report lists the student as a run.
+    student without the teacher in ``output/no-teacher``. ``train_overrides`` (``FIELD=VALUE``, e.g. ``lr=2e-4``)
+    change the teacher's training settings for the student and its control, which otherwise restart the teacher's
+    schedule, warmup included: a student starting from trained weights may not want that. ``spec`` is written as
+    ``spec.json`` so a comparison report lists the student as a run.
     """
     teacher = load_trained(Path(teacher_path))
     if teacher.model_config.moe is None:
         raise ValueError(f"{teacher.path} is a dense model; distillation needs a Switch (sparse) teacher")
+    train_config = teacher.train_config.replace(steps=steps or teacher.step)
+    student_train = train_config.with_overrides(train_overrides)
+    if student_train.steps != train_config.steps:
+        raise ValueError("the student's steps are set with --steps, not with a steps= training override")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     if spec is not None:
         (output / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-    train_config = teacher.train_config.replace(steps=steps or teacher.step)
     cache = data_cache_of(teacher.path) or output
     data = prepare_data(teacher.data_config, cache)
 
@@ -184,7 +196,7 @@ def distill(
         student = _initial_student(student_model_config, train_config.seed, teacher.model, config)
         extra = {"data": teacher.data_config.to_dict(), "distill": config.to_dict(), "teacher": str(teacher.path)}
         DistillationTrainer(
-            student_model_config, train_config, train_batches=data.train, validation=data.validation, run_dir=output,
+            student_model_config, student_train, train_batches=data.train, validation=data.validation, run_dir=output,
             extra_config=extra, callbacks=callbacks, resume=resume, model=student, tensorboard=False,
             teacher=teacher.model, teacher_weight=config.teacher_weight,
         ).train()  # fmt: skip
@@ -196,7 +208,7 @@ def distill(
     paths = {"teacher": teacher.path, "student": student_path, "dense": resolve_checkpoint(baseline_path)}
     if control and config.init_from_teacher:  # a random-init control would be the baseline again
         paths["control"] = resolve_checkpoint(_train_dense(
-            student_model_config, train_config, teacher.data_config, cache, output / CONTROL_DIR, callbacks,
+            student_model_config, student_train, teacher.data_config, cache, output / CONTROL_DIR, callbacks,
             initial=lambda: _initial_student(student_model_config, train_config.seed, teacher.model, config),
         ))  # fmt: skip
     trained = {name: load_trained(path) for name, path in paths.items()}
@@ -210,6 +222,7 @@ def distill(
         soft_target_share=None if control_loss is None else soft_target_share(
             losses["dense"], losses["teacher"], control_loss, losses["student"]),
         teacher_steps=trained["teacher"].step, baseline_steps=trained["dense"].step,
+        student_overrides=list(train_overrides),
     )  # fmt: skip
     (output / RESULT_FILE).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     return result
