@@ -51,6 +51,8 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     more = ["--output", str(out), "--report", str(docs), "--only", "switch-2", "--steps", "5", "--no-progress"]
     monkeypatch.setattr(sys, "argv", ["switchformer", "compare", *more])
     assert run_cli(more) == 0
+    with pytest.raises(ValueError, match=r"other settings \(d_model differ\)"):  # refused: not a session
+        run_cli([*more, "--set", "d_model=48"])
     (docs / "report.md").unlink()
     with (out / HISTORY_FILE).open("a") as history:
         history.write('{"date": "2026-11-29 12:00 UTC", "comm\n')  # cut short by a crash: skipped, not fatal
@@ -72,4 +74,4 @@ def test_compare_errors_are_clear(tmp_path):
         run_cli(["--output", str(tmp_path / "none"), "--replot"])
     with pytest.raises(ValueError, match="unknown run"):
         run_cli(["--output", str(tmp_path / "x"), "--only", "switch-3", *TINY])
-    assert not (tmp_path / "x" / "data").exists()  # refused before the tokenizer was trained
+    assert not (tmp_path / "x").exists()  # refused before the tokenizer was trained or the session recorded

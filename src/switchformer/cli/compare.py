@@ -23,7 +23,7 @@ from switchformer.experiments.distillation import distill_best
 from switchformer.experiments.history import history_lines, recorded_session
 from switchformer.experiments.plan import ComparePlan
 from switchformer.experiments.report import write_report
-from switchformer.experiments.runner import data_config_for, load_plan, run_comparison
+from switchformer.experiments.runner import check_plan, data_config_for, load_plan, run_comparison
 from switchformer.training.callbacks import ProgressBar
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
                       f"layers, vocab {plan.vocab_size}"),
             ("budget", f"{plan.steps} steps x {plan.batch_size} x {plan.sequence_length} tokens, lr {plan.lr:g}"),
         ])  # fmt: skip
+        check_plan(output, plan, data)  # a refused command is not a training session of the folder
         with recorded_session(output, f"switchformer {shlex.join(sys.argv[1:])}"):
             outcomes = run_comparison(plan, output, data, callbacks=lambda spec: bars(spec.name))
             for outcome in outcomes:

@@ -66,8 +66,10 @@ def run_dir(output: Path, name: str) -> Path:
     return Path(output) / "runs" / name
 
 
-def write_or_check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> None:
-    """Record the plan in a new folder, or refuse to mix a different plan into an existing one."""
+def check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> None:
+    """Refuse, before anything is written, a plan naming unknown runs (``only``) or one that differs from the plan
+    an existing folder was made with."""
+    plan_runs(plan, plan.vocab_size)  # run names do not depend on the vocabulary
     path = Path(output) / PLAN_FILE
     current = {"plan": plan.to_dict(), "data": data.to_dict()}
     if path.is_file():
@@ -80,8 +82,14 @@ def write_or_check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> No
                 f"{output} holds a comparison made with other settings ({', '.join(changed)} differ); rerun with "
                 "the same settings to resume it, or choose a new --output"
             )
+
+
+def write_or_check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> None:
+    """Record the plan in a new folder, or refuse to mix a different plan into an existing one."""
+    check_plan(output, plan, data)
+    path = Path(output) / PLAN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=2) + "\n")
+    path.write_text(json.dumps({"plan": plan.to_dict(), "data": data.to_dict()}, indent=2) + "\n")
 
 
 def load_plan(output: Path) -> tuple[ComparePlan, DataConfig]:
@@ -150,7 +158,6 @@ def run_comparison(
 ) -> list[RunOutcome]:
     """Train every run of ``plan`` in order, one at a time; finished runs are skipped, interrupted ones resumed."""
     output = Path(output)
-    plan_runs(plan, plan.vocab_size)  # run names do not depend on the vocabulary: a bad --only fails before any work
-    write_or_check_plan(output, plan, data)
+    write_or_check_plan(output, plan, data)  # a bad plan fails before any work
     vocab = prepare_run_data(data, output, plan.seed).tokenizer.vocab_size
     return [train_run(spec, plan, data, output, callbacks=callbacks(spec)) for spec in plan_runs(plan, vocab)]
