@@ -40,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the dense baseline always keeps them (it trains from scratch)")  # fmt: skip
     student.add_argument("--lr", type=float, help="peak learning rate (default: the teacher's)")
     student.add_argument("--warmup-steps", type=int,
-                         help="warmup steps (default: the teacher's); a student starting from trained weights may "
-                         "lose less of what it inherits with 0 and a lower --lr")  # fmt: skip
+                         help="warmup steps (default: the teacher's). The inverse-sqrt schedule with 0 decays from "
+                         "the first step; to hold --lr (e.g. the teacher's final rate) add --train-set "
+                         "schedule=constant")  # fmt: skip
     student.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="FIELD=VALUE",
                          help="override any other TrainConfig field, e.g. --train-set schedule=constant")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
