@@ -77,7 +77,7 @@ class DistillResult:
             f"- Teacher `{self.teacher}` ({self.teacher_budget} steps): validation loss {self.teacher_loss:.4f}.",
             f"- Dense baseline trained from scratch for {self.baseline_budget} steps: {self.dense_loss:.4f}.",
             f"- Dense student distilled for {self.steps} steps (teacher weight {self.teacher_weight:g}, init "
-            f"{self.student_init}{self._settings()}): {self.student_loss:.4f}.",
+            f"{self.student_init}{self.settings_note}): {self.student_loss:.4f}.",
             f"- Share of the teacher's gain kept by the student: **{format_share(self.retained)}** (paper: about 30%).",
         ]
         if self.control_loss is not None:
@@ -94,7 +94,9 @@ class DistillResult:
                 )
         return lines
 
-    def _settings(self) -> str:
+    @property
+    def settings_note(self) -> str:
+        """``; lr=..., ...`` when the student did not train with the teacher's settings, else nothing."""
         return f"; {', '.join(self.student_overrides)}" if self.student_overrides else ""
 
 

@@ -166,5 +166,8 @@ def distillation_plot(folder: Path, result: DistillResult, path: Path | None = N
                label=f"dense from scratch ({result.baseline_budget} steps)")  # fmt: skip
     ax.set_xlabel("student step")
     ax.set_ylabel("validation cross-entropy (nats/token)")
-    ax.set_title(f"distillation, teacher weight {result.teacher_weight:g}, init {result.student_init}")
+    title = f"distillation, teacher weight {result.teacher_weight:g}, init {result.student_init}"
+    if result.student_overrides:
+        title += "\nstudent settings: " + ", ".join(result.student_overrides)
+    ax.set_title(title, fontsize=10)
     return _save(plt, fig, path or folder / DISTILL_PLOT, ax, legend_size=8)
