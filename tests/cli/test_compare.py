@@ -31,13 +31,17 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.txt", modules=("json", "email"))
     out, docs = tmp_path / "cmp", tmp_path / "docs"
     argv = ["--data", str(corpus), "--output", str(out), "--report", str(docs), "--steps", "4", "--experts", "2,4",
-            "--capacity-factors", "2.0", "--set", "capacity_experts=2", "--no-top2", "--distill", *TINY]  # fmt: skip
+            "--capacity-factors", "2.0", "--set", "capacity_experts=2", "--no-top2", "--distill",
+            "--distill-set", "lr=0.0015", *TINY]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["switchformer", "compare", *argv])
     assert run_cli(argv) == 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert runs == ["dense-seed0", "dense-seed1", "distill-" + _teacher(out), "switch-2", "switch-2-cf2", "switch-4"]
     text = (docs / "report.md").read_text()
     assert "## Distillation" in text and "Share of the teacher's gain kept" in text
+    assert "init mean; lr=0.0015)" in text  # the student's own learning rate, said in the report line
+    student_config = next((out / "runs" / f"distill-{_teacher(out)}" / "checkpoints").glob("step-*/config.json"))
+    assert json.loads(student_config.read_text())["train"]["lr"] == 0.0015
     assert "without the teacher (weight 0)" in text  # the control run of the distillation
     assert f"| distill-{_teacher(out)} |" in text
     assert "- Command: `switchformer" in text and "Load average" in text

@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="override any ComparePlan field, e.g. --set d_model=256 --set lr=1e-3")  # fmt: skip
     parser.add_argument("--distill", action="store_true", help="also distil the best Switch run into a dense student")
     parser.add_argument("--distill-init", default="mean", help="student init: mean, expert:N or random")
+    parser.add_argument("--distill-set", dest="distill_overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="the student's own training settings, e.g. --distill-set lr=5e-4 (default: the "
+                        "teacher's, schedule restarted), as switchformer distill --train-set")  # fmt: skip
     parser.add_argument("--replot", action="store_true", help="rewrite the report and plots from the run folders only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     parser.set_defaults(run=run)
@@ -120,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
             for outcome in outcomes:
                 logger.info("%s: %s", outcome.spec.name, outcome.status.value)
             if args.distill:
-                distill_best(output, distill, steps=plan.steps, callbacks=bars("distill"))
+                distill_best(output, distill, steps=plan.steps, train_overrides=args.distill_overrides,
+                             callbacks=bars("distill"))  # fmt: skip
         header = _header(sys.argv[1:], load_before)
         (output / HEADER_FILE).write_text(json.dumps(header) + "\n")
         header += history_lines(output)

@@ -30,9 +30,15 @@ def best_teacher(results: Sequence[RunResult]) -> RunResult:
 
 
 def distill_best(
-    output: Path, config: DistillConfig, *, steps: int, callbacks: Sequence[Callback] = ()
+    output: Path,
+    config: DistillConfig,
+    *,
+    steps: int,
+    train_overrides: Sequence[str] = (),
+    callbacks: Sequence[Callback] = (),
 ) -> DistillResult:
-    """Distil the best Switch run of ``output`` for ``steps`` (the comparison's budget) into ``runs/distill-NAME``."""
+    """Distil the best Switch run of ``output`` for ``steps`` (the comparison's budget) into ``runs/distill-NAME``;
+    ``train_overrides`` (``FIELD=VALUE``) change the student's training settings from the teacher's."""
     teacher = best_teacher(read_results(output))
     name = PREFIX + teacher.name
     teacher_model = json.loads((teacher.folder / SPEC_FILE).read_text())["model"]
@@ -41,7 +47,8 @@ def distill_best(
             "capacity_factor": None, "teacher": teacher.name, "model": student_model.to_dict()}  # fmt: skip
     folder = run_dir(output, name)
     logger.info("distilling %s into a dense student in %s", teacher.name, folder)
-    return distill(teacher.folder, folder, config, steps=steps, callbacks=callbacks, spec=spec)
+    return distill(teacher.folder, folder, config, steps=steps, train_overrides=train_overrides,
+                   callbacks=callbacks, spec=spec)  # fmt: skip
 
 
 def existing_distillations(output: Path) -> list[tuple[Path, DistillResult]]:
