@@ -100,3 +100,11 @@ def test_student_training_settings_change_the_student_and_control_but_not_the_ba
     with pytest.raises(ValueError, match="warmup_steps"):
         run_cli([str(teacher), "--output", str(tmp_path / "s4"), "--warmup-steps", "-1", "--no-progress"])
     assert not (tmp_path / "s3").exists() and not (tmp_path / "s4").exists()  # refused before anything is written
+
+
+def test_lr_reaches_the_override_unrounded():
+    parser = argparse.ArgumentParser(prog="switchformer")
+    distill.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["distill", "teacher", "--lr", "1.23456789e-4", "--warmup-steps", "0"])
+    lr, warmup = distill.train_overrides(args)
+    assert float(lr.removeprefix("lr=")) == 1.23456789e-4 and warmup == "warmup_steps=0"

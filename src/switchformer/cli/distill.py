@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def train_overrides(args: argparse.Namespace) -> list[str]:
     """``--lr`` and ``--warmup-steps`` as FIELD=VALUE overrides, ahead of any ``--train-set`` ones."""
-    named = [f"lr={args.lr:g}"] if args.lr is not None else []
+    named = [f"lr={args.lr!r}"] if args.lr is not None else []  # repr: the float round-trips exactly
     named += [f"warmup_steps={args.warmup_steps}"] if args.warmup_steps is not None else []
     return named + list(args.train_overrides)
 
