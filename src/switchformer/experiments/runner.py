@@ -66,12 +66,17 @@ def run_dir(output: Path, name: str) -> Path:
     return Path(output) / "runs" / name
 
 
+def _plan_record(plan: ComparePlan, data: DataConfig) -> dict[str, Any]:
+    """What ``compare.json`` holds: the plan and the data config."""
+    return {"plan": plan.to_dict(), "data": data.to_dict()}
+
+
 def check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> None:
     """Refuse, before anything is written, a plan naming unknown runs (``only``) or one that differs from the plan
     an existing folder was made with."""
     plan_runs(plan, plan.vocab_size)  # run names do not depend on the vocabulary
     path = Path(output) / PLAN_FILE
-    current = {"plan": plan.to_dict(), "data": data.to_dict()}
+    current = _plan_record(plan, data)
     if path.is_file():
         saved = _read_saved_plan(path)
         plan_now, plan_then = current["plan"], saved["plan"]
@@ -89,7 +94,7 @@ def write_or_check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> No
     check_plan(output, plan, data)
     path = Path(output) / PLAN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"plan": plan.to_dict(), "data": data.to_dict()}, indent=2) + "\n")
+    path.write_text(json.dumps(_plan_record(plan, data), indent=2) + "\n")
 
 
 def load_plan(output: Path) -> tuple[ComparePlan, DataConfig]:
