@@ -9,6 +9,7 @@ import pytest
 from switchformer.experiments.speedup import (
     Curve,
     first_crossing,
+    mean_curve,
     milestones,
     monotone_within,
     seed_noise,
@@ -96,3 +97,18 @@ def test_milestones_spread_over_the_evaluations():
     assert milestones(evaluations, 6) == [200, 500, 700, 1000, 1200, 1500]  # nearest evaluation to 250, 750, ...
     assert milestones([100, 200], 6) == [100, 200]  # no more columns than evaluations
     assert milestones([], 3) == [] and milestones(evaluations, 0) == []
+
+
+def test_mean_curve_averages_the_seeds_at_their_shared_evaluations():
+    other = Curve(steps=(100, 200, 300, 400, 500), seconds=(14, 26, 38, 50, 62), losses=(4.4, 3.2, 2.7, 2.4, 2.3))
+    mean = mean_curve([DENSE, other])
+    assert mean.steps == (100, 200, 300, 400)  # 500 only in one curve
+    assert mean.seconds == pytest.approx((12, 23, 34, 45))
+    assert mean.losses == pytest.approx((4.2, 3.1, 2.6, 2.3))
+    # Switch (1.8 at 400) reaches the mean's 2.3 between 200 (2.6) and 300 (2.0): 200 + 0.3/0.6 * 100 = 250 steps,
+    # 24 + 0.5 * 12 = 30 s; the mean curve needs 400 steps and 45 s.
+    t = time_to_target(SWITCH, mean.final_loss, mean)
+    assert t.step_speedup == pytest.approx(400 / 250) and t.time_speedup == pytest.approx(45 / 30)
+    assert mean_curve([DENSE]) == DENSE
+    assert mean_curve([]) is None
+    assert mean_curve([DENSE, Curve(steps=(150,), seconds=(1,), losses=(3.0,))]) is None  # nothing shared

@@ -19,6 +19,7 @@ from switchformer.experiments.results import RunResult, growth_runs, read_result
 from switchformer.experiments.runner import load_plan
 from switchformer.experiments.speedup import (
     TimeToTarget,
+    mean_curve,
     milestones,
     monotone_within,
     seed_noise,
@@ -34,6 +35,25 @@ NOISE_SIGMAS = 2.0  # ... and "does not get worse with more experts" means by no
 GROWTH_COLUMNS = 6  # evaluation steps in the "speedup as training goes on" table
 
 
+@dataclasses.dataclass(frozen=True)
+class AgainstSeeds:
+    """The best Switch run measured against every dense seed, not only its same-seed twin: how far the headline
+    moves with the reference's seed. The mean curve of the seeds is the steadier reference."""
+
+    mean_final_loss: float
+    mean: TimeToTarget  # to the mean curve's final loss, against the mean curve
+    per_seed: dict[str, float | None]  # dense run -> step speedup to that run's own final loss
+
+    def line(self, best: str, reference: str) -> str:
+        seeds = ", ".join(f"`{name}` {_x(speedup)}" for name, speedup in self.per_seed.items())
+        return (
+            f"- Against every dense seed (for information; the check above uses `{reference}`, which shares the "
+            f"Switch runs' seed): `{best}` needs {_x(self.mean.step_speedup)} fewer steps and "
+            f"{_x(self.mean.time_speedup)} less time to the mean curve of the {len(self.per_seed)} dense seeds "
+            f"(final loss {self.mean_final_loss:.4f}); step speedup against each alone: {seeds}."
+        )
+
+
 @dataclasses.dataclass
 class Verdict:
     """The acceptance checks, each with the numbers behind it."""
@@ -47,6 +67,7 @@ class Verdict:
     speedup_ok: bool
     sweep: list[tuple[int, float]]  # (experts, final loss), dense = 1 expert
     sweep_ok: bool | None  # None without a noise estimate
+    against_seeds: AgainstSeeds | None = None  # None with one dense seed or no Switch run at the dense loss
 
     def lines(self) -> list[str]:
         noise = f"{self.noise_std:.4f}" if self.noise_std is not None else "n/a (one dense seed)"
@@ -63,6 +84,8 @@ class Verdict:
                 f"{_x(self.best_time_speedup)} less training time to the dense final loss (required: >= "
                 f"{REQUIRED_STEP_SPEEDUP}x steps and > 1x time): **{verdict}**."
             )
+            if self.against_seeds is not None:
+                out.append(self.against_seeds.line(self.best_by_steps, self.reference))
         sweep = ", ".join(f"{e}: {loss:.4f}" for e, loss in self.sweep)
         if self.sweep_ok is None:
             out.append(f"- Final loss by experts ({sweep}); no noise estimate, so no verdict (run two dense seeds).")
@@ -119,7 +142,17 @@ def verdict(results: Sequence[RunResult]) -> Verdict:
     sweep.sort()
     sweep_ok = monotone_within([loss for _, loss in sweep], NOISE_SIGMAS * noise) if noise is not None else None
     return Verdict(reference.name, reference.final_loss, noise, best.name if best else None, best_steps, best_time,
-                   speedup_ok, sweep, sweep_ok)  # fmt: skip
+                   speedup_ok, sweep, sweep_ok, against_seeds(results, best))  # fmt: skip
+
+
+def against_seeds(results: Sequence[RunResult], best: RunResult | None) -> AgainstSeeds | None:
+    """``best`` against each dense seed and against their mean curve (None with fewer than two dense seeds)."""
+    dense = [r for r in results if r.kind is RunKind.DENSE]
+    mean = mean_curve([r.curve for r in dense])
+    if best is None or len(dense) < 2 or mean is None:
+        return None
+    per_seed = {r.name: time_to_target(best.curve, r.final_loss, r.curve).step_speedup for r in dense}
+    return AgainstSeeds(mean.final_loss, time_to_target(best.curve, mean.final_loss, mean), per_seed)
 
 
 def _sweep_capacity_factor(results: Sequence[RunResult]) -> float | None:

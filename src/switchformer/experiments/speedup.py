@@ -33,6 +33,22 @@ class Curve:
         return self.losses[-1] if self.losses else math.nan
 
 
+def mean_curve(curves: Sequence[Curve]) -> Curve | None:
+    """The mean of several runs' curves (e.g. dense seeds) at the steps all of them evaluated: a steadier reference
+    than any one seed. Seconds are averaged too, so time to quality stays in the same units. None without a shared
+    evaluation."""
+    if not curves:
+        return None
+    shared = set(curves[0].steps).intersection(*(c.steps for c in curves[1:]))
+    steps = tuple(sorted(shared))
+    if not steps:
+        return None
+    at = [dict(zip(c.steps, zip(c.seconds, c.losses, strict=True), strict=True)) for c in curves]
+    seconds = tuple(statistics.fmean(point[s][0] for point in at) for s in steps)
+    losses = tuple(statistics.fmean(point[s][1] for point in at) for s in steps)
+    return Curve(steps, seconds, losses)
+
+
 def first_crossing(xs: Sequence[float], losses: Sequence[float], target: float) -> float | None:
     """The first ``x`` at which the piecewise-linear curve through ``(xs, losses)`` is at or below ``target``.
 

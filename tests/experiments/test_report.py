@@ -1,0 +1,54 @@
+"""The report's checks on synthetic run results, every expected value worked by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from switchformer.experiments.plan import RunKind
+from switchformer.experiments.report import verdict
+from switchformer.experiments.results import RunResult
+from switchformer.experiments.speedup import Curve
+
+STEPS = (100, 200, 300, 400)
+
+
+def _run(name: str, kind: RunKind, losses: tuple[float, ...], *, seed: int = 0, experts: int = 1) -> RunResult:
+    seconds = tuple(s / 10 for s in STEPS)
+    return RunResult(
+        name=name, kind=kind, seed=seed, num_experts=experts, capacity_factor=None if experts == 1 else 1.25,
+        top_k=1, curve=Curve(STEPS, seconds, losses), steps=STEPS[-1], train_seconds=seconds[-1],
+        tokens_per_second=1.0, params_total=1, params_active=1, load={}, dropped_fraction=None, load_average=None,
+        folder=Path(name),
+    )  # fmt: skip
+
+
+DENSE_0 = _run("dense-seed0", RunKind.DENSE, (4.0, 3.0, 2.5, 2.2))
+DENSE_1 = _run("dense-seed1", RunKind.DENSE, (4.4, 3.2, 2.7, 2.4), seed=1)
+SWITCH = _run("switch-8", RunKind.SWITCH, (3.8, 2.6, 2.0, 1.8), experts=8)
+
+
+def test_the_best_run_is_also_measured_against_every_dense_seed_and_their_mean():
+    check = verdict([DENSE_0, DENSE_1, SWITCH])
+    assert check.reference == "dense-seed0" and check.best_by_steps == "switch-8"
+    # Against its twin (2.2): Switch crosses between 200 (2.6) and 300 (2.0) at 200 + 0.4/0.6 * 100.
+    assert check.best_step_speedup == pytest.approx(400 / (200 + 40 / 0.6))
+    seeds = check.against_seeds
+    # The mean curve is (4.2, 3.1, 2.6, 2.3): Switch reaches 2.3 at 250 steps. Against dense seed 1 alone (2.4):
+    # at 200 + 0.2/0.6 * 100.
+    assert seeds.mean_final_loss == pytest.approx(2.3)
+    assert seeds.mean.step_speedup == pytest.approx(400 / 250)
+    assert seeds.per_seed == pytest.approx({"dense-seed0": check.best_step_speedup,
+                                            "dense-seed1": 400 / (200 + 20 / 0.6)})  # fmt: skip
+    line = next(line for line in check.lines() if line.startswith("- Against every dense seed"))
+    assert "`switch-8` needs 1.60x fewer steps" in line and "(final loss 2.3000)" in line
+    assert "`dense-seed1` 1.71x" in line
+
+
+def test_one_dense_seed_or_no_switch_run_at_the_dense_loss_has_no_seed_line():
+    assert verdict([DENSE_0, SWITCH]).against_seeds is None
+    slow = _run("switch-2", RunKind.SWITCH, (4.5, 3.5, 3.0, 2.9), experts=2)
+    check = verdict([DENSE_0, DENSE_1, slow])
+    assert check.best_by_steps is None and check.against_seeds is None
+    assert not any(line.startswith("- Against every dense seed") for line in check.lines())
