@@ -247,9 +247,22 @@ _GATE_TEXT = {
 
 def _load_lines(results: Sequence[RunResult]) -> list[str]:
     loads = [f"{r.name} {r.load_average:.2f}" for r in results if r.load_average is not None]
-    if not loads:
+    lines = [f"Machine load (5-minute load average at the end of each run; 2 cores): {', '.join(loads)}."]
+    lines = (lines if loads else []) + _throughput_noise_lines(results)
+    return [part for line in lines for part in (line, "")]  # one paragraph each
+
+
+def _throughput_noise_lines(results: Sequence[RunResult]) -> list[str]:
+    """The dense seeds cost the same per step, so the spread of their tokens/s is the machine's own timing noise:
+    a bound on how far any time speedup can be trusted."""
+    rates = [r.tokens_per_second for r in results if r.kind is RunKind.DENSE and r.tokens_per_second > 0]
+    if len(rates) < 2:
         return []
-    return [f"Machine load (5-minute load average at the end of each run; 2 cores): {', '.join(loads)}.", ""]
+    spread = max(rates) / min(rates)
+    return [
+        f"Timing noise: the dense seeds, identical in cost, ran at {' / '.join(f'{r:,.0f}' for r in rates)} "
+        f"tokens/s ({spread:.2f}x apart); time speedups are uncertain by about that factor."
+    ]
 
 
 def distillation_lines(output: Path, report_dir: Path) -> list[str]:
