@@ -261,7 +261,7 @@ def _throughput_noise_lines(results: Sequence[RunResult]) -> list[str]:
     spread = max(rates) / min(rates)
     return [
         f"Timing noise: the dense seeds, identical in cost, ran at {' / '.join(f'{r:,.0f}' for r in rates)} "
-        f"tokens/s ({spread:.2f}x apart); time speedups are uncertain by about that factor."
+        f"tokens/s ({spread:.2f}x apart): a time speedup closer to 1x than that is within the machine's timing noise."
     ]
 
 
