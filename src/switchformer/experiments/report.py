@@ -246,15 +246,15 @@ _GATE_TEXT = {
 
 
 def _load_lines(results: Sequence[RunResult]) -> list[str]:
-    loads = [f"{r.name} {r.load_average:.2f}" for r in results if r.load_average is not None]
-    lines = [f"Machine load (5-minute load average at the end of each run; 2 cores): {', '.join(loads)}."]
-    lines = (lines if loads else []) + _throughput_noise_lines(results)
+    loads = ", ".join(f"{r.name} {r.load_average:.2f}" for r in results if r.load_average is not None)
+    lines = [f"Machine load (5-minute load average at the end of each run; 2 cores): {loads}."] if loads else []
+    lines += _throughput_noise_lines(results)
     return [part for line in lines for part in (line, "")]  # one paragraph each
 
 
 def _throughput_noise_lines(results: Sequence[RunResult]) -> list[str]:
     """The dense seeds cost the same per step, so the spread of their tokens/s is the machine's own timing noise:
-    a bound on how far any time speedup can be trusted."""
+    no time speedup can be told apart from 1x more finely than that."""
     rates = [r.tokens_per_second for r in results if r.kind is RunKind.DENSE and r.tokens_per_second > 0]
     if len(rates) < 2:
         return []
