@@ -10,7 +10,7 @@ from typing import Any
 
 from switchformer.distill.run import CONTROL_DIR, DistillResult
 from switchformer.experiments.plan import RunKind
-from switchformer.experiments.results import RunResult, growth_runs
+from switchformer.experiments.results import RunResult, dense_runs, growth_runs
 from switchformer.experiments.speedup import seed_noise, speedup_curve
 from switchformer.training.metrics import read_metrics
 
@@ -93,7 +93,7 @@ def _experts(results: Sequence[RunResult], reference: RunResult, path: Path) -> 
     points = [(1, reference.final_loss), *sweep]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"Switch, capacity factor {default_cf}")
-    noise = seed_noise([r.final_loss for r in results if r.kind is RunKind.DENSE])
+    noise = seed_noise([r.final_loss for r in dense_runs(results)])
     if noise is not None:
         ax.errorbar([1], [reference.final_loss], yerr=[2 * noise], fmt="none", capsize=4, color="black",
                     label="dense, 2 std over seeds")  # fmt: skip

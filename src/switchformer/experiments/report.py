@@ -15,7 +15,7 @@ from pathlib import Path
 from switchformer.experiments.distillation import existing_distillations
 from switchformer.experiments.plan import RunKind
 from switchformer.experiments.plots import distillation_plot, write_plots
-from switchformer.experiments.results import RunResult, growth_runs, read_results
+from switchformer.experiments.results import RunResult, dense_runs, growth_runs, read_results
 from switchformer.experiments.runner import load_plan
 from switchformer.experiments.speedup import (
     TimeToTarget,
@@ -108,7 +108,7 @@ def _num(value: float | None, fmt: str) -> str:
 
 def reference_run(results: Sequence[RunResult]) -> RunResult:
     """The dense run every speedup is measured against: the one sharing the Switch runs' seed (the first dense)."""
-    dense = [r for r in results if r.kind is RunKind.DENSE]
+    dense = dense_runs(results)
     if not dense:
         raise ValueError("the comparison has no evaluated dense run yet; the report needs it as the reference")
     sparse_seeds = {r.seed for r in results if r.kind is not RunKind.DENSE}
@@ -127,7 +127,7 @@ def speedups(results: Sequence[RunResult], reference: RunResult) -> dict[str, Ti
 def verdict(results: Sequence[RunResult]) -> Verdict:
     reference = reference_run(results)
     table = speedups(results, reference)
-    noise = seed_noise([r.final_loss for r in results if r.kind is RunKind.DENSE])
+    noise = seed_noise([r.final_loss for r in dense_runs(results)])
     switch = [r for r in results if r.kind is RunKind.SWITCH and table[r.name].step_speedup is not None]
     best = max(switch, key=lambda r: table[r.name].step_speedup or 0.0, default=None)
     best_steps = table[best.name].step_speedup if best else None
@@ -147,7 +147,7 @@ def verdict(results: Sequence[RunResult]) -> Verdict:
 
 def against_seeds(results: Sequence[RunResult], best: RunResult | None) -> AgainstSeeds | None:
     """``best`` against each dense seed and against their mean curve (None with fewer than two dense seeds)."""
-    dense = [r for r in results if r.kind is RunKind.DENSE]
+    dense = dense_runs(results)
     mean = mean_curve([r.curve for r in dense])
     if best is None or len(dense) < 2 or mean is None:
         return None
@@ -255,7 +255,7 @@ def _load_lines(results: Sequence[RunResult]) -> list[str]:
 def _throughput_noise_lines(results: Sequence[RunResult]) -> list[str]:
     """The dense seeds cost the same per step, so the spread of their tokens/s is the machine's own timing noise:
     no time speedup can be told apart from 1x more finely than that."""
-    rates = [r.tokens_per_second for r in results if r.kind is RunKind.DENSE and r.tokens_per_second > 0]
+    rates = [r.tokens_per_second for r in dense_runs(results) if r.tokens_per_second > 0]
     if len(rates) < 2:
         return []
     spread = max(rates) / min(rates)

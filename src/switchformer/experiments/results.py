@@ -115,6 +115,11 @@ def _tokens_per_second(folder: Path, records: list[dict[str, Any]]) -> float:
     return sum(rates) / len(rates) if rates else 0.0
 
 
+def dense_runs(results: Sequence[RunResult]) -> list[RunResult]:
+    """The dense runs (one per dense seed): the reference, its noise estimate and the machine's timing noise."""
+    return [r for r in results if r.kind is RunKind.DENSE]
+
+
 def growth_runs(results: Sequence[RunResult], reference: RunResult) -> list[RunResult]:
     """The runs whose step speedup over ``reference`` is followed through training: all but the reference itself
     and distilled students (they start from a trained teacher, so their steps are not comparable)."""
