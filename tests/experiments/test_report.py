@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from switchformer.experiments.plan import RunKind
-from switchformer.experiments.report import _load_lines, verdict
+from switchformer.experiments.report import _machine_lines, verdict
 from switchformer.experiments.results import RunResult
 from switchformer.experiments.speedup import Curve
 
@@ -58,12 +58,13 @@ def test_one_dense_seed_or_no_switch_run_at_the_dense_loss_has_no_seed_line():
 def test_the_dense_seeds_throughput_spread_is_reported_as_timing_noise():
     fast = dataclasses.replace(DENSE_1, tokens_per_second=12_000.0)
     slow = dataclasses.replace(DENSE_0, tokens_per_second=9_600.0)
-    lines = _load_lines([slow, fast, SWITCH])
+    lines = _machine_lines([slow, fast, SWITCH])
     assert lines == [
         "Timing noise: the dense seeds, identical in cost, ran at 9,600 / 12,000 tokens/s (1.25x apart): a time "
         "speedup closer to 1x than that is within the machine's timing noise.",
         "",
     ]
-    assert _load_lines([slow, SWITCH]) == []  # one dense seed: no estimate
+    assert _machine_lines([slow, SWITCH]) == []  # one dense seed: no estimate
     loaded = dataclasses.replace(slow, load_average=2.0)
-    assert _load_lines([loaded, fast])[0].startswith("Machine load") and _load_lines([loaded, fast])[2:3] == [lines[0]]
+    with_load = _machine_lines([loaded, fast])
+    assert with_load[0].startswith("Machine load") and with_load[2:3] == [lines[0]]

@@ -245,7 +245,8 @@ _GATE_TEXT = {
 }
 
 
-def _load_lines(results: Sequence[RunResult]) -> list[str]:
+def _machine_lines(results: Sequence[RunResult]) -> list[str]:
+    """How busy and how steady the machine was: the load at the end of each run, and the timing noise."""
     loads = ", ".join(f"{r.name} {r.load_average:.2f}" for r in results if r.load_average is not None)
     lines = [f"Machine load (5-minute load average at the end of each run; 2 cores): {loads}."] if loads else []
     lines += _throughput_noise_lines(results)
@@ -300,7 +301,7 @@ def write_report(output: Path, *, report_dir: Path | None = None, header: Sequen
         "teacher, so its time to quality is not comparable and is left out.",
         "",
         *growth_lines(results, reference),
-        *_load_lines(results),
+        *_machine_lines(results),
         "## Checks",
         "",
         *check.lines(),
