@@ -9,6 +9,7 @@ import pytest
 
 from switchformer.cli import distill
 from switchformer.cli.main import main
+from switchformer.distill import run as distill_run
 from switchformer.distill.run import read_result
 
 TINY_MODEL = ["--preset", "switch-lm-tiny-8", "--set", "d_model=32", "--set", "d_ff=64", "--set", "num_layers=2",
@@ -100,6 +101,26 @@ def test_student_training_settings_change_the_student_and_control_but_not_the_ba
     with pytest.raises(ValueError, match="warmup_steps"):
         run_cli([str(teacher), "--output", str(tmp_path / "s4"), "--warmup-steps", "-1", "--no-progress"])
     assert not (tmp_path / "s3").exists() and not (tmp_path / "s4").exists()  # refused before anything is written
+
+
+def test_a_seed_override_seeds_the_student_and_its_control_but_not_the_baseline(tmp_path, monkeypatch):
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--steps", "2", "--output", str(teacher), *TINY_MODEL, *SMALL_DATA]) == 0
+    seeds = []
+
+    def recording(model_config, seed, teacher_model, config):
+        seeds.append(seed)
+        return initial_student(model_config, seed, teacher_model, config)
+
+    initial_student = distill_run._initial_student
+    monkeypatch.setattr(distill_run, "_initial_student", recording)
+    student = tmp_path / "student"
+    assert run_cli([str(teacher), "--output", str(student), "--train-set", "seed=7", "--no-progress"]) == 0
+    assert seeds == [7, 7]  # the student, then its no-teacher control
+    saved = json.loads(sorted((student / "checkpoints").glob("step-*/config.json"))[-1].read_text())["train"]
+    baseline = json.loads(sorted((student / "dense-baseline" / "checkpoints").glob("step-*/config.json"))[-1]
+                          .read_text())["train"]  # fmt: skip
+    assert saved["seed"] == 7 and baseline["seed"] == 0  # the baseline keeps the teacher's settings
 
 
 def test_lr_reaches_the_override_unrounded():

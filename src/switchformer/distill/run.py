@@ -174,7 +174,8 @@ def distill(
     folder) a dense model is trained from scratch in ``output/dense-baseline``. ``control`` also trains the same
     student without the teacher in ``output/no-teacher``. ``train_overrides`` (``FIELD=VALUE``, e.g. ``lr=2e-4``)
     change the teacher's training settings for the student and its control, which otherwise restart the teacher's
-    schedule, warmup included: a student starting from trained weights may not want that. ``spec`` is written as
+    schedule, warmup included: a student starting from trained weights may not want that. A ``seed=`` override
+    also seeds the student's initialisation (what ``init=random`` starts from). ``spec`` is written as
     ``spec.json`` so a comparison report lists the student as a run.
     """
     teacher = load_trained(Path(teacher_path))
@@ -195,7 +196,7 @@ def distill(
     resume = latest_checkpoint(output / "checkpoints") is not None
     if not _finished(output, train_config.steps):
         # a resumed run loads its checkpoint over this
-        student = _initial_student(student_model_config, train_config.seed, teacher.model, config)
+        student = _initial_student(student_model_config, student_train.seed, teacher.model, config)
         extra = {"data": teacher.data_config.to_dict(), "distill": config.to_dict(), "teacher": str(teacher.path)}
         DistillationTrainer(
             student_model_config, student_train, train_batches=data.train, validation=data.validation, run_dir=output,
@@ -211,7 +212,7 @@ def distill(
     if control and config.init_from_teacher:  # a random-init control would be the baseline again
         paths["control"] = resolve_checkpoint(_train_dense(
             student_model_config, student_train, teacher.data_config, cache, output / CONTROL_DIR, callbacks,
-            initial=lambda: _initial_student(student_model_config, train_config.seed, teacher.model, config),
+            initial=lambda: _initial_student(student_model_config, student_train.seed, teacher.model, config),
         ))  # fmt: skip
     trained = {name: load_trained(path) for name, path in paths.items()}
     losses = {name: _validation_loss(loaded.model, data) for name, loaded in trained.items()}
