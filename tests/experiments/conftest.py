@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from switchformer.experiments.plan import ComparePlan
+from switchformer.experiments.plan import ComparePlan, RunKind
+from switchformer.experiments.results import RunResult
+from switchformer.experiments.speedup import Curve
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -25,6 +27,22 @@ def tiny_plan(**changes) -> ComparePlan:
         dense_seeds=(0, 1), expert_counts=(2, 4), capacity_factors=(1.0,), capacity_experts=4, top2_experts=4,
     )  # fmt: skip
     return base.replace(**changes)
+
+
+SYNTHETIC_STEPS = (100, 200, 300, 400)
+
+
+def synthetic_run(
+    name: str, kind: RunKind, losses: tuple[float, ...], *, seed: int = 0, experts: int = 1, factor: float = 1.25
+) -> RunResult:
+    """A run's record with a given validation curve at steps 100-400 (a second of training per 10 steps)."""
+    seconds = tuple(s / 10 for s in SYNTHETIC_STEPS)
+    return RunResult(
+        name=name, kind=kind, seed=seed, num_experts=experts, capacity_factor=None if experts == 1 else factor,
+        top_k=1, curve=Curve(SYNTHETIC_STEPS, seconds, losses), steps=SYNTHETIC_STEPS[-1], train_seconds=seconds[-1],
+        tokens_per_second=1.0, params_total=1, params_active=1, load={}, dropped_fraction=None, load_average=None,
+        folder=Path(name),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

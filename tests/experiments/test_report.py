@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
 from switchformer.experiments.plan import RunKind
 from switchformer.experiments.report import _machine_lines, verdict
-from switchformer.experiments.results import RunResult
-from switchformer.experiments.speedup import Curve
 
-STEPS = (100, 200, 300, 400)
+from .conftest import synthetic_run
 
-
-def _run(name: str, kind: RunKind, losses: tuple[float, ...], *, seed: int = 0, experts: int = 1) -> RunResult:
-    seconds = tuple(s / 10 for s in STEPS)
-    return RunResult(
-        name=name, kind=kind, seed=seed, num_experts=experts, capacity_factor=None if experts == 1 else 1.25,
-        top_k=1, curve=Curve(STEPS, seconds, losses), steps=STEPS[-1], train_seconds=seconds[-1],
-        tokens_per_second=1.0, params_total=1, params_active=1, load={}, dropped_fraction=None, load_average=None,
-        folder=Path(name),
-    )  # fmt: skip
-
-
-DENSE_0 = _run("dense-seed0", RunKind.DENSE, (4.0, 3.0, 2.5, 2.2))
-DENSE_1 = _run("dense-seed1", RunKind.DENSE, (4.4, 3.2, 2.7, 2.4), seed=1)
-SWITCH = _run("switch-8", RunKind.SWITCH, (3.8, 2.6, 2.0, 1.8), experts=8)
+DENSE_0 = synthetic_run("dense-seed0", RunKind.DENSE, (4.0, 3.0, 2.5, 2.2))
+DENSE_1 = synthetic_run("dense-seed1", RunKind.DENSE, (4.4, 3.2, 2.7, 2.4), seed=1)
+SWITCH = synthetic_run("switch-8", RunKind.SWITCH, (3.8, 2.6, 2.0, 1.8), experts=8)
 
 
 def test_the_best_run_is_also_measured_against_every_dense_seed_and_their_mean():
@@ -49,7 +35,7 @@ def test_the_best_run_is_also_measured_against_every_dense_seed_and_their_mean()
 
 def test_one_dense_seed_or_no_switch_run_at_the_dense_loss_has_no_seed_line():
     assert verdict([DENSE_0, SWITCH]).against_seeds is None
-    slow = _run("switch-2", RunKind.SWITCH, (4.5, 3.5, 3.0, 2.9), experts=2)
+    slow = synthetic_run("switch-2", RunKind.SWITCH, (4.5, 3.5, 3.0, 2.9), experts=2)
     check = verdict([DENSE_0, DENSE_1, slow])
     assert check.best_by_steps is None and check.against_seeds is None
     assert not any(line.startswith("- Against every dense seed") for line in check.lines())

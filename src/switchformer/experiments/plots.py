@@ -10,8 +10,8 @@ from typing import Any
 
 from switchformer.distill.run import CONTROL_DIR, DistillResult
 from switchformer.experiments.plan import RunKind
-from switchformer.experiments.results import RunResult, dense_runs, growth_runs
-from switchformer.experiments.speedup import seed_noise, speedup_curve
+from switchformer.experiments.results import RunResult, dense_noise, expert_sweep, growth_runs
+from switchformer.experiments.speedup import speedup_curve
 from switchformer.training.metrics import read_metrics
 
 DISTILL_PLOT = "distill.png"
@@ -83,17 +83,12 @@ def _growth(results: Sequence[RunResult], reference: RunResult, path: Path) -> P
 def _experts(results: Sequence[RunResult], reference: RunResult, path: Path) -> Path:
     """Figure 4 analogue: final loss against the number of experts at one capacity factor (dense = 1 expert)."""
     plt = _pyplot()
-    factors = [r.capacity_factor for r in results if r.kind is RunKind.SWITCH]
-    default_cf = max(set(factors), key=factors.count) if factors else None
-    sweep = sorted(
-        (r.num_experts, r.final_loss)
-        for r in results
-        if r.kind is RunKind.SWITCH and r.capacity_factor == default_cf and r.seed == reference.seed
-    )
-    points = [(1, reference.final_loss), *sweep]
+    sweep = expert_sweep(results, reference)
+    points = sweep.points
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"Switch, capacity factor {default_cf}")
-    noise = seed_noise([r.final_loss for r in dense_runs(results)])
+    label = f"Switch, capacity factor {sweep.capacity_factor}"
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+    noise = dense_noise(results)
     if noise is not None:
         ax.errorbar([1], [reference.final_loss], yerr=[2 * noise], fmt="none", capsize=4, color="black",
                     label="dense, 2 std over seeds")  # fmt: skip

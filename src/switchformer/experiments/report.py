@@ -15,14 +15,20 @@ from pathlib import Path
 from switchformer.experiments.distillation import existing_distillations
 from switchformer.experiments.plan import RunKind
 from switchformer.experiments.plots import distillation_plot, write_plots
-from switchformer.experiments.results import RunResult, dense_runs, growth_runs, read_results
+from switchformer.experiments.results import (
+    RunResult,
+    dense_noise,
+    dense_runs,
+    expert_sweep,
+    growth_runs,
+    read_results,
+)
 from switchformer.experiments.runner import load_plan
 from switchformer.experiments.speedup import (
     TimeToTarget,
     mean_curve,
     milestones,
     monotone_within,
-    seed_noise,
     step_speedup_at,
     time_to_target,
 )
@@ -127,19 +133,13 @@ def speedups(results: Sequence[RunResult], reference: RunResult) -> dict[str, Ti
 def verdict(results: Sequence[RunResult]) -> Verdict:
     reference = reference_run(results)
     table = speedups(results, reference)
-    noise = seed_noise([r.final_loss for r in dense_runs(results)])
+    noise = dense_noise(results)
     switch = [r for r in results if r.kind is RunKind.SWITCH and table[r.name].step_speedup is not None]
     best = max(switch, key=lambda r: table[r.name].step_speedup or 0.0, default=None)
     best_steps = table[best.name].step_speedup if best else None
     best_time = table[best.name].time_speedup if best else None
     speedup_ok = bool(best_steps and best_time and best_steps >= REQUIRED_STEP_SPEEDUP and best_time > 1.0)
-    default_cf = _sweep_capacity_factor(results)
-    sweep = [(1, reference.final_loss)] + [
-        (r.num_experts, r.final_loss)
-        for r in results
-        if r.kind is RunKind.SWITCH and r.capacity_factor == default_cf and r.seed == reference.seed
-    ]
-    sweep.sort()
+    sweep = expert_sweep(results, reference).points
     sweep_ok = monotone_within([loss for _, loss in sweep], NOISE_SIGMAS * noise) if noise is not None else None
     return Verdict(reference.name, reference.final_loss, noise, best.name if best else None, best_steps, best_time,
                    speedup_ok, sweep, sweep_ok, against_seeds(results, best))  # fmt: skip
@@ -153,12 +153,6 @@ def against_seeds(results: Sequence[RunResult], best: RunResult | None) -> Again
         return None
     per_seed = {r.name: time_to_target(best.curve, r.final_loss, r.curve).step_speedup for r in dense}
     return AgainstSeeds(mean.final_loss, time_to_target(best.curve, mean.final_loss, mean), per_seed)
-
-
-def _sweep_capacity_factor(results: Sequence[RunResult]) -> float | None:
-    """The capacity factor shared by most Switch runs: the expert sweep's (the others vary it one run each)."""
-    factors = [r.capacity_factor for r in results if r.kind is RunKind.SWITCH]
-    return max(set(factors), key=factors.count) if factors else None
 
 
 def table_lines(results: Sequence[RunResult], reference: RunResult) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from switchformer.experiments.plan import RunKind
 from switchformer.experiments.runner import MACHINE_FILE, SPEC_FILE
-from switchformer.experiments.speedup import Curve
+from switchformer.experiments.speedup import Curve, seed_noise
 from switchformer.models.config import ModelConfig
 from switchformer.models.flops import count_parameters
 from switchformer.training.metrics import read_metrics
@@ -118,6 +118,31 @@ def _tokens_per_second(folder: Path, records: list[dict[str, Any]]) -> float:
 def dense_runs(results: Sequence[RunResult]) -> list[RunResult]:
     """The dense runs (one per dense seed): the reference, its noise estimate and the machine's timing noise."""
     return [r for r in results if r.kind is RunKind.DENSE]
+
+
+def dense_noise(results: Sequence[RunResult]) -> float | None:
+    """Run-to-run noise of the final loss, estimated from the dense seeds (None with fewer than two)."""
+    return seed_noise([r.final_loss for r in dense_runs(results)])
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSweep:
+    """Final loss against the number of experts (the paper's Figure 4): the dense reference as 1 expert, then the
+    Switch runs at the sweep's capacity factor and the reference's seed, by expert count."""
+
+    capacity_factor: float | None  # the factor most Switch runs share (the capacity-factor runs vary it one each)
+    points: list[tuple[int, float]]  # (experts, final validation loss)
+
+
+def expert_sweep(results: Sequence[RunResult], reference: RunResult) -> ExpertSweep:
+    factors = [r.capacity_factor for r in results if r.kind is RunKind.SWITCH]
+    factor = max(set(factors), key=factors.count) if factors else None
+    switch = sorted(
+        (r.num_experts, r.final_loss)
+        for r in results
+        if r.kind is RunKind.SWITCH and r.capacity_factor == factor and r.seed == reference.seed
+    )
+    return ExpertSweep(factor, [(1, reference.final_loss), *switch])
 
 
 def growth_runs(results: Sequence[RunResult], reference: RunResult) -> list[RunResult]:
