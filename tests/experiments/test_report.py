@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from switchformer.experiments.plan import RunKind
-from switchformer.experiments.report import _machine_lines, verdict
+from switchformer.experiments.report import _machine_lines, _progress_lines, table_lines, verdict
 
 from .conftest import synthetic_run
 
@@ -54,3 +54,17 @@ def test_the_dense_seeds_throughput_spread_is_reported_as_timing_noise():
     loaded = dataclasses.replace(slow, load_average=2.0)
     with_load = _machine_lines([loaded, fast])
     assert with_load[0].startswith("Machine load") and with_load[2:3] == [lines[0]]
+
+
+def test_a_comparison_still_training_is_flagged_and_compared_at_its_last_common_evaluation():
+    assert _progress_lines([DENSE_0, SWITCH]) == []  # both finished at step 400
+    # read_results cuts every curve at the last common evaluation (300), while `steps` stays each run's progress.
+    cut = [r.up_to(300) for r in (DENSE_0, SWITCH)]
+    running = [cut[0], dataclasses.replace(cut[1], steps=350)]
+    assert _progress_lines(running)[0] == (
+        "**In progress** (dense-seed0 at step 400, switch-8 at step 350): losses and speedups are compared at "
+        "step 300, the last step every run has evaluated."
+    )
+    header, _, dense_row, switch_row = table_lines(running, running[0])
+    assert "| steps trained | final val loss |" in header
+    assert "| 400 | 2.5000 |" in dense_row and "| 350 | 2.0000 |" in switch_row

@@ -158,7 +158,7 @@ def against_seeds(results: Sequence[RunResult], best: RunResult | None) -> Again
 def table_lines(results: Sequence[RunResult], reference: RunResult) -> list[str]:
     table = speedups(results, reference)
     lines = [
-        "| run | experts | capacity factor | params (total) | params (active) | steps | final val loss "
+        "| run | experts | capacity factor | params (total) | params (active) | steps trained | final val loss "
         "| steps to dense loss | time to dense loss (s) | speedup (steps) | speedup (time) | tokens/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -226,7 +226,7 @@ def _settings_lines(output: Path) -> list[str]:
         f"Switch layers {_every(plan.sparse_every)}, init scale "
         f"{plan.init_scale:g}, no dropout",
         f"- Training: AdamW lr {plan.lr:g}, {plan.schedule.value} schedule, {plan.warmup_steps} warmup steps, "
-        f"{plan.steps} steps, evaluation every {plan.eval_every} steps, {plan.threads} torch threads; "
+        f"{plan.steps} steps, evaluation every {plan.eval_every} steps, torch threads: {plan.threads}; "
         f"load-balancing coefficient {plan.load_balancing_loss_coef:g}, eval capacity factor "
         f"{plan.eval_capacity_factor:g} (x2 for top-2)",
         f"- Switch gate: {_GATE_TEXT[plan.gate]}; top-2 renormalises its two gates to sum to 1",
