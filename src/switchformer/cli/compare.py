@@ -90,7 +90,7 @@ def _header(argv: list[str], load_before: tuple[float, float, float]) -> list[st
     return [
         f"- Command: `switchformer {shlex.join(argv)}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; torch {torch.__version__}; Python {platform.python_version()}; "
-        f"{os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch threads",
+        f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads: {torch.get_num_threads()}",
         f"- Load average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in load_before)}; "
         f"at the end: {', '.join(f'{x:.2f}' for x in load_after)}",
     ]
