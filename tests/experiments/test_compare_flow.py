@@ -82,3 +82,27 @@ def test_folders_saved_before_the_gate_and_group_options_load_with_what_they_ran
     with pytest.raises(ValueError, match="group_size"):
         write_or_check_plan(tmp_path, plan.with_overrides(["gate=probability", "group_size=64"]), data)
     write_or_check_plan(tmp_path, plan.with_overrides(["gate=probability", "group_size=1024"]), data)  # accepted
+
+
+def test_a_rerun_may_add_runs_to_a_folder_and_the_folder_keeps_every_run(tmp_path, corpus):
+    """More experts, capacity factors or dense seeds on an existing folder add runs without retraining the others;
+    the saved plan holds the union, so a plain rerun still knows every run, and a changed shape is still refused."""
+    plan = tiny_plan(dense_seeds=(0,), expert_counts=(2,), capacity_factors=(), top2_experts=None)
+    data = data_config_for(plan, str(corpus))
+    out = tmp_path / "cmp"
+    assert [o.spec.name for o in run_comparison(plan, out, data)] == ["dense-seed0", "switch-2"]
+    before = read_metrics(out / "runs" / "switch-2")
+
+    more = plan.replace(expert_counts=(4,), dense_seeds=(0, 1), only=("switch-4", "dense-seed1"))
+    outcomes = run_comparison(more, out, data)
+    assert [(o.spec.name, o.status) for o in outcomes] == [("dense-seed1", RunStatus.TRAINED),
+                                                           ("switch-4", RunStatus.TRAINED)]  # fmt: skip
+    saved = load_plan(out)[0]
+    assert (saved.expert_counts, saved.dense_seeds, saved.capacity_factors) == ((2, 4), (0, 1), ())
+    assert read_metrics(out / "runs" / "switch-2") == before
+    again = run_comparison(saved.replace(only=()), out, data)  # what a rerun without --only trains
+    assert [o.spec.name for o in again] == ["dense-seed0", "dense-seed1", "switch-2", "switch-4"]
+    assert {o.status for o in again} == {RunStatus.SKIPPED}
+    assert [r.name for r in read_results(out)] == ["dense-seed0", "dense-seed1", "switch-2", "switch-4"]
+    with pytest.raises(ValueError, match="capacity_factor"):
+        run_comparison(more.replace(capacity_factor=2.0), out, data)

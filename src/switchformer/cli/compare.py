@@ -50,7 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", help="text file, folder, .jsonl, .parquet or dataset (default: built-in corpus)")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
     parser.add_argument("--steps", type=int, help="optimizer steps of every run")
-    parser.add_argument("--experts", type=_ints, help="expert counts of the Switch sweep, e.g. 2,8,32")
+    parser.add_argument(
+        "--experts",
+        type=_ints,
+        help="expert counts of the Switch sweep, e.g. 2,8,32; on an existing --output, new counts "
+        "add runs (train just those with --only switch-128) and the folder keeps the others",
+    )
     parser.add_argument("--capacity-factors", type=_floats, help="extra Switch runs at these capacity factors")
     parser.add_argument("--seeds", type=_ints, help="dense seeds (two or more estimate the run-to-run noise)")
     parser.add_argument("--no-top2", action="store_true", help="leave out the top-2 MoE baseline")

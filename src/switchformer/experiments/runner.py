@@ -2,7 +2,8 @@
 
 Folder layout::
 
-    OUTPUT/compare.json          the plan and data config (a rerun must match them, except steps and `only`)
+    OUTPUT/compare.json          the plan and data config (a rerun must match them, but for steps, `only` and the
+                                 runs it adds: its sweep is the union of every command's)
     OUTPUT/data/                 tokenizer and token arrays, shared by all runs (prepared once, then cached)
     OUTPUT/runs/NAME/            spec.json, metrics.jsonl, summary.json, checkpoints/ (one Trainer run each)
 
@@ -37,6 +38,9 @@ MACHINE_FILE = "machine.json"  # load averages when a run started and ended: tim
 # What a plan saved before these ComparePlan fields existed ran: the paper's gate, MoEConfig's 1024-token groups.
 _BEFORE_THE_FIELD = {"gate": Gate.PROBABILITY.value, "group_size": 1024, "z_loss_coef": 0.0}
 _MAY_CHANGE = {"steps", "only", "checkpoint_every"}  # plan fields a rerun may change without invalidating runs
+# The fields that say which runs a folder holds, not how any run trains: a rerun naming other values adds runs
+# (e.g. `--experts 128` on a finished comparison) and the folder's plan keeps the union, so no run is forgotten.
+_SWEEP = ("dense_seeds", "expert_counts", "capacity_factors")
 
 
 class RunStatus(enum.Enum):
@@ -80,7 +84,8 @@ def check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> None:
     if path.is_file():
         saved = _read_saved_plan(path)
         plan_now, plan_then = current["plan"], saved["plan"]
-        changed = sorted(k for k in plan_now if k not in _MAY_CHANGE and plan_then.get(k) != plan_now[k])
+        fixed = (k for k in plan_now if k not in _MAY_CHANGE and k not in _SWEEP)
+        changed = sorted(k for k in fixed if plan_then.get(k) != plan_now[k])
         changed += sorted(f"data.{k}" for k in current["data"] if saved["data"].get(k) != current["data"][k])
         if changed:
             raise ValueError(
@@ -90,11 +95,17 @@ def check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> None:
 
 
 def write_or_check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> None:
-    """Record the plan in a new folder, or refuse to mix a different plan into an existing one."""
+    """Record the plan in a new folder, or refuse to mix a different plan into an existing one; a plan that only
+    adds runs is recorded with the union of both sweeps."""
     check_plan(output, plan, data)
     path = Path(output) / PLAN_FILE
+    record = _plan_record(plan, data)
+    if path.is_file():
+        saved = _read_saved_plan(path)["plan"]
+        for name in _SWEEP:
+            record["plan"][name] = list(dict.fromkeys([*saved[name], *record["plan"][name]]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_plan_record(plan, data), indent=2) + "\n")
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def load_plan(output: Path) -> tuple[ComparePlan, DataConfig]:
