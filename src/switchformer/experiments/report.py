@@ -148,8 +148,10 @@ def verdict(results: Sequence[RunResult]) -> Verdict:
 def against_seeds(results: Sequence[RunResult], best: RunResult | None) -> AgainstSeeds | None:
     """``best`` against each dense seed and against their mean curve (None with fewer than two dense seeds)."""
     dense = dense_runs(results)
+    if best is None or len(dense) < 2:
+        return None
     mean = mean_curve([r.curve for r in dense])
-    if best is None or len(dense) < 2 or mean is None:
+    if mean is None:
         return None
     per_seed = {r.name: time_to_target(best.curve, r.final_loss, r.curve).step_speedup for r in dense}
     return AgainstSeeds(mean.final_loss, time_to_target(best.curve, mean.final_loss, mean), per_seed)
