@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from switchformer.experiments.plan import RunKind
-from switchformer.experiments.report import _machine_lines, _progress_lines, table_lines, verdict
+from switchformer.experiments.report import _machine_lines, _progress_lines, growth_lines, table_lines, verdict
 
 from .conftest import synthetic_run
 
@@ -63,8 +63,28 @@ def test_a_comparison_still_training_is_flagged_and_compared_at_its_last_common_
     running = [cut[0], dataclasses.replace(cut[1], steps=350)]
     assert _progress_lines(running)[0] == (
         "**In progress** (dense-seed0 at step 400, switch-8 at step 350): losses and speedups are compared at "
-        "step 300, the last step every run has evaluated."
+        "step 300, the last step every run has evaluated; the speedup-by-step table and the loss and speedup plots "
+        "show each run as far as it has trained."
     )
     header, _, dense_row, switch_row = table_lines(running, running[0])
     assert "| steps trained | final val loss |" in header
     assert "| 400 | 2.5000 |" in dense_row and "| 350 | 2.0000 |" in switch_row
+
+
+def test_the_speedup_by_step_table_shows_each_run_as_far_as_it_has_trained():
+    """A run added to a finished comparison (here stopped at 200 and at 300 of the reference's 400 steps) gets
+    its speedups where they are known, and '-' where it has not trained far enough to know them."""
+    short = SWITCH.up_to(200)
+    longer = dataclasses.replace(SWITCH.up_to(300), name="switch-32")
+    lines = growth_lines([DENSE_0, short, longer], DENSE_0)
+    assert lines[4] == "| run | N = 100 | N = 200 | N = 300 | N = 400 |"
+    # N = 200: dense is at 3.0, which Switch crosses at 100 + 0.8/1.2 * 100 steps. N = 300 (dense 2.5): at
+    # 200 + 0.1/0.6 * 100, past the short run's end. N = 400 (dense 2.2): at 200 + 0.4/0.6 * 100, which the run
+    # stopped at 300 has reached.
+    assert lines[6] == f"| switch-8 | 1.00x | {200 / (100 + 80 / 1.2):.2f}x | - | - |"
+    assert lines[7] == (
+        f"| switch-32 | 1.00x | {200 / (100 + 80 / 1.2):.2f}x | {300 / (200 + 10 / 0.6):.2f}x "
+        f"| {400 / (200 + 40 / 0.6):.2f}x |"
+    )
+    slow = synthetic_run("switch-2", RunKind.SWITCH, (4.5, 3.5, 3.0, 2.9), experts=2)
+    assert growth_lines([DENSE_0, slow], DENSE_0)[6].endswith("| n/a | n/a |")  # trained, never got there: n/a

@@ -128,14 +128,19 @@ def _load(results: Sequence[RunResult], path: Path) -> Path | None:
     return _save(plt, fig, path)
 
 
-def write_plots(results: Sequence[RunResult], reference: RunResult, folder: Path) -> list[Path]:
+def write_plots(
+    results: Sequence[RunResult], reference: RunResult, folder: Path, *, whole: Sequence[RunResult] | None = None
+) -> list[Path]:
     """Write the PNGs into ``folder``; returns the paths written (no speedup plot without a run to compare, no load
-    plot without Switch runs)."""
+    plot without Switch runs). ``results`` are compared on one budget (final loss against experts, expert load);
+    the curves and the speedup by step draw ``whole``, the runs as far as each has trained, if given."""
     folder.mkdir(parents=True, exist_ok=True)
+    whole = whole or results
+    whole_reference = next(r for r in whole if r.name == reference.name)
     paths = [
-        _curves(results, reference, folder / "loss_vs_steps.png", by_time=False),
-        _curves(results, reference, folder / "loss_vs_time.png", by_time=True),
-        _growth(results, reference, folder / "speedup_vs_steps.png"),
+        _curves(whole, whole_reference, folder / "loss_vs_steps.png", by_time=False),
+        _curves(whole, whole_reference, folder / "loss_vs_time.png", by_time=True),
+        _growth(whole, whole_reference, folder / "speedup_vs_steps.png"),
         _experts(results, reference, folder / "loss_vs_experts.png"),
         _load(results, folder / "expert_load.png"),
     ]

@@ -17,6 +17,7 @@ from switchformer.experiments.plan import RunKind
 from switchformer.experiments.plots import distillation_plot, write_plots
 from switchformer.experiments.results import (
     RunResult,
+    at_common_step,
     dense_noise,
     dense_runs,
     expert_sweep,
@@ -180,7 +181,10 @@ def table_lines(results: Sequence[RunResult], reference: RunResult) -> list[str]
 
 def growth_lines(results: Sequence[RunResult], reference: RunResult) -> list[str]:
     """How the step speedup develops: at each of a few evaluation steps N, the dense reference's steps to its own
-    loss at N over each run's steps to that loss (the issue's long run asks whether it grows with training)."""
+    loss at N over each run's steps to that loss (the issue's long run asks whether it grows with training).
+
+    Given the whole curves (not cut at the common step), a run added to a finished comparison shows its speedup as
+    far as it has got, beside the others' over the whole budget."""
     columns = milestones(reference.curve.steps, GROWTH_COLUMNS)
     rows = growth_runs(results, reference)
     if len(columns) < 2 or not rows:
@@ -189,15 +193,22 @@ def growth_lines(results: Sequence[RunResult], reference: RunResult) -> list[str
         "### Speedup as training goes on",
         "",
         f"Step speedup had every run stopped at step N: `{reference.name}`'s steps to its own validation loss at N, "
-        "divided by the run's steps to that loss.",
+        "divided by the run's steps to that loss; every run as far as it has trained (- : not that far yet).",
         "",
         "| run | " + " | ".join(f"N = {n:.0f}" for n in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     for r in rows:
-        cells = (_x(step_speedup_at(r.curve, reference.curve, n)) for n in columns)
+        cells = (_growth_cell(r, reference, n) for n in columns)
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def _growth_cell(run: RunResult, reference: RunResult, step: float) -> str:
+    """The speedup at ``step``; a run that stopped short of ``step`` without reaching the reference's loss there
+    has no speedup yet (a run that did reach it has one, however short it is)."""
+    speedup = step_speedup_at(run.curve, reference.curve, step)
+    return "-" if speedup is None and run.curve.steps[-1] < step else _x(speedup)
 
 
 def _progress_lines(results: Sequence[RunResult]) -> list[str]:
@@ -207,7 +218,8 @@ def _progress_lines(results: Sequence[RunResult]) -> list[str]:
     common = int(min(r.curve.steps[-1] for r in results))
     behind = ", ".join(f"{r.name} at step {r.steps}" for r in results)
     return [f"**In progress** ({behind}): losses and speedups are compared at step {common}, the last step "
-            "every run has evaluated.", ""]  # fmt: skip
+            "every run has evaluated; the speedup-by-step table and the loss and speedup plots show each run as far "
+            "as it has trained.", ""]  # fmt: skip
 
 
 def _every(n: int) -> str:
@@ -280,14 +292,16 @@ def write_report(output: Path, *, report_dir: Path | None = None, header: Sequen
     their checkpoints stay out of the repository. ``header`` lines (command, date, machine load) open the report.
     Distilled students (``compare --distill``) get a section of their own.
     """
-    results = read_results(output)
-    if not results:
+    whole = read_results(output, common_step=False)  # every run as far as it has trained
+    if not whole:
         raise ValueError(f"{output} has no evaluated run yet; nothing to report")
+    results = at_common_step(whole)  # the table and the checks: every run on the same budget
     report_dir = Path(report_dir or output)
     report_dir.mkdir(parents=True, exist_ok=True)
     reference = reference_run(results)
+    whole_reference = next(r for r in whole if r.name == reference.name)
     check = verdict(results)
-    plots = write_plots(results, reference, report_dir)
+    plots = write_plots(results, reference, report_dir, whole=whole)
     lines = ["# Switch vs dense: time to quality", "", *header, *_settings_lines(output), ""]
     lines += ["## Results", "", *_progress_lines(results), *table_lines(results, reference), ""]
     lines += [
@@ -296,7 +310,7 @@ def write_report(output: Path, *, report_dir: Path | None = None, header: Sequen
         "Active parameters are those one token uses (its top-k experts). A distilled student starts from its trained "
         "teacher, so its time to quality is not comparable and is left out.",
         "",
-        *growth_lines(results, reference),
+        *growth_lines(whole, whole_reference),
         *_machine_lines(results),
         "## Checks",
         "",

@@ -159,7 +159,13 @@ def read_results(output: Path, *, common_step: bool = True) -> list[RunResult]:
     """
     folders = sorted((Path(output) / "runs").glob("*/"))
     results = [r for r in (read_run(f) for f in folders) if r is not None]
-    if common_step and results:
-        last = min(r.curve.steps[-1] for r in results)
-        results = [r.up_to(last) for r in results]
-    return sorted(results, key=lambda r: (_KIND_ORDER[r.kind], r.num_experts, r.capacity_factor or 0.0, r.seed))
+    results.sort(key=lambda r: (_KIND_ORDER[r.kind], r.num_experts, r.capacity_factor or 0.0, r.seed))
+    return at_common_step(results) if common_step else results
+
+
+def at_common_step(results: Sequence[RunResult]) -> list[RunResult]:
+    """Every curve cut at the last step all runs have evaluated: runs compared on the same budget."""
+    if not results:
+        return []
+    last = min(r.curve.steps[-1] for r in results)
+    return [r.up_to(last) for r in results]
