@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from switchformer.models.config import ModelConfig
 from switchformer.presets import get_preset, preset_names
+from switchformer.training.strategy import DistributedStrategy
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, default_preset: str | None = None) -> None:
@@ -39,3 +44,30 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
+
+
+@contextmanager
+def torchrun_job(command: str, expert_parallel: int = 1) -> Iterator[DistributedStrategy | None]:
+    """Join the torchrun job this process was launched in (``None`` when it runs alone) and leave it at the end.
+
+    Expert parallelism needs several processes, so asking for it outside torchrun is an error that says how to
+    launch. Only rank 0 logs below warnings: one rank speaks.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and expert_parallel == 1:
+        yield None
+        return
+    if "RANK" not in os.environ:
+        raise ValueError(
+            f"--expert-parallel {expert_parallel} needs several processes: launch with `torchrun --nproc-per-node "
+            f"{expert_parallel} -m switchformer {command} --expert-parallel {expert_parallel} ...`"
+        )
+    from switchformer.parallel import close_parallel, init_parallel
+
+    layout = init_parallel(expert_parallel)
+    if layout.rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        yield DistributedStrategy(layout)
+    finally:
+        close_parallel()

@@ -4,15 +4,17 @@ The student has the teacher's shape without experts, starts from the teacher's n
 becomes the experts' mean, or one expert), and trains for the teacher's budget on 0.75 ground truth + 0.25 the
 teacher's probabilities. It is compared with a dense model trained from scratch with the same budget: the
 comparison's own dense run when the teacher comes from ``switchformer compare``, otherwise one trained here.
+Launched by ``torchrun --nproc-per-node N -m switchformer distill ...``, every training is data-parallel over N ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
-from switchformer.cli.common import print_table
+from switchformer.cli.common import print_table, torchrun_job
 from switchformer.distill.config import DistillConfig
 from switchformer.distill.run import distill, format_share
 from switchformer.distill.student import ExpertInit
@@ -70,11 +72,16 @@ def parse_init(text: str, teacher_weight: float) -> DistillConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = parse_init(args.init, args.teacher_weight)
-    output = args.output or Path("runs") / f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
-    callbacks = [] if args.no_progress else [ProgressBar(desc="student")]
-    result = distill(args.teacher, output, config, steps=args.steps, baseline=args.baseline,
-                     control=not args.no_control, train_overrides=train_overrides(args),
-                     callbacks=callbacks)  # fmt: skip
+    if args.output is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("a torchrun launch needs --output STUDENT_DIR, the same folder on every rank")
+    with torchrun_job("distill") as strategy:
+        output = args.output or Path("runs") / f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
+        callbacks = [] if args.no_progress else [ProgressBar(desc="student")]
+        result = distill(args.teacher, output, config, steps=args.steps, baseline=args.baseline,
+                         control=not args.no_control, train_overrides=train_overrides(args),
+                         callbacks=callbacks, strategy=strategy)  # fmt: skip
+    if result is None:
+        return 0  # a rank other than the main one: the main rank reports
     rows = [
         ("teacher", result.teacher),
         ("dense baseline", result.baseline),

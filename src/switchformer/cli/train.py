@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from switchformer.cli.common import add_model_arguments, model_config_from_args, print_table
+from switchformer.cli.common import add_model_arguments, model_config_from_args, print_table, torchrun_job
 from switchformer.models.config import Architecture, ModelConfig
 from switchformer.training.callbacks import ProgressBar
 from switchformer.training.config import TrainConfig
@@ -118,34 +118,9 @@ def _saved_configs(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _strategy(args: argparse.Namespace) -> DistributedStrategy | None:
-    """Join the torchrun job when launched by torchrun (or when expert parallelism is asked for)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and args.expert_parallel == 1:
-        return None
-    if "RANK" not in os.environ:
-        raise ValueError(
-            f"--expert-parallel {args.expert_parallel} needs several processes: launch with "
-            f"`torchrun --nproc-per-node {args.expert_parallel} -m switchformer train --expert-parallel "
-            f"{args.expert_parallel} ...`"
-        )
-    from switchformer.parallel import init_parallel
-
-    layout = init_parallel(args.expert_parallel)
-    if layout.rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)  # one rank speaks
-    return DistributedStrategy(layout)
-
-
 def run(args: argparse.Namespace) -> int:
-    strategy = _strategy(args)
-    try:
+    with torchrun_job("train", args.expert_parallel) as strategy:
         return _run(args, strategy)
-    finally:
-        if strategy is not None:
-            from switchformer.parallel import close_parallel
-
-            close_parallel()
 
 
 def _run(args: argparse.Namespace, strategy: DistributedStrategy | None) -> int:

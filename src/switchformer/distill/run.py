@@ -33,6 +33,7 @@ from switchformer.training.callbacks import Callback
 from switchformer.training.checkpoint import latest_checkpoint, load_checkpoint, load_model_state, resolve_checkpoint
 from switchformer.training.config import TrainConfig
 from switchformer.training.evaluation import evaluate_model
+from switchformer.training.strategy import SingleProcess
 from switchformer.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,8 @@ def distill(
     train_overrides: Sequence[str] = (),
     callbacks: Sequence[Callback] = (),
     spec: dict[str, object] | None = None,
-) -> DistillResult:
+    strategy: SingleProcess | None = None,
+) -> DistillResult | None:
     """Distil the teacher into a dense student in ``output`` (resumable), then compare it with dense and teacher.
 
     ``baseline`` is a dense run folder trained with the same budget; without one (and outside a comparison
@@ -177,20 +179,26 @@ def distill(
     schedule, warmup included: a student starting from trained weights may not want that. A ``seed=`` override
     also seeds the student's initialisation (what ``init=random`` starts from). ``spec`` is written as
     ``spec.json`` so a comparison report lists the student as a run.
+
+    Under torchrun (``strategy``), every training here is data-parallel over the ranks, each rank holding the whole
+    teacher; the main rank writes the files and measures the result, the others return None.
     """
+    strategy = strategy or SingleProcess()
     teacher = load_trained(Path(teacher_path))
     if teacher.model_config.moe is None:
         raise ValueError(f"{teacher.path} is a dense model; distillation needs a Switch (sparse) teacher")
     train_config = teacher.train_config.replace(steps=steps or teacher.step)
+    if strategy.world_size > 1:
+        train_config = train_config.replace(device=str(strategy.layout.device))
     student_train = train_config.with_overrides(train_overrides)
     if student_train.steps != train_config.steps:
         raise ValueError("the student's steps are set with --steps, not with a steps= training override")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    if spec is not None:
+    if spec is not None and strategy.is_main:
         (output / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     cache = data_cache_of(teacher.path) or output
-    data = prepare_data(teacher.data_config, cache)
+    data = _prepare_in_turn(teacher.data_config, cache, strategy)
 
     student_model_config = student_config(teacher.model_config)
     resume = latest_checkpoint(output / "checkpoints") is not None
@@ -201,19 +209,22 @@ def distill(
         DistillationTrainer(
             student_model_config, student_train, train_batches=data.train, validation=data.validation, run_dir=output,
             extra_config=extra, callbacks=callbacks, resume=resume, model=student, tensorboard=False,
-            teacher=teacher.model, teacher_weight=config.teacher_weight,
+            teacher=teacher.model, teacher_weight=config.teacher_weight, strategy=strategy,
         ).train()  # fmt: skip
-    student_path = resolve_checkpoint(output)
+        strategy.barrier()  # the main rank's last checkpoint and summary are written before anyone reads them
     baseline_path = baseline or comparison_baseline(teacher.path, train_config.seed)
     if baseline_path is None:
         baseline_path = _train_dense(student_model_config, train_config, teacher.data_config, cache,
-                                     output / "dense-baseline", callbacks)  # fmt: skip
-    paths = {"teacher": teacher.path, "student": student_path, "dense": resolve_checkpoint(baseline_path)}
+                                     output / "dense-baseline", callbacks, strategy)  # fmt: skip
+    paths = {"teacher": teacher.path, "student": output, "dense": Path(baseline_path)}
     if control and config.init_from_teacher:  # a random-init control would be the baseline again
-        paths["control"] = resolve_checkpoint(_train_dense(
+        paths["control"] = _train_dense(
             student_model_config, student_train, teacher.data_config, cache, output / CONTROL_DIR, callbacks,
-            initial=lambda: _initial_student(student_model_config, student_train.seed, teacher.model, config),
-        ))  # fmt: skip
+            strategy, initial=lambda: _initial_student(student_model_config, student_train.seed, teacher.model, config),
+        )  # fmt: skip
+    if not strategy.is_main:
+        return None
+    paths = {name: resolve_checkpoint(path) for name, path in paths.items()}
     trained = {name: load_trained(path) for name, path in paths.items()}
     losses = {name: _validation_loss(loaded.model, data) for name, loaded in trained.items()}
     control_loss = losses.get("control")
@@ -249,19 +260,31 @@ def _initial_student(
 
 def _train_dense(
     model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig, cache: Path, folder: Path,
-    callbacks: Sequence[Callback], initial: Callable[[], SwitchModelBase] | None = None,
+    callbacks: Sequence[Callback], strategy: SingleProcess, initial: Callable[[], SwitchModelBase] | None = None,
 ) -> Path:  # fmt: skip
     """A dense model with the student's budget and plain cross-entropy, from scratch or from the model ``initial``
     builds (skipped if already trained in ``folder``; resumed if interrupted). Fresh data: the student's batches
     in order."""
     if not _finished(folder, train_config.steps):
-        data = prepare_data(data_config, cache)
+        data = _prepare_in_turn(data_config, cache, strategy)
         resume = latest_checkpoint(folder / "checkpoints") is not None
         model = initial() if initial is not None else None
         Trainer(model_config, train_config, train_batches=data.train, validation=data.validation, run_dir=folder,
                 extra_config={"data": data_config.to_dict()}, callbacks=callbacks, resume=resume, model=model,
-                tensorboard=False).train()  # fmt: skip
+                tensorboard=False, strategy=strategy).train()  # fmt: skip
+        strategy.barrier()
     return folder
+
+
+def _prepare_in_turn(data_config: DataConfig, cache: Path, strategy: SingleProcess) -> PreparedData:
+    """The data, prepared by the main rank first when the cache is empty (tokenizer training, token arrays), then
+    read from the cache by the others."""
+    if not strategy.is_main:
+        strategy.barrier()
+    data = prepare_data(data_config, cache)
+    if strategy.is_main:
+        strategy.barrier()
+    return data
 
 
 def _validation_loss(model: SwitchModelBase, data: PreparedData) -> float:

@@ -3,6 +3,7 @@
 Only the loss changes: the loop, schedule, checkpoints, evaluation (the student's plain cross-entropy on the
 validation set) and resume are the trainer's. The teacher runs in eval mode (no router jitter, the evaluation
 capacity factor) without gradients; its forward pass counts in the student's step time, as it would in practice.
+Under torchrun (data parallelism: the student is dense) every rank holds the whole teacher and runs it on its slice.
 """
 
 from __future__ import annotations
@@ -38,19 +39,23 @@ class DistillationTrainer(Trainer):
         self.teacher_weight = teacher_weight
 
     def accumulate_gradients(self, batch: Batch) -> dict[str, float]:
-        """Backward of the mixed loss, normalised by the label count of the whole batch (split-invariant)."""
+        """Backward of the mixed loss, normalised by the label count of the whole batch (split-invariant); under
+        data parallelism each rank takes its slice, as in :meth:`Trainer.accumulate_gradients`."""
         self.model.train()
         total = int((aligned_labels(self.model_config, batch["labels"]) != IGNORE_INDEX).sum())
+        world = self.strategy.world_size  # each rank's share of the global mean: averaging over W divides again
         hard = soft = 0.0
-        for part in split_batch(batch, self.config.micro_batches):
+        for part in split_batch(self.strategy.local_batch(batch), self.config.micro_batches):
             with torch.no_grad():
                 teacher_logits = model_forward(self.teacher, part, self.device, self.amp_dtype).logits
             out = self._forward(part)
             labels = aligned_labels(self.model_config, part["labels"]).to(self.device)
             terms = distillation_loss(out.logits, teacher_logits, labels)
-            (terms.mixed_sum(self.teacher_weight) / max(total, 1)).backward()
-            hard += float(terms.hard_sum.detach()) / max(total, 1)
-            soft += float(terms.soft_sum.detach()) / max(total, 1)
-        mixed = (1.0 - self.teacher_weight) * hard + self.teacher_weight * soft
+            (terms.mixed_sum(self.teacher_weight) * world / max(total, 1)).backward()
+            hard += float(terms.hard_sum.detach()) * world / max(total, 1)
+            soft += float(terms.soft_sum.detach()) * world / max(total, 1)
+        self.strategy.synchronize_gradients(self.model)
+        figures = self.strategy.mean({"ce_loss": hard, "soft_loss": soft})
+        mixed = (1.0 - self.teacher_weight) * figures["ce_loss"] + self.teacher_weight * figures["soft_loss"]
         zero = {"aux_loss": 0.0, "load_balancing_loss": 0.0, "z_loss": 0.0, "dropped_fraction": 0.0}
-        return {"loss": mixed, "ce_loss": hard, "soft_loss": soft, **zero}
+        return {"loss": mixed, **figures, **zero}

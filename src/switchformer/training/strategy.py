@@ -32,6 +32,9 @@ class SingleProcess:
     def seed_ranks(self, seed: int) -> None:
         """Called after the model is built; one process keeps its single random stream."""
 
+    def barrier(self) -> None:
+        """Nothing to wait for in one process."""
+
     def local_batch(self, batch: Batch) -> Batch:
         return batch
 
