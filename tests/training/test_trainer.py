@@ -157,3 +157,23 @@ def test_train_config_validation_names_the_field():
         TrainConfig(micro_batches=0)
     with pytest.raises(ValueError, match="device"):
         TrainConfig(device="gpu")
+
+
+@pytest.mark.parametrize("arch", ["decoder-only", "encoder-decoder"])
+def test_the_chunked_loss_trains_like_the_loss_on_logits(toy, tmp_path, arch):
+    logs = []
+    for chunked in (False, True):
+        trainer = _trainer(toy, tmp_path / str(chunked), arch, train_changes={"steps": 5, "chunked_loss": chunked})
+        trainer.train()
+        logs.append([(r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / str(chunked))])
+    assert len(logs[0]) == len(logs[1]) >= 5
+    for (loss, val), (chunked_loss, chunked_val) in zip(*logs, strict=True):
+        assert chunked_loss == pytest.approx(loss, rel=1e-5)
+        assert (val is None and chunked_val is None) or chunked_val == pytest.approx(val, rel=1e-5)
+
+
+def test_cpu_training_keeps_freed_memory_in_the_process():
+    from switchformer.training.host_memory import keep_freed_memory
+
+    # glibc on Linux (this suite's platforms); a second call is the cached first answer.
+    assert keep_freed_memory() is True and keep_freed_memory() is True

@@ -47,10 +47,10 @@ class DistillationTrainer(Trainer):
         hard = soft = 0.0
         for part in split_batch(self.strategy.local_batch(batch), self.config.micro_batches):
             with torch.no_grad():
-                teacher_logits = model_forward(self.teacher, part, self.device, self.amp_dtype).logits
-            out = self._forward(part)
+                teacher_out = model_forward(self.teacher, part, self.device, self.amp_dtype, return_logits=True)
+            out = model_forward(self.model, part, self.device, self.amp_dtype, return_logits=True)
             labels = aligned_labels(self.model_config, part["labels"]).to(self.device)
-            terms = distillation_loss(out.logits, teacher_logits, labels)
+            terms = distillation_loss(out.logits, teacher_out.logits, labels)
             (terms.mixed_sum(self.teacher_weight) * world / max(total, 1)).backward()
             hard += float(terms.hard_sum.detach()) * world / max(total, 1)
             soft += float(terms.soft_sum.detach()) * world / max(total, 1)

@@ -13,6 +13,7 @@ from switchformer.layers.attention import Attention
 from switchformer.layers.feed_forward import DenseFFN
 from switchformer.layers.initialization import scaled_trunc_normal_
 from switchformer.layers.kv_cache import DecoderCache
+from switchformer.layers.linear_cross_entropy import linear_cross_entropy
 from switchformer.layers.moe import SwitchFFN
 from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
@@ -70,10 +71,14 @@ class SwitchModelBase(nn.Module):
         return int((labels != IGNORE_INDEX).sum())
 
     def logits(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
+        return F.linear(*self.vocab_projection(hidden_BSD))
+
+    def vocab_projection(self, hidden_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output layer's input and weight: ``logits = F.linear(input, weight)``."""
         if self.lm_head is not None:
-            return self.lm_head(hidden_BSD)
+            return hidden_BSD, self.lm_head.weight
         # Tied embeddings: rescale before projecting on the vocabulary (Mesh-TF, and T5's released checkpoints).
-        return F.linear(hidden_BSD * self.config.d_model**-0.5, self.shared.weight)
+        return hidden_BSD * self.config.d_model**-0.5, self.shared.weight
 
     def assemble_output(
         self,
@@ -83,21 +88,25 @@ class SwitchModelBase(nn.Module):
         *,
         encoder_hidden_states: torch.Tensor | None = None,
         cache: DecoderCache | None = None,
+        return_logits: bool = True,
     ) -> ModelOutput:
-        logits = self.logits(hidden_BSD)
+        logits = self.logits(hidden_BSD) if return_logits else None
         router = [
             LayerRouting(f"{name}.{index}", moe.load_balancing_loss, moe.z_loss, moe.stats)
             for name, stack in stacks
             for index, moe in stack.moe_outputs
         ]
-        zero = logits.new_zeros((), dtype=torch.float32)
+        zero = hidden_BSD.new_zeros((), dtype=torch.float32)
         lb = torch.stack([r.load_balancing_loss for r in router]).mean() if router else zero
         z = torch.stack([r.z_loss for r in router]).mean() if router else zero
         moe = self.config.moe
         aux = lb * moe.load_balancing_loss_coef + z * moe.z_loss_coef if moe is not None else zero
         ce = num_labels = loss = None
         if labels is not None:
-            ce, num_labels = token_cross_entropy(logits, labels)
+            if logits is None:  # no logits wanted: the loss and its gradient without a [B, S, V] tensor
+                ce, num_labels = fused_token_cross_entropy(*self.vocab_projection(hidden_BSD), labels)
+            else:
+                ce, num_labels = token_cross_entropy(logits, labels)
             loss = ce + aux
         return ModelOutput(
             logits=logits,
@@ -121,6 +130,17 @@ def token_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tu
         labels_BS.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
+    )
+    count = (labels_BS != IGNORE_INDEX).sum()
+    return total / count.clamp(min=1), count
+
+
+def fused_token_cross_entropy(
+    input_BSD: torch.Tensor, weight_VD: torch.Tensor, labels_BS: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_cross_entropy` of ``F.linear(input, weight)``, chunk by chunk (``linear_cross_entropy``)."""
+    total = linear_cross_entropy(
+        input_BSD.reshape(-1, input_BSD.shape[-1]), weight_VD, labels_BS.reshape(-1), ignore_index=IGNORE_INDEX
     )
     count = (labels_BS != IGNORE_INDEX).sum()
     return total / count.clamp(min=1), count

@@ -36,10 +36,13 @@ class SwitchLM(SwitchModelBase):
         labels: torch.Tensor | None = None,
         cache: DecoderCache | None = None,
         use_cache: bool = False,
+        return_logits: bool = True,
     ) -> ModelOutput:
         decoder = self.decoder(self.shared(input_ids), attention_mask=attention_mask, cache=cache, use_cache=use_cache)
         shifted = None
         if labels is not None:
             shifted = torch.full_like(labels, IGNORE_INDEX)
             shifted[:, :-1] = labels[:, 1:]
-        return self.assemble_output(decoder.hidden_states, [("decoder", decoder)], shifted, cache=decoder.cache)
+        return self.assemble_output(
+            decoder.hidden_states, [("decoder", decoder)], shifted, cache=decoder.cache, return_logits=return_logits
+        )

@@ -50,6 +50,7 @@ class SwitchTransformer(SwitchModelBase):
         encoder_output: StackOutput | None = None,
         cache: DecoderCache | None = None,
         use_cache: bool = False,
+        return_logits: bool = True,
     ) -> ModelOutput:
         if decoder_input_ids is None:
             if labels is None:
@@ -78,4 +79,5 @@ class SwitchTransformer(SwitchModelBase):
             labels,
             encoder_hidden_states=encoder_output.hidden_states,
             cache=decoder.cache,
+            return_logits=return_logits,
         )

@@ -22,7 +22,7 @@ class LayerRouting:
 
 @dataclasses.dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, V] (decoder positions)
+    logits: torch.Tensor | None  # [B, S, V] (decoder positions); None when the forward got return_logits=False
     loss: torch.Tensor | None  # ce_loss + aux_loss, when labels were given
     ce_loss: torch.Tensor | None  # mean token cross-entropy over labels != -100
     aux_loss: torch.Tensor  # lb_coef * load_balancing_loss + z_coef * z_loss (0 for a dense model)

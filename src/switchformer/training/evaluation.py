@@ -9,11 +9,21 @@ import torch
 Batch = dict[str, torch.Tensor]
 
 
-def model_forward(model: torch.nn.Module, batch: Batch, device: torch.device, amp_dtype: torch.dtype | None):
-    """The one way the trainer and evaluation call a model on a batch (under bf16 autocast when asked)."""
+def model_forward(
+    model: torch.nn.Module, batch: Batch, device: torch.device, amp_dtype: torch.dtype | None, *,
+    return_logits: bool = True,
+):  # fmt: skip
+    """The one way the trainer and evaluation call a model on a batch (under bf16 autocast when asked).
+
+    Without ``return_logits`` the loss comes from the chunked output layer (``linear_cross_entropy``): the same
+    loss and gradients up to rounding, and no [B, S, V] logits in memory.
+    """
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        return model(
+            batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+            return_logits=return_logits,
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -25,7 +35,7 @@ def evaluate_model(
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        out = model_forward(model, batch, device, amp_dtype)
+        out = model_forward(model, batch, device, amp_dtype, return_logits=False)  # the loss only: bounded memory
         total += float(out.ce_loss) * int(out.num_label_tokens)
         count += int(out.num_label_tokens)
     model.train(was_training)
