@@ -5,7 +5,8 @@
 
 `unfused` is what the models do when logits are asked for and what `transformers` does: ``F.linear`` to
 [tokens, vocab] logits, a float32 copy, ``F.cross_entropy`` over the labels that count (the models'
-``token_cross_entropy``). `chunked` is ``linear_cross_entropy`` (what training uses: ``return_logits=False``).
+``token_cross_entropy``). `chunked` is ``linear_cross_entropy`` (``return_logits=False``: evaluation, and
+training with ``chunked_loss=true``).
 Both sum the loss over the same labels and backpropagate into the hidden states and the weight; the `check` column
 is the largest relative difference of the two losses and gradients, measured before timing. Memory is the peak of
 bytes the CPU allocator held during one forward + backward, less the weight's gradient (``harness``).

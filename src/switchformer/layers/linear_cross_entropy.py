@@ -28,6 +28,11 @@ def chunk_rows(vocab_size: int) -> int:
     return max(1, _CHUNK_ELEMENTS // vocab_size)
 
 
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs: the softmax never runs in bf16."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def linear_cross_entropy(
     hidden_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, *, ignore_index: int = -100,
     chunk_size: int | None = None,
@@ -55,14 +60,14 @@ def _chunked_loss(
 ) -> torch.Tensor:  # fmt: skip
     """The summed loss; with ``grads = (d_hidden, d_weight)`` (buffers of the loss's dtype, either may be None)
     also fills them with the loss's gradient."""
-    total = torch.zeros((), dtype=torch.promote_types(hidden_ND.dtype, torch.float32), device=hidden_ND.device)
+    total = torch.zeros((), dtype=_loss_dtype(hidden_ND.dtype), device=hidden_ND.device)
     for start in range(0, hidden_ND.shape[0], rows):
         hidden = hidden_ND[start : start + rows]
         labels = labels_N[start : start + rows]
         valid = labels != ignore_index
         target = torch.where(valid, labels, 0)[:, None]
         logits = hidden @ weight_VD.t()  # autocast (if on) picks the matmul dtype
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        logits = logits.to(_loss_dtype(logits.dtype))
         lse = torch.logsumexp(logits, dim=-1)
         total += torch.where(valid, lse - logits.gather(1, target)[:, 0], 0.0).sum()
         if grads is None:
@@ -83,9 +88,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, labels_N, ignore_index, rows):  # type: ignore[override]
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        f32 = {"dtype": torch.promote_types(hidden_ND.dtype, torch.float32), "device": hidden_ND.device}
-        d_hidden = torch.empty(hidden_ND.shape, **f32) if need_hidden else None
-        d_weight = torch.zeros(weight_VD.shape, **f32) if need_weight else None
+        buffer = {"dtype": _loss_dtype(hidden_ND.dtype), "device": hidden_ND.device}
+        d_hidden = torch.empty(hidden_ND.shape, **buffer) if need_hidden else None
+        d_weight = torch.zeros(weight_VD.shape, **buffer) if need_weight else None
         total = _chunked_loss(hidden_ND, weight_VD, labels_N, ignore_index, rows, grads=(d_hidden, d_weight))
         ctx.save_for_backward(
             d_hidden.to(hidden_ND.dtype) if need_hidden else None, d_weight.to(weight_VD.dtype) if need_weight else None
@@ -95,10 +100,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):  # type: ignore[override]
         d_hidden, d_weight = ctx.saved_tensors
-        scale = grad_total
         return (
-            d_hidden * scale.to(d_hidden.dtype) if d_hidden is not None else None,
-            d_weight * scale.to(d_weight.dtype) if d_weight is not None else None,
+            d_hidden * grad_total.to(d_hidden.dtype) if d_hidden is not None else None,
+            d_weight * grad_total.to(d_weight.dtype) if d_weight is not None else None,
             None,
             None,
             None,

@@ -131,8 +131,7 @@ def token_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tu
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    count = (labels_BS != IGNORE_INDEX).sum()
-    return total / count.clamp(min=1), count
+    return _per_label(total, labels_BS)
 
 
 def fused_token_cross_entropy(
@@ -142,5 +141,10 @@ def fused_token_cross_entropy(
     total = linear_cross_entropy(
         input_BSD.reshape(-1, input_BSD.shape[-1]), weight_VD, labels_BS.reshape(-1), ignore_index=IGNORE_INDEX
     )
+    return _per_label(total, labels_BS)
+
+
+def _per_label(total: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A summed loss as a mean over the labels that count, and their count."""
     count = (labels_BS != IGNORE_INDEX).sum()
     return total / count.clamp(min=1), count
