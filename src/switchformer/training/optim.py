@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -17,7 +18,32 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=fused_adam_supported(params))
+    optimizer.register_load_state_dict_pre_hook(_keep_this_runs_kernel)
+    return optimizer
+
+
+def fused_adam_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel can update ``params``.
+
+    Why it matters: on CPU, torch's default AdamW runs about ten elementwise passes over each tensor, which for
+    a Switch model's expert weights (tens of millions of parameters) costs as much as a large share of the step;
+    the fused kernel makes one vectorised pass (measured 4-5x faster updates, see the README). Same arithmetic,
+    same state dict, so checkpoints move freely between the two.
+    """
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
+def _keep_this_runs_kernel(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """A saved optimizer state carries the saving run's kernel flags (``fused``, ``foreach``); without this a
+    resume from an older checkpoint, or from another device's, would quietly switch kernels. Keeping the flags
+    before torch loads the state also lets torch place the step counters where the fused kernel wants them."""
+    kernel = ("fused", "foreach")
+    groups = [
+        {**saved, **{key: own[key] for key in kernel if key in own}}
+        for saved, own in zip(state["param_groups"], optimizer.param_groups, strict=False)
+    ]
+    return {**state, "param_groups": groups}
 
 
 def lr_multiplier(step: int, config: TrainConfig) -> float:
