@@ -177,3 +177,12 @@ def test_cpu_training_keeps_freed_memory_in_the_process():
 
     # glibc on Linux (this suite's platforms); a second call is the cached first answer.
     assert keep_freed_memory() is True and keep_freed_memory() is True
+
+
+def test_cpu_training_flushes_denormal_floats(toy, tmp_path):
+    from switchformer.training.denormals import flush_denormal_floats
+
+    supported = torch.set_flush_denormal(False)
+    flush_denormal_floats.cache_clear()
+    _trainer(toy, tmp_path)
+    assert (float(torch.tensor(1e-39) * 1.0) == 0.0) == supported

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from switchformer.training.denormals import flush_denormal_floats
+
+    flush_denormal_floats()  # before any parallel op starts torch's thread pool, so its threads inherit the flag
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
