@@ -26,9 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from switchformer.training.denormals import flush_denormal_floats
+    from switchformer.training.denormals import flushed_denormals
 
-    flush_denormal_floats()  # before any parallel op starts torch's thread pool, so its threads inherit the flag
+    # First, before any parallel op starts torch's thread pool, so that its threads inherit the flag.
+    with flushed_denormals():
+        return _run(argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")

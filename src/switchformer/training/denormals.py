@@ -9,17 +9,39 @@ denormals flushed (0.93-1.05 s for the untrained model either way), and training
 
 The flag lives in each thread's floating-point control register, and threads inherit it when they are created, so
 it reaches the intra-op thread pool only if set before the pool starts: the command line sets it first thing; a
-library user who builds a :class:`~switchformer.training.trainer.Trainer` gets it on threads started afterwards.
+library user's :meth:`~switchformer.training.trainer.Trainer.train` gets it on the calling thread and on threads
+started while it runs. It is set only for the span of the work and then restored on the calling thread, because
+the register is process-wide state that other code reads: Python's own float arithmetic obeys it, and libraries
+that check IEEE-754 conformance (Hypothesis, for one) refuse to run while it is set.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
 
-@functools.cache
-def flush_denormal_floats() -> bool:
-    """Treat denormal inputs and results as zero on this thread and threads it starts; True where supported (x86)."""
-    return bool(torch.set_flush_denormal(True))
+def denormals_are_flushed() -> bool:
+    """Whether this thread treats denormals as zero: the smallest positive double times one, computed now."""
+    smallest_denormal, one = 5e-324, float(len("x"))  # a runtime value, so the product is not folded at compile time
+    return smallest_denormal * one == 0.0
+
+
+@contextlib.contextmanager
+def flushed_denormals(enabled: bool = True) -> Iterator[bool]:
+    """Treat denormals as zero inside the block (and on threads it starts); yields whether the CPU supports it (x86).
+
+    On exit the calling thread gets back the mode it had; threads started inside keep the flush.
+    """
+    if not enabled:
+        yield False
+        return
+    was_flushed = denormals_are_flushed()
+    supported = bool(torch.set_flush_denormal(True))
+    try:
+        yield supported
+    finally:
+        if supported and not was_flushed:
+            torch.set_flush_denormal(False)

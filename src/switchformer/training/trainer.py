@@ -34,7 +34,7 @@ from switchformer.training.checkpoint import (
     save_checkpoint,
 )
 from switchformer.training.config import NonFinitePolicy, Precision, TrainConfig
-from switchformer.training.denormals import flush_denormal_floats
+from switchformer.training.denormals import flushed_denormals
 from switchformer.training.diagnostics import first_non_finite_module, last_non_finite_gradient
 from switchformer.training.evaluation import evaluate_model, model_forward
 from switchformer.training.host_memory import keep_freed_memory
@@ -128,7 +128,6 @@ class Trainer:
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on each step's large tensors: 1.2-1.3x the tokens/s measured
-            flush_denormal_floats()  # peaky softmaxes underflow to denormals, which x86 cores compute slowly
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model = model if model is not None else build_model(model_config)
@@ -368,6 +367,11 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        # Peaky softmaxes underflow to denormals, which x86 cores compute slowly; flushed while training runs.
+        with flushed_denormals(enabled=self.device.type == "cpu"):
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         for cb in self.callbacks:
             cb.on_train_start(self)
         interval_tokens, interval_time = 0, 0.0
