@@ -182,15 +182,15 @@ def test_cpu_training_keeps_freed_memory_in_the_process():
 def test_cpu_training_flushes_denormals_while_it_runs_and_restores_the_mode(toy, tmp_path):
     from switchformer.training.denormals import denormals_are_flushed
 
-    class Probe(Callback):
-        seen: list[bool] = []
+    seen: list[bool] = []
 
+    class Probe(Callback):
         def on_step_end(self, trainer, record):
-            self.seen.append(denormals_are_flushed())
+            seen.append(denormals_are_flushed())
 
     trainer = _trainer(toy, tmp_path, train_changes={"steps": 3})
     trainer.callbacks.append(Probe())
     supported = torch.set_flush_denormal(False)
     trainer.train()
-    assert Probe.seen == [supported] * 3, "flushed at every step where the CPU can"
+    assert seen == [supported] * 3, "flushed at every step where the CPU can"
     assert not denormals_are_flushed(), "the caller's mode is back: Python floats and Hypothesis obey it"
