@@ -45,6 +45,7 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     assert "without the teacher (weight 0)" in text  # the control run of the distillation
     assert f"| distill-{_teacher(out)} |" in text
     assert "- Command: `switchformer" in text and "Load average" in text
+    assert "float32, device cpu" in text  # the default precision, named in the settings
     assert len(list(docs.glob("*.png"))) == 6  # steps, time, speedup, experts, load, the student vs its control
     student = f"distill-{_teacher(out)}"
     assert f"![{student}]({student}.png)" in text and (docs / f"{student}.png").is_file()
@@ -71,6 +72,18 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
 def _teacher(out) -> str:
     result = json.loads(next((out / "runs").glob("distill-*/distill.json")).read_text())
     return result["teacher"].split("/runs/")[1].split("/")[0]
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "native", "warned"),
+    [("bf16", "cpu", False, True), ("bf16", "cpu", True, False), ("fp32", "cpu", False, False),
+     ("bf16", "cuda", False, False)],
+)  # fmt: skip
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(monkeypatch, caplog, precision, device, native, warned):
+    monkeypatch.setattr(compare, "cpu_has_native_bf16", lambda: native)
+    plan = compare.ComparePlan().with_overrides([f"precision={precision}", f"device={device}"])
+    compare.warn_if_bf16_is_emulated(plan)
+    assert ("--set precision=fp32" in caplog.text) is warned
 
 
 def test_compare_errors_are_clear(tmp_path):

@@ -25,6 +25,8 @@ from switchformer.experiments.plan import ComparePlan
 from switchformer.experiments.report import write_report
 from switchformer.experiments.runner import check_plan, data_config_for, load_plan, run_comparison
 from switchformer.training.callbacks import ProgressBar
+from switchformer.training.config import Precision
+from switchformer.training.cpu_features import cpu_has_native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,16 @@ def plan_from_args(args: argparse.Namespace, base: ComparePlan | None = None) ->
     return plan.replace(**changes)
 
 
+def warn_if_bf16_is_emulated(plan: ComparePlan) -> None:
+    """bf16 autocast pays on CPU only with bf16 instructions; elsewhere say how to get float32's speed back."""
+    on_cpu = plan.device == "cpu" or (plan.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and plan.precision is Precision.BF16 and not cpu_has_native_bf16():
+        logger.warning(
+            "this CPU lists no bf16 instructions (avx512_bf16, amx_bf16 or Arm bf16), so bf16 autocast may be "
+            "slower than float32 here; add --set precision=fp32 for a float32 comparison"
+        )
+
+
 def _header(argv: list[str], load_before: tuple[float, float, float]) -> list[str]:
     load_after = os.getloadavg()
     return [
@@ -121,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
             ("model", f"{plan.architecture.value}, d_model {plan.d_model}, d_ff {plan.d_ff}, {plan.num_layers} "
                       f"layers, vocab {plan.vocab_size}"),
             ("budget", f"{plan.steps} steps x {plan.batch_size} x {plan.sequence_length} tokens, lr {plan.lr:g}"),
+            ("precision", f"{plan.precision.value} on {plan.device}"),
         ])  # fmt: skip
+        warn_if_bf16_is_emulated(plan)
         check_plan(output, plan, data)  # a refused command is not a training session of the folder
         with recorded_session(output, f"switchformer {shlex.join(sys.argv[1:])}"):
             outcomes = run_comparison(plan, output, data, callbacks=lambda spec: bars(spec.name))

@@ -34,6 +34,7 @@ from switchformer.experiments.speedup import (
     time_to_target,
 )
 from switchformer.routing.config import Gate
+from switchformer.training.config import Precision
 
 logger = logging.getLogger(__name__)
 
@@ -240,12 +241,19 @@ def _settings_lines(output: Path) -> list[str]:
         f"Switch layers {_every(plan.sparse_every)}, init scale "
         f"{plan.init_scale:g}, no dropout",
         f"- Training: AdamW lr {plan.lr:g}, {plan.schedule.value} schedule, {plan.warmup_steps} warmup steps, "
-        f"{plan.steps} steps, evaluation every {plan.eval_every} steps, torch threads: {plan.threads}; "
+        f"{plan.steps} steps, evaluation every {plan.eval_every} steps, {_PRECISION_TEXT[plan.precision]}, "
+        f"device {plan.device}, torch threads: {plan.threads}; "
         f"load-balancing coefficient {plan.load_balancing_loss_coef:g}, eval capacity factor "
         f"{plan.eval_capacity_factor:g} (x2 for top-2)",
         f"- Switch gate: {_GATE_TEXT[plan.gate]}; top-2 renormalises its two gates to sum to 1",
     ]
 
+
+_PRECISION_TEXT = {
+    Precision.FP32: "float32",
+    Precision.BF16: "bf16 autocast (router in float32)",
+    Precision.AUTO: "bf16 autocast on CUDA, float32 on CPU",
+}
 
 _GATE_TEXT = {
     Gate.PROBABILITY: "the paper's, y = p_i(x) E_i(x)",

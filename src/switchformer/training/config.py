@@ -20,7 +20,7 @@ class Schedule(enum.Enum):
 
 
 class Precision(enum.Enum):
-    AUTO = "auto"  # bf16 autocast on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)
+    AUTO = "auto"  # bf16 autocast on CUDA, float32 on CPU (where bf16 pays only with bf16 instructions)
     FP32 = "fp32"
     BF16 = "bf16"  # autocast to bfloat16; the router stays float32 (selective precision)
 
