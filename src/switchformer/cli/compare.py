@@ -25,8 +25,8 @@ from switchformer.experiments.plan import ComparePlan
 from switchformer.experiments.report import write_report
 from switchformer.experiments.runner import check_plan, data_config_for, load_plan, run_comparison
 from switchformer.training.callbacks import ProgressBar
-from switchformer.training.config import Precision
 from switchformer.training.cpu_features import cpu_has_native_bf16
+from switchformer.training.trainer import autocast_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ def plan_from_args(args: argparse.Namespace, base: ComparePlan | None = None) ->
 
 def warn_if_bf16_is_emulated(plan: ComparePlan) -> None:
     """bf16 autocast pays on CPU only with bf16 instructions; elsewhere say how to get float32's speed back."""
-    on_cpu = plan.device == "cpu" or (plan.device == "auto" and not torch.cuda.is_available())
-    if on_cpu and plan.precision is Precision.BF16 and not cpu_has_native_bf16():
+    device = resolve_device(plan.device)  # what the trainer will run on and in
+    if device.type == "cpu" and autocast_dtype(plan.precision, device) is torch.bfloat16 and not cpu_has_native_bf16():
         logger.warning(
             "this CPU lists no bf16 instructions (avx512_bf16, amx_bf16 or Arm bf16), so bf16 autocast may be "
             "slower than float32 here; add --set precision=fp32 for a float32 comparison"
