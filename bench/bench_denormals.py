@@ -85,8 +85,11 @@ def measure_in_this_process(run: Path, model_kind: str, flush: bool, repeats: in
                 "denormals": counter.denormals, "values": counter.values}  # fmt: skip
 
 
-def _denormal_counter_class() -> type:
-    """A dispatch mode that counts the float32 denormals every op writes (views of an input are not counted again)."""
+def new_denormal_counter():
+    """A dispatch mode that counts the float32 denormals every op writes (views of an input are not counted again).
+
+    Defined here, not at import, because torch must not be imported before the case has set its flush.
+    """
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -110,11 +113,7 @@ def _denormal_counter_class() -> type:
                 self.values += tensor.numel()
             return out
 
-    return Counter
-
-
-def new_denormal_counter():
-    return _denormal_counter_class()()
+    return Counter()
 
 
 def train_quickstart_model(steps: int, folder: Path) -> Path:
