@@ -1,5 +1,9 @@
+import subprocess
 from pathlib import Path
 
+import pytest
+
+from switchformer.training import cpu_features
 from switchformer.training.cpu_features import cpu_has_native_bf16, native_bf16_in_cpuinfo
 
 ZEN4 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -29,3 +33,29 @@ def test_this_machine_is_read_from_its_cpuinfo():
     cpuinfo = Path("/proc/cpuinfo")
     expected = native_bf16_in_cpuinfo(cpuinfo.read_text()) if cpuinfo.is_file() else False
     assert cpu_has_native_bf16() is expected
+
+
+def _fake_macos(monkeypatch, *, returncode: int, stdout: str) -> list[list[str]]:
+    calls: list[list[str]] = []
+
+    def run(argv, **kwargs):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, returncode, stdout=stdout, stderr="")
+
+    monkeypatch.setattr(cpu_features.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(cpu_features.subprocess, "run", run)
+    cpu_features.cpu_has_native_bf16.cache_clear()
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stdout", "expected"),
+    [(0, "1\n", True), (0, "0\n", False), (1, "", False)],  # M2 and later, M1, an Intel Mac (no such key)
+)
+def test_macos_asks_sysctl_for_arms_bf16_extension(monkeypatch, returncode, stdout, expected):
+    calls = _fake_macos(monkeypatch, returncode=returncode, stdout=stdout)
+    try:
+        assert cpu_features.cpu_has_native_bf16() is expected
+        assert calls == [["sysctl", "-n", "hw.optional.arm.FEAT_BF16"]]
+    finally:
+        cpu_features.cpu_has_native_bf16.cache_clear()

@@ -9,6 +9,8 @@ may be slower than float32 (not measured here), so callers that default to bf16 
 from __future__ import annotations
 
 import functools
+import platform
+import subprocess
 from pathlib import Path
 
 _X86_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo "flags" on x86
@@ -26,9 +28,24 @@ def native_bf16_in_cpuinfo(cpuinfo: str) -> bool:
     return False
 
 
+def _macos_sysctl_bf16() -> bool:
+    """Apple silicon reports Arm's BF16 extension as ``hw.optional.arm.FEAT_BF16`` (1 from M2 on); macOS has no
+    /proc/cpuinfo. An Intel Mac or an older macOS lacks the key: sysctl fails and the answer is False."""
+    try:
+        found = subprocess.run(
+            ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return found.returncode == 0 and found.stdout.strip() == "1"
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True when this machine's CPU lists native bf16 instructions; False where it cannot tell (no /proc/cpuinfo)."""
+    """True when this machine's CPU lists native bf16 instructions (/proc/cpuinfo on Linux, sysctl on macOS);
+    False where it cannot tell."""
+    if platform.system() == "Darwin":
+        return _macos_sysctl_bf16()
     try:
         return native_bf16_in_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
