@@ -35,6 +35,14 @@ def test_this_machine_is_read_from_its_cpuinfo():
     assert cpu_has_native_bf16() is expected
 
 
+@pytest.fixture
+def fresh_probe():
+    """Forget the cached answer before and after, so a faked machine is asked and never outlives the test."""
+    cpu_features.cpu_has_native_bf16.cache_clear()
+    yield
+    cpu_features.cpu_has_native_bf16.cache_clear()
+
+
 def _fake_macos(monkeypatch, *, returncode: int, stdout: str) -> list[list[str]]:
     calls: list[list[str]] = []
 
@@ -44,7 +52,6 @@ def _fake_macos(monkeypatch, *, returncode: int, stdout: str) -> list[list[str]]
 
     monkeypatch.setattr(cpu_features.platform, "system", lambda: "Darwin")
     monkeypatch.setattr(cpu_features.subprocess, "run", run)
-    cpu_features.cpu_has_native_bf16.cache_clear()
     return calls
 
 
@@ -52,10 +59,7 @@ def _fake_macos(monkeypatch, *, returncode: int, stdout: str) -> list[list[str]]
     ("returncode", "stdout", "expected"),
     [(0, "1\n", True), (0, "0\n", False), (1, "", False)],  # M2 and later, M1, an Intel Mac (no such key)
 )
-def test_macos_asks_sysctl_for_arms_bf16_extension(monkeypatch, returncode, stdout, expected):
+def test_macos_asks_sysctl_for_arms_bf16_extension(monkeypatch, fresh_probe, returncode, stdout, expected):
     calls = _fake_macos(monkeypatch, returncode=returncode, stdout=stdout)
-    try:
-        assert cpu_features.cpu_has_native_bf16() is expected
-        assert calls == [["sysctl", "-n", "hw.optional.arm.FEAT_BF16"]]
-    finally:
-        cpu_features.cpu_has_native_bf16.cache_clear()
+    assert cpu_features.cpu_has_native_bf16() is expected
+    assert calls == [["sysctl", "-n", "hw.optional.arm.FEAT_BF16"]]
