@@ -13,6 +13,14 @@ GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
 GRAVITON2 = "processor\t: 0\nFeatures\t: fp asimd atomics\n"
 
 
+@pytest.fixture
+def fresh_probe():
+    """Forget the cached answer before and after, so a faked machine is asked and never outlives the test."""
+    cpu_features.cpu_has_native_bf16.cache_clear()
+    yield
+    cpu_features.cpu_has_native_bf16.cache_clear()
+
+
 def test_bf16_instruction_sets_are_recognised():
     assert native_bf16_in_cpuinfo(ZEN4)
     assert native_bf16_in_cpuinfo(SAPPHIRE_RAPIDS)
@@ -29,18 +37,11 @@ def test_a_flag_name_must_match_whole():
     assert not native_bf16_in_cpuinfo("flags\t\t: avx512_bf16x_not_a_flag\n")
 
 
-def test_this_machine_is_read_from_its_cpuinfo():
+def test_this_machine_is_read_from_its_cpuinfo(monkeypatch, fresh_probe):
+    monkeypatch.setattr(cpu_features.platform, "system", lambda: "Linux")  # on a Mac too: the /proc/cpuinfo path
     cpuinfo = Path("/proc/cpuinfo")
     expected = native_bf16_in_cpuinfo(cpuinfo.read_text()) if cpuinfo.is_file() else False
     assert cpu_has_native_bf16() is expected
-
-
-@pytest.fixture
-def fresh_probe():
-    """Forget the cached answer before and after, so a faked machine is asked and never outlives the test."""
-    cpu_features.cpu_has_native_bf16.cache_clear()
-    yield
-    cpu_features.cpu_has_native_bf16.cache_clear()
 
 
 def _fake_macos(monkeypatch, *, returncode: int, stdout: str) -> list[list[str]]:
