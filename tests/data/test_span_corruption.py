@@ -12,6 +12,7 @@ from switchformer.data import (
     random_spans_noise_mask,
     span_corrupt,
 )
+from switchformer.data.span_corruption import noise_span_counts
 
 EOS = 1
 SENTINELS = np.arange(999, 899, -1)  # <extra_id_i> = 999 - i, as T5 (the highest id is sentinel 0)
@@ -128,3 +129,17 @@ def test_too_few_sentinels_is_an_error_not_a_silent_wrap():
 def test_empty_chunk_is_rejected():
     with pytest.raises(ValueError, match="empty"):
         span_corrupt(np.zeros(0, np.int64), rng=np.random.default_rng(0), sentinel_ids=SENTINELS, eos_id=EOS)
+
+
+def test_a_huge_sequence_length_is_answered_at_once_and_exactly():
+    # T5's one-token-at-a-time search would take minutes here (a typo in a config file hung validation).
+    tokens_length, targets_length = compute_input_and_target_lengths(2**31)
+    noise, spans = noise_span_counts(tokens_length, 0.15, 3.0)
+    assert tokens_length - noise + spans + 1 == 2**31 and noise + spans + 1 == targets_length
+    next_noise, next_spans = noise_span_counts(tokens_length + 1, 0.15, 3.0)
+    assert tokens_length + 1 - next_noise + next_spans + 1 > 2**31  # the largest chunk that fits
+
+
+def test_a_noise_density_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="noise_density"):
+        compute_input_and_target_lengths(512, noise_density=1.0)

@@ -70,9 +70,20 @@ def compute_input_and_target_lengths(
 
     if inputs_length < 3:
         raise ValueError(f"inputs_length={inputs_length} is too short for span corruption (need >= 3)")
-    tokens_length = inputs_length - 1
-    while lengths(tokens_length + 1)[0] <= inputs_length:
-        tokens_length += 1
+    if not 0 < noise_density < 1:
+        raise ValueError(f"noise_density={noise_density} must be in (0, 1)")
+    # The input length never falls as tokens_length grows (non-noise tokens and spans each grow by 0 or 1 a token)
+    # and grows without bound, so the largest fit is found by doubling then bisecting: T5 steps one token at a
+    # time, which takes minutes for a sequence length in the billions (a typo in a config file).
+    tokens_length, too_long = inputs_length - 1, inputs_length  # lengths(inputs_length - 1)[0] <= inputs_length
+    while lengths(too_long)[0] <= inputs_length:
+        tokens_length, too_long = too_long, 2 * too_long
+    while too_long - tokens_length > 1:
+        middle = (tokens_length + too_long) // 2
+        if lengths(middle)[0] <= inputs_length:
+            tokens_length = middle
+        else:
+            too_long = middle
     got_inputs, targets_length = lengths(tokens_length)
     if got_inputs != inputs_length:  # only for degenerate settings; the step in input length is 0 or 1 otherwise
         raise ValueError(
