@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from switchformer import build_model
@@ -110,6 +110,14 @@ def damages(draw: st.DrawFn) -> list[Damage]:
     return draw(st.lists(item, min_size=1, max_size=3))
 
 
+def _same_json(file: Path, original: bytes) -> bool:
+    """Whether a damaged file still parses to the original's JSON value (only its whitespace changed)."""
+    try:
+        return file.exists() and json.loads(file.read_bytes()) == json.loads(original)
+    except ValueError:
+        return False
+
+
 def _damage(path: Path, damage: Damage) -> None:
     name, kind, where, byte = damage
     file = path / name
@@ -138,6 +146,7 @@ def _damage(path: Path, damage: Damage) -> None:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(damage=damages())
+@example(damage=[("manifest.json", "flip", 99, 45)])  # found by Hypothesis: a space turns into a carriage return
 def test_any_damage_is_detected_and_loads_nothing(pristine: Path, tmp_path_factory: pytest.TempPathFactory,
                                                   damage: list[Damage]) -> None:  # fmt: skip
     path = tmp_path_factory.mktemp("damaged") / "step"
@@ -146,6 +155,8 @@ def test_any_damage_is_detected_and_loads_nothing(pristine: Path, tmp_path_facto
     for item in damage:
         _damage(path, item)
     changed = sorted(n for n in FILES if not (path / n).exists() or (path / n).read_bytes() != originals[n])
+    if "manifest.json" in changed and _same_json(path / "manifest.json", originals["manifest.json"]):
+        changed.remove("manifest.json")  # e.g. an indenting space flipped to a carriage return: the same manifest
     net = build_model(tiny_model("decoder-only"))
     before = _weights(net)
     if not changed:  # e.g. a flip by the byte already there: nothing to detect
