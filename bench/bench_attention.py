@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from harness import Column, ms, ratio
+from harness import Column
 from switchformer.layers.attention import explicit_attention
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
@@ -60,10 +60,6 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
 
 
-def largest_relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max() / y.abs().max().clamp(min=1e-30)) for x, y in zip(a, b, strict=True))
-
-
 def bench_case(shape: str, dtype_name: str, bias_grad: bool, repeats: int) -> list[tuple[object, ...]]:
     batch, heads, length, d_kv = (int(x) for x in shape.split("x"))
     dtype = DTYPES[dtype_name]
@@ -77,14 +73,20 @@ def bench_case(shape: str, dtype_name: str, bias_grad: bool, repeats: int) -> li
         "sdpa": make_step(sdpa, inputs, upstream),
         "explicit": make_step(lambda *a: explicit_attention(*a), inputs, upstream),
     }
-    reference = cases["sdpa"]()
-    checks = {name: largest_relative_difference(step(), reference) for name, step in cases.items()}
-    memory = {name: harness.peak_activation_bytes(step, [bias]) for name, step in cases.items()}
-    times = harness.interleaved_medians(cases, repeats=repeats, warmup=1)
-    base = times["sdpa"]
+    measured = harness.measure_steps(cases, "sdpa", [bias], repeats)
+    base = measured.times["sdpa"]
     bias_text = "learned" if bias_grad else "frozen"
     return [
-        (shape, dtype_name, bias_text, name, times[name], base / times[name], memory[name] / 2**20, checks[name])
+        (
+            shape,
+            dtype_name,
+            bias_text,
+            name,
+            measured.times[name],
+            base / measured.times[name],
+            measured.memory[name] / 2**20,
+            measured.checks[name],
+        )
         for name in cases
     ]
 
@@ -100,18 +102,8 @@ def main(argv: list[str]) -> None:
         for bias_grad in (True, False)
         for row in bench_case(shape, dtype_name, bias_grad, args.repeats)
     ]
-    columns = [
-        Column("batch x heads x seq x d_kv"),
-        Column("dtype"),
-        Column("bias"),
-        Column("method"),
-        Column("fwd+bwd ms", ms),
-        Column("speedup vs sdpa", ratio),
-        Column("peak memory MiB", lambda v: f"{v:.0f}"),
-        Column("check", lambda v: f"{v:.1e}"),
-    ]
-    print(f"medians of {args.repeats} rounds")
-    print(harness.markdown_table(columns, rows))
+    leading = [Column("batch x heads x seq x d_kv"), Column("dtype"), Column("bias"), Column("method")]
+    harness.print_step_table(leading, "sdpa", rows, args.repeats)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 import harness
-from harness import Column, ms, ratio
+from harness import Column
 from switchformer.layers.linear_cross_entropy import chunk_rows, linear_cross_entropy
 from switchformer.models.base import token_cross_entropy
 
@@ -50,10 +50,6 @@ def make_step(
     return step
 
 
-def largest_relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max() / y.abs().max().clamp(min=1e-30)) for x, y in zip(a, b, strict=True))
-
-
 def bench_shape(shape: str, chunks: list[int], repeats: int) -> list[tuple[object, ...]]:
     tokens, d_model, vocab = (int(x) for x in shape.split("x"))
     g = torch.Generator().manual_seed(0)
@@ -66,13 +62,12 @@ def bench_shape(shape: str, chunks: list[int], repeats: int) -> list[tuple[objec
         cases[f"chunked, {rows} rows"] = make_step(
             lambda h, w, rows=rows: linear_cross_entropy(h, w, labels, chunk_size=rows), hidden, weight
         )
-    reference = cases["unfused"]()
-    checks = {name: largest_relative_difference(step(), reference) for name, step in cases.items()}
-    memory = {name: harness.peak_activation_bytes(step, [weight]) for name, step in cases.items()}
-    times = harness.interleaved_medians(cases, repeats=repeats, warmup=1)
-    base = times["unfused"]
+    measured = harness.measure_steps(cases, "unfused", [weight], repeats)
+    base = measured.times["unfused"]
     return [
-        (shape, name, times[name], base / times[name], memory[name] / 2**20, checks[name]) for name in cases
+        (shape, name, measured.times[name], base / measured.times[name], measured.memory[name] / 2**20,
+         measured.checks[name])
+        for name in cases
     ]  # fmt: skip
 
 
@@ -81,16 +76,7 @@ def main(argv: list[str]) -> None:
     harness.configure(threads=args.threads, huge_pages=True)
     print(harness.machine_summary())
     rows = [row for shape in args.shapes for row in bench_shape(shape, args.chunks, args.repeats)]
-    columns = [
-        Column("tokens x d_model x vocab"),
-        Column("method"),
-        Column("fwd+bwd ms", ms),
-        Column("speedup vs unfused", ratio),
-        Column("peak memory MiB", lambda v: f"{v:.0f}"),
-        Column("check", lambda v: f"{v:.1e}"),
-    ]
-    print(f"medians of {args.repeats} rounds")
-    print(harness.markdown_table(columns, rows))
+    harness.print_step_table([Column("tokens x d_model x vocab"), Column("method")], "unfused", rows, args.repeats)
 
 
 if __name__ == "__main__":

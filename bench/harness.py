@@ -161,3 +161,40 @@ def markdown_table(columns: Sequence[Column], rows: Iterable[Sequence[object]]) 
     for row in rows:
         lines.append("| " + " | ".join(c.fmt(v) for c, v in zip(columns, row, strict=True)) + " |")
     return "\n".join(lines)
+
+
+def largest_relative_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """The largest ``max|x - y| / max|y|`` over paired tensors (outputs and gradients of two candidates)."""
+    return max(float((x - y).abs().max() / y.abs().max().clamp(min=1e-30)) for x, y in zip(a, b, strict=True))
+
+
+@dataclasses.dataclass
+class Measured:
+    """Median seconds, peak activation bytes and the check against the baseline, per candidate."""
+
+    times: dict[str, float]
+    memory: dict[str, int]
+    checks: dict[str, float]
+
+
+def measure_steps(
+    cases: dict[str, Callable[[], Sequence[torch.Tensor]]], baseline: str, params: Sequence[torch.Tensor], repeats: int
+) -> Measured:
+    """Check every candidate's tensors against ``baseline``'s (before timing), then peak memory, then medians."""
+    reference = cases[baseline]()
+    checks = {name: largest_relative_difference(step(), reference) for name, step in cases.items()}
+    memory = {name: peak_activation_bytes(step, params) for name, step in cases.items()}
+    return Measured(interleaved_medians(cases, repeats=repeats, warmup=1), memory, checks)
+
+
+def print_step_table(leading: Sequence[Column], baseline: str, rows: Iterable[Sequence[object]], repeats: int) -> None:
+    """Print rows of ``(*leading values, seconds, speedup, MiB, check)`` under the shared fwd+bwd columns."""
+    columns = [
+        *leading,
+        Column("fwd+bwd ms", ms),
+        Column(f"speedup vs {baseline}", ratio),
+        Column("peak memory MiB", lambda v: f"{v:.0f}"),
+        Column("check", lambda v: f"{v:.1e}"),
+    ]
+    print(f"medians of {repeats} rounds")
+    print(markdown_table(columns, rows))
