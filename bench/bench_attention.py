@@ -30,14 +30,12 @@ DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.argument_parser(__doc__, repeats=9)
     p.add_argument(
         "--shapes", nargs="+", default=["32x4x128x32", "8x12x512x64"],
         help="batch x heads x sequence x d_kv; the default: compare's model, and T5-base's heads on 512 tokens",
     )  # fmt: skip
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bf16"])
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
 
@@ -71,7 +69,7 @@ def bench_case(shape: str, dtype_name: str, bias_grad: bool, repeats: int) -> li
     upstream = torch.randn(batch, heads, length, d_kv, generator=g).to(dtype)
     cases = {
         "sdpa": make_step(sdpa, inputs, upstream),
-        "explicit": make_step(lambda *a: explicit_attention(*a), inputs, upstream),
+        "explicit": make_step(explicit_attention, inputs, upstream),
     }
     measured = harness.measure_steps(cases, "sdpa", [bias], repeats)
     base = measured.times["sdpa"]

@@ -28,10 +28,8 @@ KERNELS = {"for-loop": {"fused": None, "foreach": False}, "foreach": {"fused": N
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.argument_parser(__doc__, repeats=9)
     p.add_argument("--experts", nargs="+", type=int, default=[8, 32, 128], help="Switch models beside the dense one")
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
 

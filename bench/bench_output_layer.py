@@ -27,14 +27,12 @@ from switchformer.models.base import token_cross_entropy
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.argument_parser(__doc__, repeats=7)
     p.add_argument(
         "--shapes", nargs="+", default=["4096x128x4096", "4096x512x32128"],
         help="tokens x d_model x vocab; the default: compare's model, and a T5-base-width layer on T5's vocabulary",
     )  # fmt: skip
     p.add_argument("--chunks", nargs="*", type=int, default=[], help="extra chunk sizes (rows) beside the default")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
 

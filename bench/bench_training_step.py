@@ -26,14 +26,12 @@ from switchformer.training.optim import build_optimizer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.argument_parser(__doc__, repeats=5)
     p.add_argument("--sparse", default="switch-tiny-32")
     p.add_argument("--dense", default="t5-tiny", help="the sparse preset's FLOP-matched dense model")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--target-len", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-thp", action="store_true", help="leave PyTorch's transparent-huge-page allocation off")
     p.add_argument("--system-malloc", action="store_true", help="let glibc return freed memory (see harness)")
     return p.parse_args(argv)

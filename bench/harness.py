@@ -6,6 +6,7 @@ candidate once, in a rotated order), so a noisy neighbour slows all of them alik
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -21,6 +22,14 @@ from torch.profiler import ProfilerActivity, profile
 # step's fresh gradients and activations are page-faulted again (in a VM, first touches can cost seconds per GiB).
 # These keep freed memory in the process for reuse, as the caching allocators PyTorch's CPU guide recommends do.
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def argument_parser(description: str | None, *, repeats: int) -> argparse.ArgumentParser:
+    """A bench script's parser: its docstring as help, and the ``--repeats`` and ``--threads`` every script takes."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--threads", type=int, default=2)
+    return p
 
 
 def configure(*, threads: int, huge_pages: bool, keep_freed_memory: bool = True) -> None:
