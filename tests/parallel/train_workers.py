@@ -12,11 +12,9 @@ def train_cli(args: list[str], run_dir: str) -> list[dict]:
     return read_metrics(__import__("pathlib").Path(run_dir))
 
 
-def distill_cli(args: list[str], output: str) -> dict[str, object]:
-    """``switchformer distill`` on this rank: the logs of the student and of the runs trained beside it, and the
-    batch sizes its training forward passes saw (data parallelism splits the global batch)."""
-    from pathlib import Path
-
+def main_counting_rows(command: str, args: list[str], output: str) -> set[int]:
+    """Run ``switchformer COMMAND ARGS --output OUTPUT``; return the batch sizes its training forward passes saw
+    (data parallelism splits the global batch)."""
     from switchformer.training.trainer import Trainer
 
     rows: set[int] = set()
@@ -28,10 +26,33 @@ def distill_cli(args: list[str], output: str) -> dict[str, object]:
 
     Trainer._forward = counting_forward
     try:
-        code = main(["distill", *args, "--output", output])
+        code = main([command, *args, "--output", output])
     finally:
         Trainer._forward = forward
-    assert code == 0, f"switchformer distill exited with {code}"
+    assert code == 0, f"switchformer {command} exited with {code}"
+    return rows
+
+
+def distill_cli(args: list[str], output: str) -> dict[str, object]:
+    """``switchformer distill`` on this rank: the logs of the student and of the runs trained beside it, and the
+    batch sizes its training forward passes saw."""
+    from pathlib import Path
+
+    rows = main_counting_rows("distill", args, output)
     folder = Path(output)
     logs = {name: read_metrics(folder / name) for name in (".", "dense-baseline", "no-teacher")}
     return {"logs": logs, "rows": rows}
+
+
+def finetune_cli(args: list[str], output: str) -> dict[str, object]:
+    """``switchformer finetune`` on this rank: the run's metrics, evaluations and best model's record as this rank
+    reads them once the command has returned, and the batch sizes its training forward passes saw."""
+    import json
+    from pathlib import Path
+
+    from switchformer.finetune.callbacks import read_eval_log
+
+    rows = main_counting_rows("finetune", args, output)
+    folder = Path(output)
+    best = json.loads((folder / "best" / "best.json").read_text())
+    return {"metrics": read_metrics(folder), "evals": read_eval_log(folder), "best": best, "rows": rows}

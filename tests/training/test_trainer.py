@@ -11,6 +11,7 @@ from switchformer.training.callbacks import Callback
 from switchformer.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from switchformer.training.config import TrainConfig
 from switchformer.training.metrics import read_metrics
+from switchformer.training.strategy import SingleProcess
 from switchformer.training.trainer import CyclingBatches, NonFiniteLossError, Trainer, split_batch
 
 
@@ -194,3 +195,27 @@ def test_cpu_training_flushes_denormals_while_it_runs_and_restores_the_mode(toy,
     trainer.train()
     assert seen == [supported] * 3, "flushed at every step where the CPU can"
     assert not denormals_are_flushed(), "the caller's mode is back: Python floats and Hypothesis obey it"
+
+
+def test_a_rank_other_than_the_main_one_keeps_only_the_callbacks_that_run_on_every_rank(toy, tmp_path):
+    class Printer(Callback):  # main rank only, the default
+        pass
+
+    class Decider(Callback):
+        every_rank = True
+
+    class OtherRank(SingleProcess):
+        is_main = False
+
+    tiny_model, batches, train_config = toy
+    data = batches(count=2)
+    printer, decider = Printer(), Decider()
+
+    def trainer(strategy):
+        return Trainer(tiny_model(), train_config(), train_batches=CyclingBatches(data[:1]), validation=data[1:],
+                       run_dir=tmp_path, callbacks=[printer, decider], tensorboard=False,
+                       strategy=strategy)  # fmt: skip
+
+    main_callbacks = trainer(SingleProcess()).callbacks
+    assert main_callbacks[:2] == [printer, decider] and len(main_callbacks) == 3  # and the collapse warning
+    assert trainer(OtherRank()).callbacks == [decider]

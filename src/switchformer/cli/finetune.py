@@ -4,16 +4,18 @@ Rows are JSON objects with an input and a target text (``--input-field``/``--tar
 switchformer checkpoint, a training run folder or a Hugging Face Switch folder, with its ``tokenizer.json`` (or
 ``--tokenizer``). Uses the paper's expert dropout (0.1 outside the experts, 0.4 inside), evaluates validation loss
 and exact match, stops early when the metric stops improving and keeps the best model in OUTPUT/best.
+Under ``torchrun`` it trains data-parallel, the global batch split over the ranks (``--output`` required).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from switchformer.cli.common import print_table
+from switchformer.cli.common import print_table, torchrun_job
 from switchformer.finetune.config import BadRowPolicy, FinetuneConfig, Metric
 from switchformer.finetune.run import FinetuneResult, finetune
 from switchformer.training.callbacks import ProgressBar
@@ -96,10 +98,29 @@ def _configs(args: argparse.Namespace, saved: dict[str, Any] | None) -> tuple[Fi
 def run(args: argparse.Namespace) -> int:
     if args.resume and args.output is None:
         raise ValueError("--resume needs --output RUN_DIR: the run folder to continue")
+    if args.output is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("a torchrun launch needs --output RUN_DIR, the same folder on every rank")
     run_dir = args.output or Path("runs") / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
     latest = latest_checkpoint(run_dir / "checkpoints") if args.resume else None
     saved = load_checkpoint(latest, with_optimizer=False).config if latest else None
     task, train = _configs(args, saved)
+    with torchrun_job("finetune") as strategy:
+        main_rank = strategy is None or strategy.is_main
+        if main_rank:
+            _print_start(args, run_dir, latest, task, train)
+        result = finetune(
+            args.checkpoint, train=args.train, validation=args.validation, run_dir=run_dir, config=task,
+            train_config=train, tokenizer=args.tokenizer, overrides=args.overrides, resume=args.resume,
+            callbacks=[] if args.no_progress else [ProgressBar()], strategy=strategy,
+        )  # fmt: skip
+    if main_rank:
+        print_table("fine-tuning summary", _summary_rows(result, task.metric))
+    return 0
+
+
+def _print_start(
+    args: argparse.Namespace, run_dir: Path, latest: Path | None, task: FinetuneConfig, train: TrainConfig
+) -> None:
     print_table(
         f"switchformer finetune -> {run_dir}",
         [
@@ -111,13 +132,6 @@ def run(args: argparse.Namespace) -> int:
                          f"evaluation every {train.eval_every}"),
         ],
     )  # fmt: skip
-    result = finetune(
-        args.checkpoint, train=args.train, validation=args.validation, run_dir=run_dir, config=task,
-        train_config=train, tokenizer=args.tokenizer, overrides=args.overrides, resume=args.resume,
-        callbacks=[] if args.no_progress else [ProgressBar()],
-    )  # fmt: skip
-    print_table("fine-tuning summary", _summary_rows(result, task.metric))
-    return 0
 
 
 def _figures(record: dict[str, Any] | None) -> str:

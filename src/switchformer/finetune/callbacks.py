@@ -3,7 +3,8 @@
 The trainer hands every callback the same step record, so :class:`ExactMatchEvaluator` (listed first) adds
 ``exact_match`` to it and the others read it. Each evaluation is appended to ``RUN/eval.jsonl``; after a resume
 the early-stopping and best-checkpoint state is replayed from that log, so a resumed run stops where an
-uninterrupted one would.
+uninterrupted one would. Under torchrun the evaluator and early stopping run on every rank (each rank decodes its
+share of the examples; all ranks see the same figures and stop at the same step); files are the main rank's.
 """
 
 from __future__ import annotations
@@ -42,12 +43,17 @@ def read_eval_log(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _write_eval_log(run_dir: Path, records: Sequence[dict[str, Any]]) -> None:
-    (run_dir / EVAL_LOG).write_text("".join(json.dumps(r) + "\n" for r in records))
+    """Replace the log atomically: other ranks may be replaying it while a resumed main rank trims it."""
+    tmp = run_dir / f".{EVAL_LOG}.tmp-{os.getpid()}"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, run_dir / EVAL_LOG)
 
 
 class ExactMatchEvaluator(Callback):
     """At each evaluation (a step whose record has ``val_loss``), greedy-decode the validation inputs and add
     ``exact_match`` to the record; with ``baseline`` also measure the model once before the first step."""
+
+    every_rank = True  # the validation loss is a collective, and early stopping on every rank reads exact match
 
     def __init__(
         self,
@@ -62,13 +68,18 @@ class ExactMatchEvaluator(Callback):
         self.batch_size, self.max_new_tokens, self.baseline = batch_size, max_new_tokens, baseline
 
     def measure(self, trainer: Trainer) -> float:
-        result = exact_match(trainer.model, self.examples, self.tokenizer, batch_size=self.batch_size,
+        """The share of all examples decoded exactly; each rank decodes every ``world_size``-th one."""
+        strategy = trainer.strategy
+        share = self.examples[strategy.rank :: strategy.world_size]
+        result = exact_match(trainer.model, share, self.tokenizer, batch_size=self.batch_size,
                              max_new_tokens=self.max_new_tokens, device=trainer.device)  # fmt: skip
-        return result.exact_match
+        correct, total = strategy.sum([float(result.correct), float(result.total)])
+        return correct / max(total, 1.0)
 
     def on_train_start(self, trainer: Trainer) -> None:
-        kept = [r for r in read_eval_log(trainer.run_dir) if r["step"] <= trainer.step] if trainer.step else []
-        _write_eval_log(trainer.run_dir, kept)  # a resume forgets evaluations after its checkpoint
+        if trainer.strategy.is_main:
+            kept = [r for r in read_eval_log(trainer.run_dir) if r["step"] <= trainer.step] if trainer.step else []
+            _write_eval_log(trainer.run_dir, kept)  # a resume forgets evaluations after its checkpoint
         if self.baseline and trainer.step == 0:
             record = {"step": 0, **trainer.evaluate(), "exact_match": self.measure(trainer)}
             self._append(trainer, record)
@@ -80,6 +91,8 @@ class ExactMatchEvaluator(Callback):
         self._append(trainer, {k: record[k] for k in ("step", "val_loss", "val_perplexity", "exact_match")})
 
     def _append(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if not trainer.strategy.is_main:
+            return
         with (trainer.run_dir / EVAL_LOG).open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         logger.info("step %d: val_loss %.4f, exact match %.1f%%", record["step"], record["val_loss"],
@@ -126,6 +139,8 @@ class BestTracker:
 class EarlyStopping(Callback):
     """Stop once ``patience`` evaluations in a row have not improved ``metric`` (sets ``trainer.should_stop``)."""
 
+    every_rank = True  # every rank must stop after the same step
+
     def __init__(self, metric: Metric, *, patience: int, min_delta: float = 0.0) -> None:
         self.tracker = BestTracker(metric, min_delta)
         self.patience = patience
@@ -150,6 +165,8 @@ class BestCheckpoint(Callback):
     """Keep the model of the best evaluation in ``RUN/best/`` (a ``save_pretrained`` folder with the tokenizer and
     ``best.json``), independent of the rolling training checkpoints. The folder is replaced atomically."""
 
+    every_rank = True  # every rank tracks the best evaluation (and can report it); the main rank saves it
+
     def __init__(self, metric: Metric, *, min_delta: float = 0.0, tokenizer_file: Path | None = None) -> None:
         self.tracker = BestTracker(metric, min_delta)
         self.tokenizer_file = tokenizer_file
@@ -157,13 +174,15 @@ class BestCheckpoint(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         self.tracker.replay(trainer.run_dir, trainer.step)
         info = trainer.run_dir / BEST_DIR / BEST_INFO
+        if not trainer.strategy.is_main:
+            return
         if info.is_file() and json.loads(info.read_text())["step"] != self.tracker.best_step:
             shutil.rmtree(trainer.run_dir / BEST_DIR)  # saved after the checkpoint we resumed from
             logger.info("removed %s: it came from steps after the resumed checkpoint", trainer.run_dir / BEST_DIR)
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         name = self.tracker.metric.value
-        if name in record and self.tracker.update(record):
+        if name in record and self.tracker.update(record) and trainer.strategy.is_main:
             self.save(trainer, record)
 
     def save(self, trainer: Trainer, record: dict[str, Any]) -> Path:

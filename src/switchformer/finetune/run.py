@@ -30,6 +30,7 @@ from switchformer.models.config import ModelConfig
 from switchformer.training.callbacks import Callback
 from switchformer.training.checkpoint import latest_checkpoint
 from switchformer.training.config import TrainConfig
+from switchformer.training.strategy import SingleProcess
 from switchformer.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -115,12 +116,25 @@ def finetune(
     callbacks: Iterable[Callback] = (),
     resume: bool = False,
     tensorboard: bool = True,
+    strategy: SingleProcess | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``checkpoint`` (switchformer or Hugging Face folder, or a run folder) on ``train`` and keep the
     best model by ``config.metric`` in ``run_dir/best``; with ``resume`` continue ``run_dir`` from its last
-    checkpoint (pass the configs the run started with). The tokenizer is ``tokenizer`` or the checkpoint's own."""
+    checkpoint (pass the configs the run started with). The tokenizer is ``tokenizer`` or the checkpoint's own.
+
+    Under torchrun (``strategy``, every rank calling this with the same arguments and ``run_dir``) the training is
+    data-parallel: each rank holds the whole model and trains on its slice of every batch (``batch_size`` must
+    divide by the world size), so the result is one process's up to rounding, and exact match is decoded in
+    shares. Only the main rank writes; every rank returns the same figures.
+    """
     config = config or FinetuneConfig()
     train_config = train_config or TrainConfig()
+    strategy = strategy or SingleProcess()
+    if strategy.world_size > 1:
+        if config.batch_size % strategy.world_size:
+            raise ValueError(f"batch_size={config.batch_size} must divide by the world size {strategy.world_size}: "
+                             "each rank trains on an equal slice of every batch")  # fmt: skip
+        train_config = train_config.replace(device=str(strategy.layout.device))
     run_dir = Path(run_dir)
     latest = latest_checkpoint(run_dir / "checkpoints")
     if latest is not None and not resume:
@@ -136,7 +150,9 @@ def finetune(
     check_tokenizer(loaded_tokenizer, model.config)
     data = prepare_finetune_data(train, validation, loaded_tokenizer, config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_file = loaded_tokenizer.save(run_dir / TOKENIZER_FILE)
+    tokenizer_file = run_dir / TOKENIZER_FILE
+    if strategy.is_main:
+        loaded_tokenizer.save(tokenizer_file)
 
     arch, pad = model.config.architecture, model.config.pad_token_id
     source = ShuffledBatches(data.train, batch_size=config.batch_size, architecture=arch, pad_id=pad,
@@ -154,9 +170,10 @@ def finetune(
     trainer = Trainer(
         model.config, train_config, train_batches=source, validation=val_batches, run_dir=run_dir,
         extra_config=extra, callbacks=[evaluator, best, *([early] if early else []), *callbacks], resume=resume,
-        model=model, tensorboard=tensorboard, checkpoint_files={TOKENIZER_FILE: tokenizer_file},
+        model=model, tensorboard=tensorboard, checkpoint_files={TOKENIZER_FILE: tokenizer_file}, strategy=strategy,
     )  # fmt: skip
     summary = trainer.train()
+    strategy.barrier()  # the main rank's eval log and best model are written before any rank reads them
     log = read_eval_log(run_dir)
     best_record = next((r for r in log if r["step"] == best.tracker.best_step), None)
     return FinetuneResult(

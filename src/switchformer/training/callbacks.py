@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from switchformer.training.trainer import Trainer
@@ -12,6 +12,12 @@ logger = logging.getLogger(__name__)
 
 
 class Callback:
+    """Hooks the trainer calls in list order. Under torchrun only the main rank gets a callback, unless it sets
+    ``every_rank``: one that takes part in collectives (an evaluation) or decides for all ranks (stopping early)
+    must run everywhere, on the same records, and write files only where ``trainer.strategy.is_main``."""
+
+    every_rank: ClassVar[bool] = False
+
     def on_train_start(self, trainer: Trainer) -> None:
         """Called once before the first step (after a resume, before the first new step)."""
 

@@ -122,7 +122,7 @@ class Trainer:
         self.strategy = strategy or SingleProcess()
         # Printing and file output belong to the main rank; every rank runs the same steps and collectives.
         collapse = CollapseWarning(config.collapse_warning_share, config.collapse_warning_steps)
-        self.callbacks = [*callbacks, collapse] if self.strategy.is_main else []
+        self.callbacks = [cb for cb in (*callbacks, collapse) if self.strategy.is_main or cb.every_rank]
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)

@@ -1,0 +1,61 @@
+"""`switchformer finetune` under torchrun: data-parallel, with what one process computes, and one writer."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from switchformer.cli.main import main
+from switchformer.finetune import finetune
+from tests.finetune.helpers import task_config, tiny_config, write_checkpoint, write_task
+from tests.parallel.launcher import run_and_check
+from tests.parallel.train_workers import finetune_cli
+
+# No dropout (each rank draws its own masks); each sequence its own routing group (a group must not straddle the
+# ranks' slices for their capacity to match one process's); early stopping that must fire at step 6 of 9: val_loss
+# never improves by 10, so the evaluation at step 6 is the first without improvement and patience 1 ends the run.
+ARGS = ["--steps", "9", "--eval-every", "3", "--batch-size", "8", "--lr", "5e-3", "--dropout", "0",
+        "--expert-dropout", "0", "--metric", "val_loss", "--patience", "1", "--finetune-set", "min_delta=10",
+        "--finetune-set", "max_new_tokens=6", "--set", "moe.grouping=sequence", "--train-set", "threads=1",
+        "--no-progress"]  # fmt: skip
+
+
+def test_data_parallel_finetuning_matches_one_process_and_stops_on_every_rank(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "start", tiny_config())
+    train, validation = write_task(tmp_path / "task", train=64, validation=15)  # 15: the ranks decode 8 and 7
+    args = [str(checkpoint), "--train", str(train), "--validation", str(validation), *ARGS]
+    single = finetune_cli(args, str(tmp_path / "single"))
+    ranks = run_and_check(finetune_cli, 2, timeout_s=300, args=args, output=str(tmp_path / "parallel"))
+
+    assert single["rows"] == {8} and [r["rows"] for r in ranks] == [{4}, {4}]  # each rank trains on its half
+    assert [e["step"] for e in single["evals"]] == [0, 3, 6]  # stopped early after step 6, not at 9
+    for rank in ranks:  # every rank stopped after the same step and reads the main rank's files
+        assert rank["evals"] == ranks[0]["evals"] and rank["best"] == ranks[0]["best"]
+    for got, expected in zip(ranks[0]["evals"], single["evals"], strict=True):
+        assert got["step"] == expected["step"]
+        assert got["val_loss"] == pytest.approx(expected["val_loss"], abs=2e-5), got["step"]
+        assert got["exact_match"] == expected["exact_match"], got["step"]  # two shares summed (see tests/finetune)
+    assert [r["step"] for r in ranks[0]["metrics"]] == [r["step"] for r in single["metrics"]]
+    for got, expected in zip(ranks[0]["metrics"], single["metrics"], strict=True):
+        assert got["loss"] == pytest.approx(expected["loss"], abs=2e-5), got["step"]
+    assert ranks[0]["best"]["step"] == single["best"]["step"] == 3
+    assert ranks[0]["best"]["val_loss"] == pytest.approx(single["best"]["val_loss"], abs=2e-5)
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_training(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "start", tiny_config())
+    train, validation = write_task(tmp_path / "task", train=8, validation=4)
+    two_ranks = types.SimpleNamespace(world_size=2, rank=0, is_main=True)
+    with pytest.raises(ValueError, match=r"batch_size=7 must divide by the world size 2"):
+        finetune(checkpoint, train=train, validation=validation, run_dir=tmp_path / "run",
+                 config=task_config(batch_size=7), strategy=two_ranks)  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_torchrun_finetune_needs_an_output_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    argv = ["finetune", str(tmp_path / "start"), "--train", "t.jsonl", "--validation", "v.jsonl"]
+    assert main(argv) == 2
+    assert "a torchrun launch needs --output" in capsys.readouterr().err
