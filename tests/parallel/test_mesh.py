@@ -57,8 +57,11 @@ def test_check_layout_rejects_an_expert_parallel_degree_that_does_not_divide_the
 def test_init_parallel_outside_torchrun_says_how_to_launch(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(RuntimeError, match="torchrun"):
+    with pytest.raises(RuntimeError, match=r"torchrun --nproc-per-node 2 -m switchformer train --expert-parallel 2"):
         init_parallel(2)
+    hint = r"MASTER_ADDR.*`torchrun --nproc-per-node 2 -m switchformer finetune \.\.\.`"  # no EP flag at ep=1
+    with pytest.raises(RuntimeError, match=hint):
+        init_parallel(1, command="finetune")
 
 
 def test_experts_must_divide_evenly_over_the_expert_parallel_ranks():

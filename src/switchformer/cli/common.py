@@ -64,7 +64,7 @@ def torchrun_job(command: str, expert_parallel: int = 1) -> Iterator[Distributed
         )
     from switchformer.parallel import close_parallel, init_parallel
 
-    layout = init_parallel(expert_parallel)
+    layout = init_parallel(expert_parallel, command=command)
     if layout.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     try:

@@ -72,7 +72,7 @@ def check_layout(world_size: int, ep: int) -> int:
 
 
 def init_parallel(
-    ep: int, *, backend: Backend = Backend.AUTO, timeout: datetime.timedelta = DEFAULT_TIMEOUT
+    ep: int, *, backend: Backend = Backend.AUTO, timeout: datetime.timedelta = DEFAULT_TIMEOUT, command: str = "train"
 ) -> ParallelLayout:
     """Initialise the default process group from torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``MASTER_ADDR``, ``MASTER_PORT``) and build the EP/DP groups.
@@ -83,9 +83,10 @@ def init_parallel(
     if not dist.is_initialized():
         missing = [name for name in _REQUIRED_ENV if name not in os.environ]
         if missing:
+            flag = f" --expert-parallel {ep}" if ep > 1 else ""
             raise RuntimeError(
-                f"expert parallelism needs torchrun's environment; {', '.join(missing)} not set. Launch with e.g. "
-                "`torchrun --nproc-per-node 2 -m switchformer train --expert-parallel 2 ...`"
+                f"running over several processes needs torchrun's environment; {', '.join(missing)} not set. Launch "
+                f"with e.g. `torchrun --nproc-per-node {max(ep, 2)} -m switchformer {command}{flag} ...`"
             )
         check_layout(int(os.environ["WORLD_SIZE"]), ep)  # fail before connecting to anyone
         chosen = _resolve_backend(backend)
