@@ -92,3 +92,20 @@ def test_compare_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="unknown run"):
         run_cli(["--output", str(tmp_path / "x"), "--only", "switch-3", *TINY])
     assert not (tmp_path / "x").exists()  # refused before the tokenizer was trained or the session recorded
+
+
+def test_each_run_bar_names_its_place_in_the_plan(tmp_path, monkeypatch):
+    descriptions = []
+
+    class RecordingBar(compare.ProgressBar):
+        def __init__(self, **kwargs):
+            descriptions.append(kwargs["desc"])
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(compare, "ProgressBar", RecordingBar)
+    corpus = write_corpus(tmp_path / "corpus.txt", modules=("json", "email"))
+    argv = ["--data", str(corpus), "--output", str(tmp_path / "cmp"), "--steps", "2", "--experts", "2",
+            "--only", "dense-seed0,switch-2", *[a for a in TINY if a != "--no-progress"]]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["switchformer", "compare", *argv])
+    assert run_cli(argv) == 0
+    assert descriptions == ["dense-seed0 [1/2]", "switch-2 [2/2]"]

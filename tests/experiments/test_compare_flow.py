@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 
 from switchformer.experiments.report import write_report
 from switchformer.experiments.results import read_results
-from switchformer.experiments.runner import RunStatus, data_config_for, load_plan, run_comparison, write_or_check_plan
+from switchformer.experiments.runner import (
+    RunStatus,
+    _time_left_text,
+    data_config_for,
+    load_plan,
+    run_comparison,
+    write_or_check_plan,
+)
 from switchformer.training.metrics import read_metrics
 
 from .conftest import tiny_plan
@@ -84,13 +93,17 @@ def test_folders_saved_before_the_gate_and_group_options_load_with_what_they_ran
     write_or_check_plan(tmp_path, plan.with_overrides(["gate=probability", "group_size=1024"]), data)  # accepted
 
 
-def test_a_rerun_may_add_runs_to_a_folder_and_the_folder_keeps_every_run(tmp_path, corpus):
+def test_a_rerun_may_add_runs_to_a_folder_and_the_folder_keeps_every_run(tmp_path, corpus, caplog):
     """More experts, capacity factors or dense seeds on an existing folder add runs without retraining the others;
     the saved plan holds the union, so a plain rerun still knows every run, and a changed shape is still refused."""
     plan = tiny_plan(dense_seeds=(0,), expert_counts=(2,), capacity_factors=(), top2_experts=None)
     data = data_config_for(plan, str(corpus))
     out = tmp_path / "cmp"
-    assert [o.spec.name for o in run_comparison(plan, out, data)] == ["dense-seed0", "switch-2"]
+    with caplog.at_level(logging.INFO, logger="switchformer.experiments.runner"):
+        assert [o.spec.name for o in run_comparison(plan, out, data)] == ["dense-seed0", "switch-2"]
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compare: ")]
+    assert re.fullmatch(r"compare: 1 of 2 runs done; about \d+ s to go \(\d+ s a run so far\)", progress[0])
+    assert progress[1:] == ["compare: 2 of 2 runs done"]  # nothing left, no estimate
     before = read_metrics(out / "runs" / "switch-2")
 
     more = plan.replace(expert_counts=(4,), dense_seeds=(0, 1), only=("switch-4", "dense-seed1"))
@@ -106,3 +119,10 @@ def test_a_rerun_may_add_runs_to_a_folder_and_the_folder_keeps_every_run(tmp_pat
     assert [r.name for r in read_results(out)] == ["dense-seed0", "dense-seed1", "switch-2", "switch-4"]
     with pytest.raises(ValueError, match="capacity_factor"):
         run_comparison(more.replace(capacity_factor=2.0), out, data)
+
+
+def test_the_time_left_is_the_median_run_so_far_times_the_runs_left():
+    assert _time_left_text([60.0, 120.0, 600.0], 3) == "; about 6 min to go (2 min a run so far)"
+    assert _time_left_text([540.0, 560.0], 7) == "; about 1 h 4 min to go (9 min a run so far)"  # 7 x 550 s = 64 min
+    assert _time_left_text([12.4], 2) == "; about 25 s to go (12 s a run so far)"
+    assert _time_left_text([60.0], 0) == "" and _time_left_text([], 4) == ""  # done, or nothing trained yet

@@ -19,6 +19,8 @@ import enum
 import json
 import logging
 import os
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -172,8 +174,36 @@ def run_comparison(
     *,
     callbacks: Callable[[RunSpec], Sequence[Callback]] = lambda spec: (),
 ) -> list[RunOutcome]:
-    """Train every run of ``plan`` in order, one at a time; finished runs are skipped, interrupted ones resumed."""
+    """Train every run of ``plan`` in order, one at a time; finished runs are skipped, interrupted ones resumed.
+
+    After each run it logs how many are done and, from the runs trained so far, about how long the rest will take.
+    """
     output = Path(output)
     write_or_check_plan(output, plan, data)  # a bad plan fails before any work
     vocab = prepare_run_data(data, output, plan.seed).tokenizer.vocab_size
-    return [train_run(spec, plan, data, output, callbacks=callbacks(spec)) for spec in plan_runs(plan, vocab)]
+    specs = plan_runs(plan, vocab)
+    outcomes: list[RunOutcome] = []
+    spent: list[float] = []  # wall-clock seconds of each run trained (not skipped) in this call
+    for index, spec in enumerate(specs, 1):
+        started = time.monotonic()
+        outcomes.append(train_run(spec, plan, data, output, callbacks=callbacks(spec)))
+        if outcomes[-1].status is not RunStatus.SKIPPED:
+            spent.append(time.monotonic() - started)
+        unfinished = sum(finished_steps(run_dir(output, s.name)) < plan.steps for s in specs[index:])
+        logger.info("compare: %d of %d runs done%s", index, len(specs), _time_left_text(spent, unfinished))
+    return outcomes
+
+
+def _time_left_text(spent: Sequence[float], unfinished: int) -> str:
+    """``"; about 1 h 4 min to go (8 min a run so far)"``: the median run so far times the runs left to train."""
+    if not unfinished or not spent:
+        return ""
+    per_run = statistics.median(spent)
+    return f"; about {_duration(unfinished * per_run)} to go ({_duration(per_run)} a run so far)"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
