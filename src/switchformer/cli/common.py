@@ -46,6 +46,12 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     Console().print(table)
 
 
+def require_output_under_torchrun(output: object) -> None:
+    """Every rank must write into the same folder, so a torchrun launch cannot use a timestamped default."""
+    if output is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("a torchrun launch needs --output RUN_DIR, the same folder on every rank")
+
+
 @contextmanager
 def torchrun_job(command: str, expert_parallel: int = 1) -> Iterator[DistributedStrategy | None]:
     """Join the torchrun job this process was launched in (``None`` when it runs alone) and leave it at the end.

@@ -10,11 +10,10 @@ Launched by ``torchrun --nproc-per-node N -m switchformer distill ...``, every t
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
-from switchformer.cli.common import print_table, torchrun_job
+from switchformer.cli.common import print_table, require_output_under_torchrun, torchrun_job
 from switchformer.distill.config import DistillConfig
 from switchformer.distill.run import distill, format_share
 from switchformer.distill.student import ExpertInit
@@ -72,8 +71,7 @@ def parse_init(text: str, teacher_weight: float) -> DistillConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = parse_init(args.init, args.teacher_weight)
-    if args.output is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("a torchrun launch needs --output STUDENT_DIR, the same folder on every rank")
+    require_output_under_torchrun(args.output)
     with torchrun_job("distill") as strategy:
         output = args.output or Path("runs") / f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
         callbacks = [] if args.no_progress else [ProgressBar(desc="student")]

@@ -10,12 +10,11 @@ Under ``torchrun`` it trains data-parallel, the global batch split over the rank
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from switchformer.cli.common import print_table, torchrun_job
+from switchformer.cli.common import print_table, require_output_under_torchrun, torchrun_job
 from switchformer.finetune.config import BadRowPolicy, FinetuneConfig, Metric
 from switchformer.finetune.run import FinetuneResult, finetune
 from switchformer.training.callbacks import ProgressBar
@@ -98,8 +97,7 @@ def _configs(args: argparse.Namespace, saved: dict[str, Any] | None) -> tuple[Fi
 def run(args: argparse.Namespace) -> int:
     if args.resume and args.output is None:
         raise ValueError("--resume needs --output RUN_DIR: the run folder to continue")
-    if args.output is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("a torchrun launch needs --output RUN_DIR, the same folder on every rank")
+    require_output_under_torchrun(args.output)
     run_dir = args.output or Path("runs") / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
     latest = latest_checkpoint(run_dir / "checkpoints") if args.resume else None
     saved = load_checkpoint(latest, with_optimizer=False).config if latest else None
