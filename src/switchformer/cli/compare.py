@@ -21,7 +21,7 @@ from switchformer.cli.common import print_table
 from switchformer.cli.distill import parse_init
 from switchformer.experiments.distillation import distill_best
 from switchformer.experiments.history import history_lines, recorded_session
-from switchformer.experiments.plan import ComparePlan, plan_runs
+from switchformer.experiments.plan import ComparePlan
 from switchformer.experiments.report import write_report
 from switchformer.experiments.runner import check_plan, data_config_for, load_plan, run_comparison
 from switchformer.training.callbacks import ProgressBar
@@ -138,9 +138,7 @@ def run(args: argparse.Namespace) -> int:
         warn_if_bf16_is_emulated(plan)
         check_plan(output, plan, data)  # a refused command is not a training session of the folder
         with recorded_session(output, f"switchformer {shlex.join(sys.argv[1:])}"):
-            order = [spec.name for spec in plan_runs(plan, plan.vocab_size)]  # names do not depend on the vocabulary
-            outcomes = run_comparison(plan, output, data, callbacks=lambda spec: bars(
-                f"{spec.name} [{order.index(spec.name) + 1}/{len(order)}]"))  # fmt: skip
+            outcomes = run_comparison(plan, output, data, callbacks=lambda spec, place: bars(f"{spec.name} [{place}]"))
             for outcome in outcomes:
                 logger.info("%s: %s", outcome.spec.name, outcome.status.value)
             if args.distill:

@@ -172,9 +172,11 @@ def run_comparison(
     output: Path,
     data: DataConfig,
     *,
-    callbacks: Callable[[RunSpec], Sequence[Callback]] = lambda spec: (),
+    callbacks: Callable[[RunSpec, str], Sequence[Callback]] = lambda spec, place: (),
 ) -> list[RunOutcome]:
     """Train every run of ``plan`` in order, one at a time; finished runs are skipped, interrupted ones resumed.
+
+    ``callbacks(spec, place)`` gives each run's callbacks; ``place`` is its position in the plan, e.g. ``"7/8"``.
 
     After each run it logs how many are done and, from the runs trained so far, about how long the rest will take.
     """
@@ -186,7 +188,7 @@ def run_comparison(
     spent: list[float] = []  # wall-clock seconds of each run trained (not skipped) in this call
     for index, spec in enumerate(specs, 1):
         started = time.monotonic()
-        outcomes.append(train_run(spec, plan, data, output, callbacks=callbacks(spec)))
+        outcomes.append(train_run(spec, plan, data, output, callbacks=callbacks(spec, f"{index}/{len(specs)}")))
         if outcomes[-1].status is not RunStatus.SKIPPED:
             spent.append(time.monotonic() - started)
         unfinished = sum(finished_steps(run_dir(output, s.name)) < plan.steps for s in specs[index:])
