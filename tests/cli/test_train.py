@@ -16,7 +16,8 @@ SMALL = ["--seq-len", "64", "--batch-size", "4", "--vocab-size", "600", "--data-
 @pytest.mark.parametrize("model_type", ["encoder-decoder", "decoder-only"])
 def test_train_smoke_then_resume_then_eval(tmp_path, capsys, model_type):
     run = tmp_path / "run"
-    assert main(["train", "--steps", "5", "--output", str(run), "--model-type", model_type, *SMALL]) == 0
+    argv = ["train", "--steps", "5", "--output", str(run), "--model-type", model_type]
+    assert main([*argv, "--activation-checkpointing", "1", *SMALL]) == 0
     out = capsys.readouterr().out
     assert "training summary" in out and "final validation loss" in out
     records = read_metrics(run)
@@ -25,6 +26,7 @@ def test_train_smoke_then_resume_then_eval(tmp_path, capsys, model_type):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     saved = json.loads((run / "checkpoints" / "step-00000005" / "config.json").read_text())
     assert saved["model"]["architecture"] == model_type and saved["model"]["vocab_size"] == 600
+    assert saved["train"]["activation_checkpointing"] == 1  # and a resume keeps recomputing
 
     # Continue the same run for 3 more steps from its checkpoint.
     assert main(["train", "--resume", "--output", str(run), "--steps", "8", "--no-progress"]) == 0

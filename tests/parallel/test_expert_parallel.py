@@ -19,6 +19,11 @@ def test_model_training_matches_one_process_on_2_ranks():
     assert results[0] == results[1]  # every rank reports the same global losses
 
 
+def test_activation_checkpointing_under_expert_parallelism_matches_one_process():
+    """Each rank recomputes its blocks in backward, all-to-alls included, in the same order on every rank."""
+    run_and_check(workers.check_model_training, 2, ep=2, activation_checkpointing=1)
+
+
 def test_degenerate_routing_neither_hangs_nor_crashes():
     run_and_check(workers.check_degenerate_routing, 2, ep=2, timeout_s=60)
 

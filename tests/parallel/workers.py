@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from switchformer import ModelConfig, MoEConfig, SwitchFFN, build_model
+from switchformer.models.stack import set_activation_checkpointing
 from switchformer.parallel import (
     CollectiveError,
     apply_expert_parallel,
@@ -176,14 +177,16 @@ def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
 
-def check_model_training(ep: int, steps: int = 3, rows: int = 8) -> dict[str, Any]:
+def check_model_training(ep: int, steps: int = 3, rows: int = 8, activation_checkpointing: int = 0) -> dict[str, Any]:
     """A tiny encoder-decoder Switch Transformer: logits, loss and gradients, a few AdamW steps with global-norm
-    clipping, gathered model and optimizer states, and loading a single-process state into the sharded model."""
+    clipping, gathered model and optimizer states, and loading a single-process state into the sharded model.
+    With ``activation_checkpointing`` the sharded model recomputes its blocks (all-to-alls included) in backward."""
     layout = init_parallel(ep)
     generator = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
     model = build_model(_tiny_model_config())
     model_ep = apply_expert_parallel(copy.deepcopy(model), layout)
+    set_activation_checkpointing(model_ep, activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     optimizer_ep = torch.optim.AdamW(model_ep.parameters(), lr=1e-2, weight_decay=0.1)
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from switchformer.models.stack import TransformerStack
 from switchformer.training.callbacks import Callback
 from switchformer.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from switchformer.training.config import TrainConfig
@@ -158,6 +159,8 @@ def test_train_config_validation_names_the_field():
         TrainConfig(micro_batches=0)
     with pytest.raises(ValueError, match="device"):
         TrainConfig(device="gpu")
+    with pytest.raises(ValueError, match=r"activation_checkpointing.*0 = off"):
+        TrainConfig(activation_checkpointing=-1)
 
 
 @pytest.mark.parametrize("arch", ["decoder-only", "encoder-decoder"])
@@ -171,6 +174,24 @@ def test_the_chunked_loss_trains_like_the_loss_on_logits(toy, tmp_path, arch):
     for (loss, val), (chunked_loss, chunked_val) in zip(*logs, strict=True):
         assert chunked_loss == pytest.approx(loss, rel=1e-5)
         assert (val is None and chunked_val is None) or chunked_val == pytest.approx(val, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["decoder-only", "encoder-decoder"])
+def test_activation_checkpointing_trains_like_the_plain_backward_pass(toy, tmp_path, arch):
+    logs = []
+    for every in (0, 1):
+        changes = {"steps": 5, "activation_checkpointing": every}
+        trainer = _trainer(
+            toy, tmp_path / str(every), arch, train_changes=changes, model_changes={"router_jitter": 0.05}
+        )
+        stacks = [m for m in trainer.model.modules() if isinstance(m, TransformerStack)]
+        assert stacks and all(stack.checkpoint_every == every for stack in stacks)
+        trainer.train()
+        logs.append([(r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / str(every))])
+    assert len(logs[0]) == len(logs[1]) >= 5
+    for (loss, val), (recomputed_loss, recomputed_val) in zip(*logs, strict=True):
+        assert recomputed_loss == pytest.approx(loss, rel=1e-5)
+        assert (val is None and recomputed_val is None) or recomputed_val == pytest.approx(val, rel=1e-5)
 
 
 def test_cpu_training_keeps_freed_memory_in_the_process():

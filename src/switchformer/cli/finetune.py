@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--log-every", type=int, help="write metrics every N steps (default 10)")
     train.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps (default 100)")
     train.add_argument("--micro-batches", type=int, help="gradient accumulation: split each batch into N parts")
+    train.add_argument("--activation-checkpointing", type=int, metavar="N",
+                       help="recompute every N-th block's activations in the backward pass (1 = every block): "
+                       "less memory, about one more forward pass of compute")  # fmt: skip
     train.add_argument("--optimizer", choices=["adamw", "adafactor"])
     train.add_argument("--schedule", choices=["inverse-sqrt", "cosine", "constant"])
     train.add_argument("--precision", choices=["auto", "fp32", "bf16"])
@@ -90,7 +93,8 @@ def _configs(args: argparse.Namespace, saved: dict[str, Any] | None) -> tuple[Fi
     task = task.replace(**changes).with_overrides(args.finetune_overrides)
     train = TrainConfig.from_dict(saved["train"]) if saved else TrainConfig(**DEFAULT_TRAIN)
     changes = _changes(args, ["steps", "lr", "warmup_steps", "eval_every", "log_every", "checkpoint_every",
-                              "micro_batches", "optimizer", "schedule", "precision", "device", "seed"])  # fmt: skip
+                              "micro_batches", "optimizer", "schedule", "precision", "device", "seed",
+                              "activation_checkpointing"])  # fmt: skip
     return task, train.replace(**changes).with_overrides(args.train_overrides)
 
 

@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--schedule", choices=["inverse-sqrt", "cosine", "constant"])
     train.add_argument("--warmup-steps", type=int)
     train.add_argument("--micro-batches", type=int, help="gradient accumulation: split each batch into N parts")
+    train.add_argument("--activation-checkpointing", type=int, metavar="N",
+                       help="recompute every N-th block's activations in the backward pass (1 = every block): "
+                       "less memory, about one more forward pass of compute")  # fmt: skip
     train.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     train.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     train.add_argument("--seed", type=int, default=0)
@@ -83,7 +86,7 @@ def _train_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> Tra
         "steps": args.steps, "lr": args.lr, "optimizer": args.optimizer, "schedule": args.schedule,
         "warmup_steps": args.warmup_steps, "micro_batches": args.micro_batches, "precision": args.precision,
         "device": args.device, "eval_every": args.eval_every, "log_every": args.log_every,
-        "checkpoint_every": args.checkpoint_every,
+        "checkpoint_every": args.checkpoint_every, "activation_checkpointing": args.activation_checkpointing,
     }  # fmt: skip
     changes = {k: v for k, v in flags.items() if v is not None}
     if not saved:

@@ -19,7 +19,7 @@ from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
 from switchformer.models.config import ModelConfig
 from switchformer.models.outputs import LayerRouting, ModelOutput
-from switchformer.models.stack import StackOutput
+from switchformer.models.stack import StackOutput, set_activation_checkpointing
 
 if TYPE_CHECKING:
     from switchformer.models.generation import GenerationOutput
@@ -51,6 +51,10 @@ class SwitchModelBase(nn.Module):
                 scaled_trunc_normal_(module.embedding.weight, scale=scale, fan_in=self.config.d_model)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+    def set_activation_checkpointing(self, every: int = 1) -> None:
+        """Recompute every ``every``-th block in the backward pass (0 = off); see ``models.stack``."""
+        set_activation_checkpointing(self, every)
 
     def save_pretrained(
         self, path: str | Path, *, format: str = "switchformer", max_shard_bytes: int | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from switchformer.layers.kv_cache import DecoderCache
@@ -46,6 +47,7 @@ class TransformerStack(nn.Module):
         )
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
+        self.checkpoint_every = 0  # activation checkpointing: see set_activation_checkpointing
 
     def forward(
         self,
@@ -95,16 +97,22 @@ class TransformerStack(nn.Module):
         hidden = self.dropout(embeds_BSD)
         moe_outputs: list[tuple[int, MoEOutput]] = []
         new_cache = DecoderCache.empty(len(self.blocks)) if use_cache else None
+        recompute = self.checkpoint_every > 0 and torch.is_grad_enabled() and cache is None and not use_cache
         for i, block in enumerate(self.blocks):
-            out = block(
-                hidden,
-                self_bias=self_bias,
-                token_mask=token_mask,
-                memory_BMD=memory_BMD,
-                cross_bias=cross_bias,
-                self_kv=cache.self_attention[i] if cache is not None else None,
-                cross_kv=cache.cross_attention[i] if cache is not None else None,
-            )
+            inputs = {
+                "self_bias": self_bias,
+                "token_mask": token_mask,
+                "memory_BMD": memory_BMD,
+                "cross_bias": cross_bias,
+                "self_kv": cache.self_attention[i] if cache is not None else None,
+                "cross_kv": cache.cross_attention[i] if cache is not None else None,
+            }
+            if recompute and i % self.checkpoint_every == 0:
+                # Keep only the block's input; its forward runs again in the backward pass, with the same dropout
+                # and jitter noise (the RNG state is restored) and, under expert parallelism, the same all-to-alls.
+                out = torch.utils.checkpoint.checkpoint(block, hidden, use_reentrant=False, **inputs)
+            else:
+                out = block(hidden, **inputs)
             hidden = out.hidden_states
             if out.moe is not None:
                 moe_outputs.append((i, out.moe))
@@ -113,3 +121,21 @@ class TransformerStack(nn.Module):
                 new_cache.cross_attention[i] = out.cross_kv
         hidden = self.dropout(self.final_norm(hidden))
         return StackOutput(hidden, moe_outputs, new_cache)
+
+
+def set_activation_checkpointing(model: nn.Module, every: int) -> int:
+    """Recompute every ``every``-th block's activations in the backward pass (1 = every block, 0 = off).
+
+    Why: a block then keeps only its input alive between forward and backward, so activation memory falls from all
+    of a block's intermediate tensors (attention probabilities, the experts' hidden layer, ...) to one ``[B, S, D]``
+    tensor per checkpointed block, for about one extra forward pass of compute. Only training forwards with
+    gradients are affected; evaluation and cached decoding run as before. Returns the number of stacks changed.
+    """
+    if every < 0:
+        raise ValueError(f"activation checkpointing every={every} must be >= 0 (0 = off, 1 = every block)")
+    stacks = [m for m in model.modules() if isinstance(m, TransformerStack)]
+    if every and not stacks:
+        raise ValueError(f"{type(model).__name__} has no TransformerStack to checkpoint; build it with build_model")
+    for stack in stacks:
+        stack.checkpoint_every = every
+    return len(stacks)

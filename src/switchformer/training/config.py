@@ -56,6 +56,9 @@ class TrainConfig(Config):
     # The loss straight from the output layer's input, a block of rows at a time (layers.linear_cross_entropy):
     # no [tokens, vocab] logits in memory (1.5 GB -> 0.4 GB for 4096 tokens on T5's 32k vocabulary).
     chunked_loss: bool = False
+    # Recompute every N-th block's activations in the backward pass (1 = every block, 0 = off): activation memory
+    # for about one more forward pass of compute (models.stack.set_activation_checkpointing).
+    activation_checkpointing: int = 0
     collapse_warning_share: float = 0.5  # warn when one expert takes this share of a layer's tokens ...
     collapse_warning_steps: int = 50  # ... for this many logged steps in a row (router collapse)
 
@@ -77,6 +80,9 @@ class TrainConfig(Config):
         self.check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         self.check(self.max_skipped_steps >= 1, "max_skipped_steps", "must be >= 1")
         self.check(self.threads is None or self.threads >= 1, "threads", "must be None or >= 1")
+        self.check(
+            self.activation_checkpointing >= 0, "activation_checkpointing", "must be >= 0 (0 = off, 1 = every block)"
+        )
         self.check(0 < self.collapse_warning_share <= 1, "collapse_warning_share", "must be in (0, 1]")
         self.check(self.collapse_warning_steps >= 1, "collapse_warning_steps", "must be >= 1")
         self.check(self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps")), "device",

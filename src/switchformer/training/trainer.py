@@ -24,6 +24,7 @@ from switchformer.errors import CheckpointError
 from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import ModelConfig
 from switchformer.models.factory import build_model
+from switchformer.models.stack import set_activation_checkpointing
 from switchformer.training.callbacks import Callback, CollapseWarning
 from switchformer.training.checkpoint import (
     STATE_FILE,
@@ -131,6 +132,8 @@ class Trainer:
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model = model if model is not None else build_model(model_config)
+        if config.activation_checkpointing:
+            set_activation_checkpointing(model, config.activation_checkpointing)
         self.model = self.strategy.prepare_model(model.to(self.device))
         self.strategy.seed_ranks(config.seed)
         self.optimizer = build_optimizer(self.model, config)
