@@ -164,34 +164,21 @@ def test_train_config_validation_names_the_field():
 
 
 @pytest.mark.parametrize("arch", ["decoder-only", "encoder-decoder"])
-def test_the_chunked_loss_trains_like_the_loss_on_logits(toy, tmp_path, arch):
+@pytest.mark.parametrize("memory_option", [{"chunked_loss": True}, {"activation_checkpointing": 1}])
+def test_memory_saving_options_train_like_the_default(toy, tmp_path, arch, memory_option):
+    """The chunked loss (no logits in memory) and recomputed blocks: the same losses, with jitter noise drawn."""
     logs = []
-    for chunked in (False, True):
-        trainer = _trainer(toy, tmp_path / str(chunked), arch, train_changes={"steps": 5, "chunked_loss": chunked})
-        trainer.train()
-        logs.append([(r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / str(chunked))])
-    assert len(logs[0]) == len(logs[1]) >= 5
-    for (loss, val), (chunked_loss, chunked_val) in zip(*logs, strict=True):
-        assert chunked_loss == pytest.approx(loss, rel=1e-5)
-        assert (val is None and chunked_val is None) or chunked_val == pytest.approx(val, rel=1e-5)
-
-
-@pytest.mark.parametrize("arch", ["decoder-only", "encoder-decoder"])
-def test_activation_checkpointing_trains_like_the_plain_backward_pass(toy, tmp_path, arch):
-    logs = []
-    for every in (0, 1):
-        changes = {"steps": 5, "activation_checkpointing": every}
-        trainer = _trainer(
-            toy, tmp_path / str(every), arch, train_changes=changes, model_changes={"router_jitter": 0.05}
-        )
+    for name, changes in (("default", {}), ("option", memory_option)):
+        trainer = _trainer(toy, tmp_path / name, arch, train_changes={"steps": 5, **changes},
+                           model_changes={"router_jitter": 0.05})  # fmt: skip
         stacks = [m for m in trainer.model.modules() if isinstance(m, TransformerStack)]
-        assert stacks and all(stack.checkpoint_every == every for stack in stacks)
+        assert stacks and all(s.checkpoint_every == changes.get("activation_checkpointing", 0) for s in stacks)
         trainer.train()
-        logs.append([(r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / str(every))])
+        logs.append([(r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / name)])
     assert len(logs[0]) == len(logs[1]) >= 5
-    for (loss, val), (recomputed_loss, recomputed_val) in zip(*logs, strict=True):
-        assert recomputed_loss == pytest.approx(loss, rel=1e-5)
-        assert (val is None and recomputed_val is None) or recomputed_val == pytest.approx(val, rel=1e-5)
+    for (loss, val), (option_loss, option_val) in zip(*logs, strict=True):
+        assert option_loss == pytest.approx(loss, rel=1e-5)
+        assert (val is None and option_val is None) or option_val == pytest.approx(val, rel=1e-5)
 
 
 def test_cpu_training_keeps_freed_memory_in_the_process():
