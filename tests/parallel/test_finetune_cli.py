@@ -17,16 +17,21 @@ from tests.parallel.train_workers import finetune_cli
 # never improves by 10, so the evaluation at step 6 is the first without improvement and patience 1 ends the run.
 ARGS = ["--steps", "9", "--eval-every", "3", "--batch-size", "8", "--lr", "5e-3", "--dropout", "0",
         "--expert-dropout", "0", "--metric", "val_loss", "--patience", "1", "--finetune-set", "min_delta=10",
-        "--finetune-set", "max_new_tokens=6", "--set", "moe.grouping=sequence", "--train-set", "threads=1",
-        "--no-progress"]  # fmt: skip
+        "--finetune-set", "max_new_tokens=6", "--finetune-set", "eval_batch_size=4", "--set", "moe.grouping=sequence",
+        "--train-set", "threads=1", "--no-progress"]  # fmt: skip
 
 
-def test_data_parallel_finetuning_matches_one_process_and_stops_on_every_rank(tmp_path):
+@pytest.mark.parametrize("parallel", [[], ["--expert-parallel", "2"]], ids=["data-parallel", "expert-parallel"])
+def test_finetuning_on_2_ranks_matches_one_process_and_stops_on_every_rank(tmp_path, parallel):
+    """Data parallelism: the ranks decode 5 and 4 of the 9 validation examples, in 2 and 1 batches. Expert
+    parallelism: each rank holds 2 of the 4 experts, so both decode all 9 in lockstep (split as above, rank 0's
+    second batch would wait forever for rank 1's all-to-alls), and the best model is saved from the gathered
+    experts."""
     checkpoint = write_checkpoint(tmp_path / "start", tiny_config())
-    train, validation = write_task(tmp_path / "task", train=64, validation=15)  # 15: the ranks decode 8 and 7
+    train, validation = write_task(tmp_path / "task", train=64, validation=9)
     args = [str(checkpoint), "--train", str(train), "--validation", str(validation), *ARGS]
     single = finetune_cli(args, str(tmp_path / "single"))
-    ranks = run_and_check(finetune_cli, 2, timeout_s=300, args=args, output=str(tmp_path / "parallel"))
+    ranks = run_and_check(finetune_cli, 2, timeout_s=300, args=[*args, *parallel], output=str(tmp_path / "parallel"))
 
     assert single["rows"] == {8} and [r["rows"] for r in ranks] == [{4}, {4}]  # each rank trains on its half
     assert [e["step"] for e in single["evals"]] == [0, 3, 6]  # stopped early after step 6, not at 9
@@ -41,6 +46,10 @@ def test_data_parallel_finetuning_matches_one_process_and_stops_on_every_rank(tm
         assert got["loss"] == pytest.approx(expected["loss"], abs=2e-5), got["step"]
     assert ranks[0]["best"]["step"] == single["best"]["step"] == 3
     assert ranks[0]["best"]["val_loss"] == pytest.approx(single["best"]["val_loss"], abs=2e-5)
+    assert ranks[0]["best_weights"].keys() == single["best_weights"].keys()
+    for name, (shape, total) in single["best_weights"].items():  # every expert, gathered from both ranks
+        assert ranks[0]["best_weights"][name][0] == shape, name
+        assert ranks[0]["best_weights"][name][1] == pytest.approx(total, rel=1e-4, abs=1e-4), name
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_training(tmp_path):

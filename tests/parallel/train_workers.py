@@ -50,9 +50,15 @@ def finetune_cli(args: list[str], output: str) -> dict[str, object]:
     import json
     from pathlib import Path
 
+    from switchformer import from_pretrained
     from switchformer.finetune.callbacks import read_eval_log
 
     rows = main_counting_rows("finetune", args, output)
     folder = Path(output)
     best = json.loads((folder / "best" / "best.json").read_text())
-    return {"metrics": read_metrics(folder), "evals": read_eval_log(folder), "best": best, "rows": rows}
+    weights = {
+        name: (list(t.shape), float(t.double().sum()))
+        for name, t in from_pretrained(folder / "best").state_dict().items()
+    }
+    return {"metrics": read_metrics(folder), "evals": read_eval_log(folder), "best": best, "rows": rows,
+            "best_weights": weights}  # fmt: skip

@@ -46,6 +46,12 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     Console().print(table)
 
 
+def add_expert_parallel_argument(group: argparse._ActionsContainer) -> None:
+    group.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                       help="shard each Switch layer's experts over N ranks; launch with torchrun "
+                       "(the other world_size/N factor is data parallelism)")  # fmt: skip
+
+
 def require_output_under_torchrun(output: object) -> None:
     """Every rank must write into the same folder, so a torchrun launch cannot use a timestamped default."""
     if output is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:

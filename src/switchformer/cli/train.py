@@ -12,7 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from switchformer.cli.common import add_model_arguments, model_config_from_args, print_table, torchrun_job
+from switchformer.cli.common import (
+    add_expert_parallel_argument,
+    add_model_arguments,
+    model_config_from_args,
+    print_table,
+    torchrun_job,
+)
 from switchformer.models.config import Architecture, ModelConfig
 from switchformer.training.callbacks import ProgressBar
 from switchformer.training.config import TrainConfig
@@ -67,9 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--checkpoint-every", type=int)
     train.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="FIELD=VALUE",
                        help="override any TrainConfig field (repeatable)")  # fmt: skip
-    train.add_argument("--expert-parallel", type=int, default=1, metavar="N",
-                       help="shard each Switch layer's experts over N ranks; launch with torchrun "
-                       "(the other world_size/N factor is data parallelism)")  # fmt: skip
+    add_expert_parallel_argument(train)
     parser.add_argument("--output", type=Path, help="run folder (default runs/PRESET-TIMESTAMP)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")

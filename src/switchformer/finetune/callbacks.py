@@ -68,9 +68,14 @@ class ExactMatchEvaluator(Callback):
         self.batch_size, self.max_new_tokens, self.baseline = batch_size, max_new_tokens, baseline
 
     def measure(self, trainer: Trainer) -> float:
-        """The share of all examples decoded exactly; each rank decodes every ``world_size``-th one."""
+        """The share of all examples decoded exactly; each model replica decodes every ``replicas``-th one.
+
+        Under expert parallelism the ranks of one replica hold its experts between them, so they decode the same
+        examples in lockstep (same shapes, same all-to-alls, same stopping step); the sum over all ranks then
+        counts every example once per rank of a replica, in ``correct`` and ``total`` alike.
+        """
         strategy = trainer.strategy
-        share = self.examples[strategy.rank :: strategy.world_size]
+        share = self.examples[strategy.replica :: strategy.replicas]
         result = exact_match(trainer.model, share, self.tokenizer, batch_size=self.batch_size,
                              max_new_tokens=self.max_new_tokens, device=trainer.device)  # fmt: skip
         correct, total = strategy.sum([float(result.correct), float(result.total)])
@@ -182,17 +187,19 @@ class BestCheckpoint(Callback):
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         name = self.tracker.metric.value
-        if name in record and self.tracker.update(record) and trainer.strategy.is_main:
-            self.save(trainer, record)
+        if name in record and self.tracker.update(record):
+            state = trainer.strategy.full_model_state(trainer.model)  # every rank: gathers sharded experts
+            if trainer.strategy.is_main:
+                self.save(trainer, record, state)
 
-    def save(self, trainer: Trainer, record: dict[str, Any]) -> Path:
+    def save(self, trainer: Trainer, record: dict[str, Any], state: dict[str, Any] | None = None) -> Path:
         from switchformer.interop.checkpoint_io import save_pretrained
 
         final = trainer.run_dir / BEST_DIR
         tmp, old = trainer.run_dir / f".{BEST_DIR}.tmp-{os.getpid()}", trainer.run_dir / f".{BEST_DIR}.old"
         for leftover in (tmp, old):
             shutil.rmtree(leftover, ignore_errors=True)
-        save_pretrained(trainer.model, tmp)
+        save_pretrained(trainer.model, tmp, state_dict=state)
         if self.tokenizer_file is not None:
             shutil.copyfile(self.tokenizer_file, tmp / "tokenizer.json")
         figures = {k: record[k] for k in ("val_loss", "val_perplexity", "exact_match") if k in record}

@@ -122,10 +122,11 @@ def finetune(
     best model by ``config.metric`` in ``run_dir/best``; with ``resume`` continue ``run_dir`` from its last
     checkpoint (pass the configs the run started with). The tokenizer is ``tokenizer`` or the checkpoint's own.
 
-    Under torchrun (``strategy``, every rank calling this with the same arguments and ``run_dir``) the training is
-    data-parallel: each rank holds the whole model and trains on its slice of every batch (``batch_size`` must
-    divide by the world size), so the result is one process's up to rounding, and exact match is decoded in
-    shares. Only the main rank writes; every rank returns the same figures.
+    Under torchrun (``strategy``, every rank calling this with the same arguments and ``run_dir``) each rank trains
+    on its slice of every batch (``batch_size`` must divide by the world size), holding the whole model (data
+    parallelism) or, with expert parallelism, its share of every layer's experts; the result is one process's up
+    to rounding. Exact match is decoded in shares, one per model replica (the ranks of an expert-parallel group
+    decode theirs together). Only the main rank writes; every rank returns the same figures.
     """
     config = config or FinetuneConfig()
     train_config = train_config or TrainConfig()

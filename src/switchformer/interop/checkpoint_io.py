@@ -142,18 +142,20 @@ def save_pretrained(
     *,
     format: CheckpointFormat | str = CheckpointFormat.SWITCHFORMER,
     max_shard_bytes: int | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` to the folder ``path`` (created if needed) and return it.
 
     ``format='hf'`` writes a folder ``transformers`` loads with
     ``SwitchTransformersForConditionalGeneration.from_pretrained`` (encoder-decoder, ReLU/GELU, top-1 only);
     ``format='switchformer'`` keeps our names and the full config. Weights larger than ``max_shard_bytes`` are
-    sharded. ``config.json`` is written last, so a folder with a config has complete weights.
+    sharded. ``config.json`` is written last, so a folder with a config has complete weights. ``state_dict``
+    replaces the model's own weights, e.g. the full experts gathered from an expert-parallel model's shards.
     """
     fmt = CheckpointFormat(format)
     folder = Path(path)
     config: ModelConfig = model.config
-    state = model.state_dict()
+    state = model.state_dict() if state_dict is None else state_dict
     data: dict[str, Any]
     if fmt is CheckpointFormat.HF:
         data = config_to_hf(config)  # raises for models transformers cannot run, before anything is written

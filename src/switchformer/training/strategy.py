@@ -25,6 +25,10 @@ class SingleProcess:
     world_size = 1
     rank = 0
     is_main = True
+    # Data-parallel coordinates: ranks that share a replica index hold one model between them (expert parallelism)
+    # and must run the same forward passes in lockstep, e.g. decode the same examples.
+    replica = 0
+    replicas = 1
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model
@@ -49,6 +53,10 @@ class SingleProcess:
 
     def sum(self, values: list[float]) -> list[float]:
         return values
+
+    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's weights as one process holds them (a collective under parallelism: every rank calls it)."""
+        return model.state_dict()
 
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         return model.state_dict(), optimizer.state_dict()
@@ -76,6 +84,8 @@ class DistributedStrategy(SingleProcess):
         self.world_size = layout.world_size
         self.rank = layout.rank
         self.is_main = layout.rank == 0
+        self.replica = layout.dp_rank
+        self.replicas = layout.dp_size
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -116,6 +126,11 @@ class DistributedStrategy(SingleProcess):
         from switchformer.parallel import mean_over_ranks
 
         return (mean_over_ranks(torch.tensor(values, dtype=torch.float64), self.layout) * self.world_size).tolist()
+
+    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from switchformer.parallel import gather_full_state_dict
+
+        return gather_full_state_dict(model, self.layout)
 
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         from switchformer.parallel import gather_full_optimizer_state, gather_full_state_dict
