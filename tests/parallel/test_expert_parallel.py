@@ -24,6 +24,11 @@ def test_activation_checkpointing_under_expert_parallelism_matches_one_process()
     run_and_check(workers.check_model_training, 2, ep=2, activation_checkpointing=1)
 
 
+def test_adafactor_under_expert_parallelism_matches_one_process():
+    """Its relative step size and update clipping take norms over whole expert weights, not a rank's slice."""
+    run_and_check(workers.check_model_training, 2, ep=2, optimizer_kind="adafactor")
+
+
 def test_degenerate_routing_neither_hangs_nor_crashes():
     run_and_check(workers.check_degenerate_routing, 2, ep=2, timeout_s=60)
 
@@ -34,6 +39,11 @@ def test_expert_parallel_4_ranks():
 
 def test_expert_parallel_2_by_data_parallel_2():
     run_and_check(workers.check_model_training, 4, ep=2, steps=2)
+
+
+@pytest.mark.slow
+def test_adafactor_2_by_data_parallel_2():
+    run_and_check(workers.check_model_training, 4, ep=2, steps=2, optimizer_kind="adafactor")
 
 
 @pytest.mark.slow

@@ -16,13 +16,15 @@ ARGS = ["--steps", "4", "--seq-len", "64", "--batch-size", "4", "--vocab-size", 
         "--set", "moe.router_jitter=0", "--set", "moe.grouping=sequence", "--train-set", "threads=1"]  # fmt: skip
 
 
-def test_expert_parallel_training_matches_one_process(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_expert_parallel_training_matches_one_process(tmp_path, optimizer):
+    args = [*ARGS, "--optimizer", optimizer]
     single = tmp_path / "single"
-    assert main(["train", *ARGS, "--output", str(single)]) == 0
+    assert main(["train", *args, "--output", str(single)]) == 0
     expected = read_metrics(single)
 
     parallel = tmp_path / "parallel"
-    results = run_and_check(train_cli, 2, timeout_s=300, args=[*ARGS, "--expert-parallel", "2"], run_dir=str(parallel))
+    results = run_and_check(train_cli, 2, timeout_s=300, args=[*args, "--expert-parallel", "2"], run_dir=str(parallel))
     logged = results[0]
     assert [r["step"] for r in logged] == [r["step"] for r in expected] == [1, 2, 3, 4]
     for a, b in zip(logged, expected, strict=True):
@@ -36,7 +38,8 @@ def test_expert_parallel_training_matches_one_process(tmp_path):
     assert ours.keys() == theirs.keys()
     for name in theirs:
         assert ours[name].shape == theirs[name].shape
-        assert (ours[name] - theirs[name]).abs().max() < 1e-3, name
+        # measured: 1.2e-7 (AdamW), 2.4e-7 (Adafactor); 1.9e-6 for Adafactor with per-slice norms
+        assert (ours[name] - theirs[name]).abs().max() < 1e-6, name
 
 
 def test_resume_an_expert_parallel_run_in_one_process(tmp_path):

@@ -31,6 +31,7 @@ from switchformer.parallel import (
     slice_global_batch,
     sync_gradients,
 )
+from switchformer.parallel.adafactor import sharded_adafactor
 from switchformer.parallel.expert_parallel import expert_shards
 from switchformer.parallel.mesh import ParallelLayout
 
@@ -177,7 +178,18 @@ def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
 
-def check_model_training(ep: int, steps: int = 3, rows: int = 8, activation_checkpointing: int = 0) -> dict[str, Any]:
+def _optimizer(kind: str, model: torch.nn.Module, layout: ParallelLayout | None) -> torch.optim.Optimizer:
+    """AdamW, or Adafactor: torch's own for the single-process model, the sharded one for an expert-parallel one."""
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if layout is None:
+        return torch.optim.Adafactor(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return sharded_adafactor(model, layout, list(model.parameters()), lr=1e-2, weight_decay=0.1)
+
+
+def check_model_training(
+    ep: int, steps: int = 3, rows: int = 8, activation_checkpointing: int = 0, optimizer_kind: str = "adamw"
+) -> dict[str, Any]:
     """A tiny encoder-decoder Switch Transformer: logits, loss and gradients, a few AdamW steps with global-norm
     clipping, gathered model and optimizer states, and loading a single-process state into the sharded model.
     With ``activation_checkpointing`` the sharded model recomputes its blocks (all-to-alls included) in backward."""
@@ -187,8 +199,8 @@ def check_model_training(ep: int, steps: int = 3, rows: int = 8, activation_chec
     model = build_model(_tiny_model_config())
     model_ep = apply_expert_parallel(copy.deepcopy(model), layout)
     set_activation_checkpointing(model_ep, activation_checkpointing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    optimizer_ep = torch.optim.AdamW(model_ep.parameters(), lr=1e-2, weight_decay=0.1)
+    optimizer = _optimizer(optimizer_kind, model, None)
+    optimizer_ep = _optimizer(optimizer_kind, model_ep, layout)
 
     initial = gather_full_state_dict(model_ep, layout)
     assert list(initial) == list(model.state_dict()), "gathered state must have the single-process keys, in order"
@@ -232,7 +244,7 @@ def check_model_training(ep: int, steps: int = 3, rows: int = 8, activation_chec
     # Resume the single-process state at this world size: fresh (differently initialised) sharded model.
     torch.manual_seed(123)
     resumed = apply_expert_parallel(build_model(_tiny_model_config()), layout)
-    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2, weight_decay=0.1)
+    resumed_optimizer = _optimizer(optimizer_kind, resumed, layout)
     load_full_state_dict(resumed, reference, layout)
     load_full_optimizer_state(resumed_optimizer, resumed, copy.deepcopy(optimizer.state_dict()), layout)
     batch = _global_batch(rows, generator)

@@ -5,7 +5,7 @@ Typical use on every rank (launched by torchrun)::
     layout = init_parallel(ep=2)                      # process groups from torchrun's environment
     torch.manual_seed(seed); model = build_model(cfg)  # the same full model on every rank
     apply_expert_parallel(model, layout)               # keep this rank's experts, swap in the all-to-all dispatcher
-    optimizer = build_optimizer(model, ...)            # over the sharded parameters
+    optimizer = build_optimizer(model, config, layout=layout)  # over the sharded parameters
     out = model(**slice_global_batch(batch, layout)); out.loss.backward()
     sync_gradients(model, layout); clip_grad_norm_(model, 1.0, layout); optimizer.step()
 """

@@ -10,10 +10,18 @@ import torch
 from switchformer.training.config import OptimizerKind, Schedule, TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (weight decay on matrices only) or Adafactor, the paper's optimizer."""
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, *, layout: Any = None) -> torch.optim.Optimizer:
+    """AdamW (weight decay on matrices only) or Adafactor, the paper's optimizer.
+
+    ``layout`` (a ``ParallelLayout``) is given for an expert-parallel ``model``: Adafactor then takes its norms over
+    whole expert weights, not this rank's slices (``parallel.adafactor``); AdamW is elementwise and needs nothing.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer is OptimizerKind.ADAFACTOR:
+        if layout is not None and layout.ep_size > 1:
+            from switchformer.parallel.adafactor import sharded_adafactor
+
+            return sharded_adafactor(model, layout, params, lr=config.lr, weight_decay=config.weight_decay)
         return torch.optim.Adafactor(params, lr=config.lr, weight_decay=config.weight_decay)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]

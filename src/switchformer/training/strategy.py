@@ -25,6 +25,7 @@ class SingleProcess:
     world_size = 1
     rank = 0
     is_main = True
+    layout: Any = None  # the ParallelLayout of a distributed run
     # Data-parallel coordinates: ranks that share a replica index hold one model between them (expert parallelism)
     # and must run the same forward passes in lockstep, e.g. decode the same examples.
     replica = 0

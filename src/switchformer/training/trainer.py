@@ -136,7 +136,7 @@ class Trainer:
             set_activation_checkpointing(model, config.activation_checkpointing)
         self.model = self.strategy.prepare_model(model.to(self.device))
         self.strategy.seed_ranks(config.seed)
-        self.optimizer = build_optimizer(self.model, config)
+        self.optimizer = build_optimizer(self.model, config, layout=self.strategy.layout)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.step = 0
         self.skipped_in_a_row = 0
