@@ -54,6 +54,28 @@ def test_recomputed_blocks_give_the_same_loss_gradients_and_random_stream(make_c
     torch.testing.assert_close(after_ckpt, after)  # the recompute restored the RNG: the next draw is the same
 
 
+@pytest.mark.parametrize(
+    "routing",
+    [
+        {"dropless": True},  # expert batch sized by the busiest expert: recomputed shapes must match
+        {"overflow": "next-best", "capacity_factor": 0.5},  # re-routing rounds decided on the host
+        {"top_k": 2, "capacity_factor": 2.0},
+    ],
+    ids=["dropless", "next-best", "top-2"],
+)
+def test_data_dependent_routing_recomputes_the_same_way(make_config, routing):
+    moe = MoEConfig(num_experts=4, router_jitter=0.05, **routing)
+    torch.manual_seed(0)
+    model = build_model(make_config("decoder-only", dropout=0.1, moe=moe)).train()
+    loss, aux, grads, _ = _step(model, "decoder-only")
+    model.set_activation_checkpointing(1)
+    loss_ckpt, aux_ckpt, grads_ckpt, _ = _step(model, "decoder-only")
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    torch.testing.assert_close(aux_ckpt, aux, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def _bytes_saved_for_backward(model, architecture):
     """Bytes of every tensor autograd keeps between forward and backward (parameters included)."""
     saved = 0
