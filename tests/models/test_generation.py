@@ -193,3 +193,27 @@ def test_keyword_options_equal_an_explicit_config_and_unknown_ones_are_named():
     assert torch.equal(explicit.sequences, keywords.sequences)
     with pytest.raises(TypeError, match=r"max_tokens.*max_new_tokens"):
         model.generate(input_ids=prompts, max_tokens=5)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_a_finished_process_keeps_stepping_until_its_group_stops_without_changing_its_output(strategy):
+    """``stop_together`` (expert-parallel ranks decode in lockstep): stepping on after the end changes nothing."""
+    model = _varied_model("decoder-only")
+    prompts = _prompts(batch=1)
+    eos = int(generate(model, input_ids=prompts, max_new_tokens=10).sequences[0, -8])  # ends after 3 tokens
+    config = GenerationConfig(strategy=strategy, max_new_tokens=10, eos_token_id=eos, num_beams=2)
+    alone = generate(model, input_ids=prompts, config=config)
+    asked: list[bool] = []
+
+    def peer_still_decoding(done: bool) -> bool:
+        asked.append(done)
+        return False  # another rank is never done before the token budget
+
+    together = generate(model, input_ids=prompts, config=config, stop_together=peer_still_decoding)
+    assert alone.num_generated.tolist() == together.num_generated.tolist() == [3]
+    length = alone.sequences.shape[1]
+    assert alone.sequences.shape[1] < together.sequences.shape[1] or strategy == "beam"
+    assert torch.equal(together.sequences[:, :length], alone.sequences)
+    assert (together.sequences[:, length:] == model.config.pad_token_id).all()
+    torch.testing.assert_close(together.scores, alone.scores)
+    assert len(asked) == 9 and asked[-1]  # asked at every step but the last, and this process was done

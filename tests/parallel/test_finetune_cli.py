@@ -47,9 +47,9 @@ def test_finetuning_on_2_ranks_matches_one_process_and_stops_on_every_rank(tmp_p
     assert ranks[0]["best"]["step"] == single["best"]["step"] == 3
     assert ranks[0]["best"]["val_loss"] == pytest.approx(single["best"]["val_loss"], abs=2e-5)
     assert ranks[0]["best_weights"].keys() == single["best_weights"].keys()
-    for name, (shape, total) in single["best_weights"].items():  # every expert, gathered from both ranks
+    for name, (shape, row_sums) in single["best_weights"].items():  # every expert in its place, from both ranks
         assert ranks[0]["best_weights"][name][0] == shape, name
-        assert ranks[0]["best_weights"][name][1] == pytest.approx(total, rel=1e-4, abs=1e-4), name
+        assert ranks[0]["best_weights"][name][1] == pytest.approx(row_sums, rel=1e-4, abs=1e-4), name
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_training(tmp_path):

@@ -3,8 +3,9 @@
 The trainer hands every callback the same step record, so :class:`ExactMatchEvaluator` (listed first) adds
 ``exact_match`` to it and the others read it. Each evaluation is appended to ``RUN/eval.jsonl``; after a resume
 the early-stopping and best-checkpoint state is replayed from that log, so a resumed run stops where an
-uninterrupted one would. Under torchrun the evaluator and early stopping run on every rank (each rank decodes its
-share of the examples; all ranks see the same figures and stop at the same step); files are the main rank's.
+uninterrupted one would. Under torchrun the evaluator and early stopping run on every rank (each model replica
+decodes its share of the examples; all ranks see the same figures and stop at the same step); files are the main
+rank's.
 """
 
 from __future__ import annotations
@@ -71,13 +72,15 @@ class ExactMatchEvaluator(Callback):
         """The share of all examples decoded exactly; each model replica decodes every ``replicas``-th one.
 
         Under expert parallelism the ranks of one replica hold its experts between them, so they decode the same
-        examples in lockstep (same shapes, same all-to-alls, same stopping step); the sum over all ranks then
-        counts every example once per rank of a replica, in ``correct`` and ``total`` alike.
+        examples in lockstep (same batches, same all-to-alls) and stop only when all of them are done (a rounding
+        difference could end one rank's batch a step earlier); the sum over all ranks then counts every example
+        once per rank of a replica, in ``correct`` and ``total`` alike.
         """
         strategy = trainer.strategy
         share = self.examples[strategy.replica :: strategy.replicas]
         result = exact_match(trainer.model, share, self.tokenizer, batch_size=self.batch_size,
-                             max_new_tokens=self.max_new_tokens, device=trainer.device)  # fmt: skip
+                             max_new_tokens=self.max_new_tokens, device=trainer.device,
+                             stop_together=strategy.agree_to_stop)  # fmt: skip
         correct, total = strategy.sum([float(result.correct), float(result.total)])
         return correct / max(total, 1.0)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,9 +35,10 @@ def exact_match(
     batch_size: int = 32,
     max_new_tokens: int = 128,
     device: torch.device | None = None,
+    stop_together: Callable[[bool], bool] | None = None,
 ) -> ExactMatchResult:
     """Greedy-decode every example's input (in eval mode, so no dropout, jitter or training capacity) and count
-    outputs equal to the target."""
+    outputs equal to the target. ``stop_together``: see :func:`generate` (expert-parallel ranks)."""
     device = device or next(model.parameters()).device
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     architecture, pad, eos = model.config.architecture, model.config.pad_token_id, model.config.eos_token_id
@@ -48,7 +49,8 @@ def exact_match(
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             batch = {k: v.to(device) for k, v in prompt_batch(chunk, architecture, pad).items()}
-            out = generate(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], config=config)
+            out = generate(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], config=config,
+                           stop_together=stop_together)  # fmt: skip
             # sequences hold the decoder start token (encoder-decoder) or the prompt (decoder-only) first
             first = 1 if model.config.is_encoder_decoder else batch["input_ids"].shape[1]
             for row, count in zip(out.sequences.tolist(), out.num_generated.tolist(), strict=True):

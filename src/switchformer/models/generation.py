@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,13 +125,17 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     config: GenerationConfig | None = None,
     generator: torch.Generator | None = None,
+    stop_together: Callable[[bool], bool] | None = None,
     **overrides: Any,
 ) -> GenerationOutput:
     """Decode continuations of ``input_ids`` (``[B, S]``; decoder-only prompts left-padded when batched).
 
     ``overrides`` set :class:`GenerationConfig` fields directly, as in ``generate(model, input_ids=ids,
     max_new_tokens=20, strategy="beam")``. Run the model in eval mode: in training mode dropout, router jitter and
-    the training capacity factor apply.
+    the training capacity factor apply. ``stop_together`` is for processes that must run the same forward passes
+    (the ranks of an expert-parallel group, whose every step is an all-to-all among them): given whether this
+    process's inputs are all finished, it returns whether every process's are; until then a finished process
+    keeps stepping on padding, which changes none of its outputs.
     """
     config = config or GenerationConfig()
     if overrides:
@@ -144,10 +149,12 @@ def generate(
     eos = config.eos_token_id if config.eos_token_id is not None else model.config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else model.config.pad_token_id
     if config.strategy is DecodingStrategy.BEAM:
-        return _beam_search(model, input_ids, attention_mask, config, eos=eos, pad=pad)
+        return _beam_search(model, input_ids, attention_mask, config, eos=eos, pad=pad, stop_together=stop_together)
     if config.strategy is DecodingStrategy.SAMPLE and generator is None:
         generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
-    return _greedy_or_sample(model, input_ids, attention_mask, config, eos=eos, pad=pad, generator=generator)
+    return _greedy_or_sample(
+        model, input_ids, attention_mask, config, eos=eos, pad=pad, generator=generator, stop_together=stop_together
+    )
 
 
 def filter_logits(logits_NV: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
@@ -174,6 +181,7 @@ def _greedy_or_sample(
     eos: int,
     pad: int,
     generator: torch.Generator | None,
+    stop_together: Callable[[bool], bool] | None,
 ) -> GenerationOutput:
     decoder = _Decoder(model, input_ids, attention_mask, rows=1)
     batch, device = input_ids.shape[0], input_ids.device
@@ -192,12 +200,16 @@ def _greedy_or_sample(
         scores_B += torch.where(finished_B, 0.0, logprobs_BV.gather(1, next_B[:, None]).squeeze(1))
         tokens.append(next_B)
         finished_B = finished_B | (next_B == eos)
-        if bool(finished_B.all()) or step == config.max_new_tokens - 1:
+        if step == config.max_new_tokens - 1 or _all_stop(bool(finished_B.all()), stop_together):
             break
         logits_BV = decoder.step(next_B)
     generated = torch.stack(tokens, 1)
     num_generated = _lengths(generated, eos)
     return GenerationOutput(torch.cat([decoder.prefix, generated], 1), scores_B, num_generated)
+
+
+def _all_stop(done: bool, stop_together: Callable[[bool], bool] | None) -> bool:
+    return done if stop_together is None else stop_together(done)
 
 
 def _lengths(generated_BL: torch.Tensor, eos: int) -> torch.Tensor:
@@ -269,6 +281,7 @@ def _beam_search(
     *,
     eos: int,
     pad: int,
+    stop_together: Callable[[bool], bool] | None,
 ) -> GenerationOutput:
     k, batch, device = config.num_beams, input_ids.shape[0], input_ids.device
     decoder = _Decoder(model, input_ids, attention_mask, rows=k)
@@ -296,7 +309,7 @@ def _beam_search(
                 next_scores.append(score)
         beams = [[*beams[row], token] for row, token in zip(rows, next_tokens, strict=True)]
         scores_BK = torch.tensor(next_scores, device=device).view(batch, k)
-        if all(done) or step == config.max_new_tokens - 1:
+        if step == config.max_new_tokens - 1 or _all_stop(all(done), stop_together):
             break
         decoder.reorder(torch.tensor(rows, device=device))
         logits_NV = decoder.step(torch.tensor(next_tokens, device=device))

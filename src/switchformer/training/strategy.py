@@ -59,6 +59,10 @@ class SingleProcess:
         """The model's weights as one process holds them (a collective under parallelism: every rank calls it)."""
         return model.state_dict()
 
+    def agree_to_stop(self, done: bool) -> bool:
+        """Whether every rank that runs the same forward passes as this one is done (see ``generate``)."""
+        return done
+
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         return model.state_dict(), optimizer.state_dict()
 
@@ -132,6 +136,15 @@ class DistributedStrategy(SingleProcess):
         from switchformer.parallel import gather_full_state_dict
 
         return gather_full_state_dict(model, self.layout)
+
+    def agree_to_stop(self, done: bool) -> bool:
+        if self.layout.ep_size == 1:
+            return done  # a data-parallel rank decodes alone
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(done)], device=self.layout.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.layout.ep_group)
+        return bool(flag.item())
 
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         from switchformer.parallel import gather_full_optimizer_state, gather_full_state_dict
