@@ -53,7 +53,7 @@ def test_upcycle_a_dense_checkpoint_then_finetune_it(tmp_path, task, capsys):
 
     run = tmp_path / "run"
     argv = ["finetune", str(tmp_path / "sparse"), "--train", str(task[0]), "--validation", str(task[1]),
-            "--output", str(run), "--activation-checkpointing", "2", *FAST]  # fmt: skip
+            "--output", str(run), "--activation-checkpointing", "2", "--compile", "aot_eager", *FAST]  # fmt: skip
     assert cli(argv) == 0
     out = capsys.readouterr().out
     assert "fine-tuning summary" in out and "best by exact_match" in out and "0.1 outside experts, 0.4 inside" in out
@@ -66,7 +66,7 @@ def test_upcycle_a_dense_checkpoint_then_finetune_it(tmp_path, task, capsys):
     assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [0, 3, 6, 9]
     saved = json.loads((run / "checkpoints" / "step-00000009" / "config.json").read_text())
     assert saved["train"]["steps"] == 9 and saved["finetune"]["batch_size"] == 8
-    assert saved["train"]["activation_checkpointing"] == 2
+    assert saved["train"]["activation_checkpointing"] == 2 and saved["train"]["compile"] == "aot_eager"
 
 
 def test_bad_rows_are_an_error_naming_lines_or_skipped_with_a_report(tmp_path, task, capsys):

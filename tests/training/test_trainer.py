@@ -164,21 +164,31 @@ def test_train_config_validation_names_the_field():
 
 
 @pytest.mark.parametrize("arch", ["decoder-only", "encoder-decoder"])
-@pytest.mark.parametrize("memory_option", [{"chunked_loss": True}, {"activation_checkpointing": 1}])
-def test_memory_saving_options_train_like_the_default(toy, tmp_path, arch, memory_option):
-    """The chunked loss (no logits in memory) and recomputed blocks: the same losses, with jitter noise drawn."""
+@pytest.mark.parametrize(
+    "option", [{"chunked_loss": True}, {"activation_checkpointing": 1}, {"compile": "aot_eager"}],
+    ids=["chunked-loss", "activation-checkpointing", "compiled-blocks"],
+)  # fmt: skip
+def test_options_that_change_how_a_step_runs_train_like_the_default(toy, tmp_path, arch, option):
+    """The chunked loss (no logits in memory), recomputed blocks and compiled blocks: the same losses, with jitter
+    noise drawn (``aot_eager`` traces the same graphs as inductor without generating code)."""
     logs = []
-    for name, changes in (("default", {}), ("option", memory_option)):
+    for name, changes in (("default", {}), ("option", option)):
         trainer = _trainer(toy, tmp_path / name, arch, train_changes={"steps": 5, **changes},
                            model_changes={"router_jitter": 0.05})  # fmt: skip
         stacks = [m for m in trainer.model.modules() if isinstance(m, TransformerStack)]
         assert stacks and all(s.checkpoint_every == changes.get("activation_checkpointing", 0) for s in stacks)
+        assert all((s.compiled_blocks is not None) == ("compile" in changes) for s in stacks)
         trainer.train()
         logs.append([(r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / name)])
     assert len(logs[0]) == len(logs[1]) >= 5
     for (loss, val), (option_loss, option_val) in zip(*logs, strict=True):
         assert option_loss == pytest.approx(loss, rel=1e-5)
         assert (val is None and option_val is None) or option_val == pytest.approx(val, rel=1e-5)
+
+
+def test_an_unknown_compile_backend_is_a_clear_error(toy, tmp_path):
+    with pytest.raises(ValueError, match=r"backend 'inductr' is unknown; choose one of .*'inductor'"):
+        _trainer(toy, tmp_path, train_changes={"compile": "inductr"})
 
 
 def test_cpu_training_keeps_freed_memory_in_the_process():

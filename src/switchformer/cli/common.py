@@ -46,6 +46,16 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     Console().print(table)
 
 
+def add_step_arguments(group: argparse._ActionsContainer) -> None:
+    """How each training step runs, without changing what it computes: memory and compilation."""
+    group.add_argument("--activation-checkpointing", type=int, metavar="N",
+                       help="recompute every N-th block's activations in the backward pass (1 = every block): "
+                       "less memory, about one more forward pass of compute")  # fmt: skip
+    group.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                       help="torch.compile each transformer block for training (default backend: inductor; on CPU "
+                       "it needs a C++ compiler); evaluation and decoding stay eager")  # fmt: skip
+
+
 def add_expert_parallel_argument(group: argparse._ActionsContainer) -> None:
     group.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                        help="shard each Switch layer's experts over N ranks; launch with torchrun "

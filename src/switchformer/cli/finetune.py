@@ -4,7 +4,8 @@ Rows are JSON objects with an input and a target text (``--input-field``/``--tar
 switchformer checkpoint, a training run folder or a Hugging Face Switch folder, with its ``tokenizer.json`` (or
 ``--tokenizer``). Uses the paper's expert dropout (0.1 outside the experts, 0.4 inside), evaluates validation loss
 and exact match, stops early when the metric stops improving and keeps the best model in OUTPUT/best.
-Under ``torchrun`` it trains data-parallel, the global batch split over the ranks (``--output`` required).
+Under ``torchrun`` the global batch is split over the ranks (``--output`` required), data-parallel, or with
+``--expert-parallel N`` each Switch layer's experts sharded over groups of N ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from switchformer.cli.common import (
     add_expert_parallel_argument,
+    add_step_arguments,
     print_table,
     require_output_under_torchrun,
     torchrun_job,
@@ -67,9 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--log-every", type=int, help="write metrics every N steps (default 10)")
     train.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps (default 100)")
     train.add_argument("--micro-batches", type=int, help="gradient accumulation: split each batch into N parts")
-    train.add_argument("--activation-checkpointing", type=int, metavar="N",
-                       help="recompute every N-th block's activations in the backward pass (1 = every block): "
-                       "less memory, about one more forward pass of compute")  # fmt: skip
+    add_step_arguments(train)
     train.add_argument("--optimizer", choices=["adamw", "adafactor"])
     train.add_argument("--schedule", choices=["inverse-sqrt", "cosine", "constant"])
     train.add_argument("--precision", choices=["auto", "fp32", "bf16"])
@@ -100,7 +100,7 @@ def _configs(args: argparse.Namespace, saved: dict[str, Any] | None) -> tuple[Fi
     train = TrainConfig.from_dict(saved["train"]) if saved else TrainConfig(**DEFAULT_TRAIN)
     changes = _changes(args, ["steps", "lr", "warmup_steps", "eval_every", "log_every", "checkpoint_every",
                               "micro_batches", "optimizer", "schedule", "precision", "device", "seed",
-                              "activation_checkpointing"])  # fmt: skip
+                              "activation_checkpointing", "compile"])  # fmt: skip
     return task, train.replace(**changes).with_overrides(args.train_overrides)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from switchformer.cli.common import (
     add_expert_parallel_argument,
     add_model_arguments,
+    add_step_arguments,
     model_config_from_args,
     print_table,
     torchrun_job,
@@ -62,9 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--schedule", choices=["inverse-sqrt", "cosine", "constant"])
     train.add_argument("--warmup-steps", type=int)
     train.add_argument("--micro-batches", type=int, help="gradient accumulation: split each batch into N parts")
-    train.add_argument("--activation-checkpointing", type=int, metavar="N",
-                       help="recompute every N-th block's activations in the backward pass (1 = every block): "
-                       "less memory, about one more forward pass of compute")  # fmt: skip
+    add_step_arguments(train)
     train.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     train.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     train.add_argument("--seed", type=int, default=0)
@@ -91,6 +90,7 @@ def _train_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> Tra
         "warmup_steps": args.warmup_steps, "micro_batches": args.micro_batches, "precision": args.precision,
         "device": args.device, "eval_every": args.eval_every, "log_every": args.log_every,
         "checkpoint_every": args.checkpoint_every, "activation_checkpointing": args.activation_checkpointing,
+        "compile": args.compile,
     }  # fmt: skip
     changes = {k: v for k, v in flags.items() if v is not None}
     if not saved:

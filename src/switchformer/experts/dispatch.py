@@ -58,7 +58,7 @@ def arrange_rows(
     Within an expert, rows follow group order and, inside a group, slot order, so no slot is left empty between
     claims. ``rows_per_expert`` is the padded capacity (``num_groups * capacity``); in dropless mode it is the
     busiest expert's count, which needs one host sync. A dropless batch so skewed that padding would more than
-    double the rows falls back to the grouped layout, which never pads.
+    double the rows falls back to the grouped layout, which never pads (except under ``torch.compile`` on CPU).
     """
     num_tokens, k = expert_index_TK.shape
     device = expert_index_TK.device
@@ -77,7 +77,9 @@ def arrange_rows(
             rows_per_expert = num_groups * capacity
         else:
             rows_per_expert = max(int(tokens_per_expert_E.max().item()), 1)
-            if num_experts * rows_per_expert > 2 * num_tokens * k:
+            # (not while torch.compile traces CPU code: see choose_layout)
+            compiling_on_cpu = torch.compiler.is_compiling() and device.type == "cpu"
+            if num_experts * rows_per_expert > 2 * num_tokens * k and not compiling_on_cpu:
                 layout = Layout.GROUPED
     if layout is Layout.PADDED:
         num_rows = num_experts * rows_per_expert

@@ -48,6 +48,8 @@ class TransformerStack(nn.Module):
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.checkpoint_every = 0  # activation checkpointing: see set_activation_checkpointing
+        # torch.compile'd twins of the blocks (same parameters) for training forwards; see training.compiled
+        self.compiled_blocks: list[nn.Module] | None = None
 
     def forward(
         self,
@@ -97,8 +99,10 @@ class TransformerStack(nn.Module):
         hidden = self.dropout(embeds_BSD)
         moe_outputs: list[tuple[int, MoEOutput]] = []
         new_cache = DecoderCache.empty(len(self.blocks)) if use_cache else None
-        recompute = self.checkpoint_every > 0 and torch.is_grad_enabled() and cache is None and not use_cache
-        for i, block in enumerate(self.blocks):
+        training_pass = torch.is_grad_enabled() and cache is None and not use_cache
+        recompute = self.checkpoint_every > 0 and training_pass
+        runners = self.compiled_blocks if self.compiled_blocks is not None and training_pass else self.blocks
+        for i, block in enumerate(runners):
             inputs = {
                 "self_bias": self_bias,
                 "token_mask": token_mask,
@@ -126,12 +130,13 @@ class TransformerStack(nn.Module):
 def set_activation_checkpointing(model: nn.Module, every: int) -> int:
     """Recompute every ``every``-th block's activations in the backward pass (1 = every block, 0 = off).
 
-    Why: a block then keeps only its input alive between forward and backward, so activation memory falls from all
+    Why: a block then keeps only its inputs alive between forward and backward (its ``[B, S, D]`` hidden states;
+    the attention bias and encoder output it shares with the other blocks), so activation memory falls from all
     of a block's intermediate tensors (attention probabilities, the experts' hidden layer, ...) to one ``[B, S, D]``
     tensor per checkpointed block, for about one extra forward pass of compute. Only training forwards with
     gradients are affected; evaluation and cached decoding run as before. Returns the number of stacks changed.
     """
-    if every < 0:
+    if not isinstance(every, int) or every < 0:
         raise ValueError(f"activation checkpointing every={every} must be >= 0 (0 = off, 1 = every block)")
     stacks = [m for m in model.modules() if isinstance(m, TransformerStack)]
     if every and not stacks:

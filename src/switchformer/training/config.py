@@ -56,9 +56,12 @@ class TrainConfig(Config):
     # The loss straight from the output layer's input, a block of rows at a time (layers.linear_cross_entropy):
     # no [tokens, vocab] logits in memory (1.5 GB -> 0.4 GB for 4096 tokens on T5's 32k vocabulary).
     chunked_loss: bool = False
-    # Recompute every N-th block's activations in the backward pass (1 = every block, 0 = off): activation memory
-    # for about one more forward pass of compute (models.stack.set_activation_checkpointing).
+    # Recompute every N-th block's activations in the backward pass (1 = every block; 0 leaves the model as built,
+    # off unless set on it): activation memory for about one more forward pass (models.stack).
     activation_checkpointing: int = 0
+    # torch.compile every transformer block with this backend (training.compiled): None = eager, "inductor" for
+    # fused kernels (one-time compile cost; on CPU a C++ compiler), "aot_eager" to check that the model traces.
+    compile: str | None = None
     collapse_warning_share: float = 0.5  # warn when one expert takes this share of a layer's tokens ...
     collapse_warning_steps: int = 50  # ... for this many logged steps in a row (router collapse)
 

@@ -34,6 +34,7 @@ from switchformer.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from switchformer.training.compiled import compile_blocks
 from switchformer.training.config import NonFinitePolicy, Precision, TrainConfig
 from switchformer.training.denormals import flushed_denormals
 from switchformer.training.diagnostics import first_non_finite_module, last_non_finite_gradient
@@ -135,6 +136,8 @@ class Trainer:
         if config.activation_checkpointing:
             set_activation_checkpointing(model, config.activation_checkpointing)
         self.model = self.strategy.prepare_model(model.to(self.device))
+        if config.compile:
+            compile_blocks(self.model, config.compile)  # after expert parallelism swapped in its dispatchers
         self.strategy.seed_ranks(config.seed)
         self.optimizer = build_optimizer(self.model, config, layout=self.strategy.layout)
         self.scheduler = build_scheduler(self.optimizer, config)
