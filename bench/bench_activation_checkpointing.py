@@ -4,10 +4,11 @@
     python bench/bench_activation_checkpointing.py --preset switch-base-8 --batch 4 --every 0 1
 
 ``--every N`` recomputes every N-th block in the backward pass (``TrainConfig.activation_checkpointing``; 0 = off,
-the baseline). Each case is one forward + backward of the same batch from the same RNG state (dropout and router
-jitter on, as in training), so `check` (the largest relative difference of the loss and every gradient from the
-baseline's, measured before timing) should be rounding only. `peak MiB` is the peak of bytes the allocator held
-during the step beyond the weights, less the weight gradients (``harness``): activations and temporaries.
+the baseline). Each case is one forward + backward of the same batch from the same RNG state, in training mode
+(router jitter, and the preset's dropout if any), so `check` (the largest relative difference of the loss and
+every gradient from the baseline's, measured before timing) should be rounding only. `peak MiB` is the peak of
+bytes the allocator held during the step beyond the weights, less the weight gradients (``harness``): activations
+and temporaries.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def test_train_smoke_then_resume_then_eval(tmp_path, capsys, model_type):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     saved = json.loads((run / "checkpoints" / "step-00000005" / "config.json").read_text())
     assert saved["model"]["architecture"] == model_type and saved["model"]["vocab_size"] == 600
-    assert saved["train"]["activation_checkpointing"] == 1  # and a resume keeps recomputing
+    assert saved["train"]["activation_checkpointing"] == 1
 
     # Continue the same run for 3 more steps from its checkpoint.
     assert main(["train", "--resume", "--output", str(run), "--steps", "8", "--no-progress"]) == 0

@@ -123,7 +123,8 @@ def test_switching_it_off_and_bad_values(make_config):
     assert {m.checkpoint_every for m in model.modules() if isinstance(m, TransformerStack)} == {1}
     set_activation_checkpointing(model, 0)
     assert {m.checkpoint_every for m in model.modules() if isinstance(m, TransformerStack)} == {0}
-    with pytest.raises(ValueError, match="must be >= 0"):
-        set_activation_checkpointing(model, -1)
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            set_activation_checkpointing(model, bad)
     with pytest.raises(ValueError, match="no TransformerStack"):
         set_activation_checkpointing(torch.nn.Linear(2, 2), 1)

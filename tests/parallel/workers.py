@@ -8,6 +8,7 @@ the rank's traceback.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
@@ -178,6 +179,25 @@ def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
 
+@contextlib.contextmanager
+def _counting_all_to_alls():
+    """Count ``all_to_all_single`` calls in the block; yields a one-element list filled in on exit."""
+    counted = [0]
+    original = torch.distributed.all_to_all_single
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        counted[0] += 1
+        return original(*args, **kwargs)
+
+    torch.distributed.all_to_all_single = counting
+    calls: list[int] = []
+    try:
+        yield calls
+    finally:
+        torch.distributed.all_to_all_single = original
+        calls.append(counted[0])
+
+
 def _optimizer(kind: str, model: torch.nn.Module, layout: ParallelLayout | None) -> torch.optim.Optimizer:
     """AdamW, or Adafactor: torch's own for the single-process model, the sharded one for an expert-parallel one."""
     if kind == "adamw":
@@ -213,8 +233,16 @@ def check_model_training(
         out = _forward(model, batch)
         out.loss.backward()
         local = slice_global_batch(batch, layout)
-        out_ep = _forward(model_ep, local)
-        out_ep.loss.backward()
+        with _counting_all_to_alls() as forward_calls:
+            out_ep = _forward(model_ep, local)
+        with _counting_all_to_alls() as backward_calls:
+            out_ep.loss.backward()
+        # A Switch layer's forward: counts, rows out, rows back; its backward: rows out and back. A recomputed
+        # block runs its forward's three again in the backward pass.
+        layers = len(expert_shards(model_ep)) // 2  # wi and wo per layer
+        recomputed = 3 * layers if activation_checkpointing else 0
+        calls = (forward_calls, backward_calls)
+        assert calls == ([3 * layers], [2 * layers + recomputed]), calls
         sync_gradients(model_ep, layout)
         if step == 0:
             _close("logits", out_ep.logits, slice_global_batch({"logits": out.logits}, layout)["logits"])

@@ -52,9 +52,9 @@ class SwitchModelBase(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def set_activation_checkpointing(self, every: int = 1) -> None:
+    def set_activation_checkpointing(self, every: int = 1) -> int:
         """Recompute every ``every``-th block in the backward pass (0 = off); see ``models.stack``."""
-        set_activation_checkpointing(self, every)
+        return set_activation_checkpointing(self, every)
 
     def save_pretrained(
         self, path: str | Path, *, format: str = "switchformer", max_shard_bytes: int | None = None
