@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from switchformer.parallel.adafactor import ShardedAdafactor
+from switchformer.training.optim import optimizer_kind
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
@@ -35,3 +36,9 @@ def test_it_steps_exactly_as_torch_adafactor_with_the_same_state(settings):
         assert ours_state[index].keys() == entry.keys()
         for key, value in entry.items():
             assert torch.equal(ours_state[index][key], value), (index, key)
+
+
+def test_its_checkpoints_record_torch_adafactor_so_they_resume_in_one_process():
+    ours = ShardedAdafactor(_params(0), sharded=[], group=None, lr=1e-2, foreach=True)  # foreach is overridden
+    assert optimizer_kind(ours) == optimizer_kind(torch.optim.Adafactor(_params(0))) == "Adafactor"
+    assert ours.param_groups[0]["foreach"] is False

@@ -42,9 +42,12 @@ def test_expert_parallel_training_matches_one_process(tmp_path, optimizer):
         assert (ours[name] - theirs[name]).abs().max() < 1e-6, name
 
 
-def test_resume_an_expert_parallel_run_in_one_process(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_resume_an_expert_parallel_run_in_one_process(tmp_path, optimizer):
+    """Adafactor: the expert-parallel run's ShardedAdafactor keeps torch's Adafactor state (found in review)."""
     run = tmp_path / "run"
-    run_and_check(train_cli, 2, timeout_s=300, args=[*ARGS, "--expert-parallel", "2", "--steps", "2"], run_dir=str(run))
+    args = [*ARGS, "--optimizer", optimizer, "--expert-parallel", "2", "--steps", "2"]
+    run_and_check(train_cli, 2, timeout_s=300, args=args, run_dir=str(run))
     assert main(["train", "--resume", "--output", str(run), "--steps", "4", "--no-progress"]) == 0
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from switchformer.parallel.collectives import collective
 from switchformer.parallel.expert_parallel import expert_shards
 from switchformer.parallel.mesh import ParallelLayout
 
@@ -25,10 +26,12 @@ class ShardedAdafactor(torch.optim.Adafactor):
     """``torch.optim.Adafactor`` whose norms of the parameters in ``sharded`` (each one of ``group``'s equal
     slices of a whole tensor) are taken over the whole tensor."""
 
+    checkpoint_kind = "Adafactor"  # its state is torch's: checkpoints resume with either (training.optim)
+
     def __init__(
         self, params: Any, *, sharded: list[Tensor], group: dist.ProcessGroup | None, **kwargs: Any
     ) -> None:  # fmt: skip
-        super().__init__(params, foreach=False, **kwargs)
+        super().__init__(params, **{**kwargs, "foreach": False})  # the single-tensor algorithm is the one mirrored
         self.sharded_ids = {id(p) for p in sharded}
         self.group = group
         self.slices = dist.get_world_size(group) if sharded else 1
@@ -38,7 +41,8 @@ class ShardedAdafactor(torch.optim.Adafactor):
         if id(param) not in self.sharded_ids:
             return tensor.norm(2).item()
         squared = tensor.detach().float().square().sum()
-        dist.all_reduce(squared, group=self.group)  # every rank steps its parameters in the same order
+        with collective("Adafactor norm all-reduce", self.group):
+            dist.all_reduce(squared, group=self.group)  # every rank steps its parameters in the same order
         return squared.sqrt().item()
 
     @torch.no_grad()

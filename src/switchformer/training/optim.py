@@ -31,6 +31,12 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, *, layout: Any 
     return optimizer
 
 
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    """The name a checkpoint records for its optimizer state: the class, unless the class says its state is another's
+    (the expert-parallel Adafactor keeps torch's Adafactor state, so its checkpoints resume in one process)."""
+    return getattr(optimizer, "checkpoint_kind", type(optimizer).__name__)
+
+
 def fused_adam_supported(params: list[torch.Tensor]) -> bool:
     """Whether torch's fused AdamW kernel can update ``params``.
 

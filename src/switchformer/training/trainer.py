@@ -41,7 +41,7 @@ from switchformer.training.diagnostics import first_non_finite_module, last_non_
 from switchformer.training.evaluation import evaluate_model, model_forward
 from switchformer.training.host_memory import keep_freed_memory
 from switchformer.training.metrics import MetricsWriter, RoutingAccumulator
-from switchformer.training.optim import build_optimizer, build_scheduler
+from switchformer.training.optim import build_optimizer, build_scheduler, optimizer_kind
 from switchformer.training.strategy import SingleProcess
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "elapsed_seconds": self.elapsed,
             "tokens_seen": self.tokens_seen,
-            "optimizer": type(self.optimizer).__name__,  # so a resume with another optimizer is refused up front
+            "optimizer": optimizer_kind(self.optimizer),  # so a resume with another optimizer is refused up front
         }
         if not self.strategy.is_main:
             return None
@@ -259,17 +259,17 @@ class Trainer:
         saved, own = checkpoint.optimizer_state, self.optimizer
         if saved is None:
             return
-        kind = checkpoint.trainer_state.get("optimizer", type(own).__name__)
+        kind = checkpoint.trainer_state.get("optimizer", optimizer_kind(own))
         groups = saved.get("param_groups") if isinstance(saved, dict) else None
         fits = isinstance(groups, list) and len(groups) == len(own.param_groups)
         fits = fits and all(
             isinstance(g, dict) and len(g.get("params", ())) == len(o["params"])
             for g, o in zip(groups, own.param_groups, strict=False)
         )
-        if kind != type(own).__name__ or not fits:
+        if kind != optimizer_kind(own) or not fits:
             raise CheckpointError(
                 f"the optimizer state in {checkpoint.path} ({kind}) does not fit this run's optimizer "
-                f"({type(own).__name__}, {len(own.param_groups)} parameter groups); resume with the optimizer "
+                f"({optimizer_kind(own)}, {len(own.param_groups)} parameter groups); resume with the optimizer "
                 "settings the run started with"
             )
 
