@@ -138,9 +138,16 @@ def set_activation_checkpointing(model: nn.Module, every: int) -> int:
     """
     if not isinstance(every, int) or every < 0:
         raise ValueError(f"activation checkpointing every={every} must be >= 0 (0 = off, 1 = every block)")
-    stacks = [m for m in model.modules() if isinstance(m, TransformerStack)]
-    if every and not stacks:
-        raise ValueError(f"{type(model).__name__} has no TransformerStack to checkpoint; build it with build_model")
+    stacks = transformer_stacks(model, "checkpoint") if every else transformer_stacks(model)
     for stack in stacks:
         stack.checkpoint_every = every
     return len(stacks)
+
+
+def transformer_stacks(model: nn.Module, required_to: str | None = None) -> list[TransformerStack]:
+    """The stacks of ``model``; with ``required_to`` (what the caller will do to them) a model without one is an
+    error that says so."""
+    stacks = [m for m in model.modules() if isinstance(m, TransformerStack)]
+    if required_to and not stacks:
+        raise ValueError(f"{type(model).__name__} has no TransformerStack to {required_to}; build it with build_model")
+    return stacks

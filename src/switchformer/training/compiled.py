@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from switchformer.models.stack import TransformerStack
+from switchformer.models.stack import transformer_stacks
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
@@ -26,9 +26,7 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     available = torch._dynamo.list_backends(exclude_tags=())
     if backend not in available:
         raise ValueError(f"torch.compile backend {backend!r} is unknown; choose one of {sorted(available)}")
-    stacks = [m for m in model.modules() if isinstance(m, TransformerStack)]
-    if not stacks:
-        raise ValueError(f"{type(model).__name__} has no TransformerStack to compile; build it with build_model")
+    stacks = transformer_stacks(model, "compile")
     for stack in stacks:
         stack.compiled_blocks = [torch.compile(block, backend=backend) for block in stack.blocks]
     return sum(len(stack.blocks) for stack in stacks)
