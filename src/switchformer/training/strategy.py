@@ -64,7 +64,7 @@ class SingleProcess:
         return done
 
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        return model.state_dict(), optimizer.state_dict()
+        return self.full_model_state(model), optimizer.state_dict()
 
     def load_full_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict | None, *,
@@ -147,9 +147,9 @@ class DistributedStrategy(SingleProcess):
         return bool(flag.item())
 
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        from switchformer.parallel import gather_full_optimizer_state, gather_full_state_dict
+        from switchformer.parallel import gather_full_optimizer_state
 
-        return gather_full_state_dict(model, self.layout), gather_full_optimizer_state(optimizer, model, self.layout)
+        return self.full_model_state(model), gather_full_optimizer_state(optimizer, model, self.layout)
 
     def load_full_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict | None, *,

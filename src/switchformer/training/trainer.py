@@ -259,17 +259,18 @@ class Trainer:
         saved, own = checkpoint.optimizer_state, self.optimizer
         if saved is None:
             return
-        kind = checkpoint.trainer_state.get("optimizer", optimizer_kind(own))
+        own_kind = optimizer_kind(own)
+        kind = checkpoint.trainer_state.get("optimizer", own_kind)
         groups = saved.get("param_groups") if isinstance(saved, dict) else None
         fits = isinstance(groups, list) and len(groups) == len(own.param_groups)
         fits = fits and all(
             isinstance(g, dict) and len(g.get("params", ())) == len(o["params"])
             for g, o in zip(groups, own.param_groups, strict=False)
         )
-        if kind != optimizer_kind(own) or not fits:
+        if kind != own_kind or not fits:
             raise CheckpointError(
                 f"the optimizer state in {checkpoint.path} ({kind}) does not fit this run's optimizer "
-                f"({optimizer_kind(own)}, {len(own.param_groups)} parameter groups); resume with the optimizer "
+                f"({own_kind}, {len(own.param_groups)} parameter groups); resume with the optimizer "
                 "settings the run started with"
             )
 
