@@ -21,9 +21,16 @@ from switchformer.cli.common import print_table
 from switchformer.cli.distill import parse_init
 from switchformer.experiments.distillation import distill_best
 from switchformer.experiments.history import history_lines, recorded_session
-from switchformer.experiments.plan import ComparePlan
+from switchformer.experiments.plan import ComparePlan, RunSpec
 from switchformer.experiments.report import write_report
-from switchformer.experiments.runner import check_plan, data_config_for, load_plan, run_comparison
+from switchformer.experiments.runner import (
+    RunPlace,
+    check_plan,
+    data_config_for,
+    load_plan,
+    no_callbacks,
+    run_comparison,
+)
 from switchformer.training.callbacks import ProgressBar
 from switchformer.training.cpu_features import cpu_has_native_bf16
 from switchformer.training.trainer import autocast_dtype, resolve_device
@@ -92,6 +99,19 @@ def plan_from_args(args: argparse.Namespace, base: ComparePlan | None = None) ->
     return plan.replace(**changes)
 
 
+class RunProgressBars:
+    """Each run's progress bar, named with its place in the plan; runs side by side draw on a line per slot.
+
+    A class rather than a closure: side-by-side runs build their callbacks in their own process (pickled).
+    """
+
+    def __init__(self, leave: bool) -> None:
+        self.leave = leave  # side by side, a finished run's bar is cleared for the next one in its slot
+
+    def __call__(self, spec: RunSpec, place: RunPlace) -> list[ProgressBar]:
+        return [ProgressBar(desc=f"{spec.name} [{place}]", leave=self.leave, position=place.slot)]
+
+
 def warn_if_bf16_is_emulated(plan: ComparePlan) -> None:
     """bf16 autocast pays on CPU only with bf16 instructions; elsewhere say how to get float32's speed back."""
     device = resolve_device(plan.device)  # what the trainer will run on and in
@@ -127,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     def bars(name: str) -> list[ProgressBar]:
         return [] if args.no_progress else [ProgressBar(desc=name, leave=True)]
 
+    run_bars = no_callbacks if args.no_progress else RunProgressBars(leave=plan.parallel_runs == 1)
+
     if not args.replot:
         print_table(f"switchformer compare -> {output}", [
             ("data", data.source or "built-in corpus (Python standard library)"),
@@ -138,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         warn_if_bf16_is_emulated(plan)
         check_plan(output, plan, data)  # a refused command is not a training session of the folder
         with recorded_session(output, f"switchformer {shlex.join(sys.argv[1:])}"):
-            outcomes = run_comparison(plan, output, data, callbacks=lambda spec, place: bars(f"{spec.name} [{place}]"))
+            outcomes = run_comparison(plan, output, data, callbacks=run_bars)
             for outcome in outcomes:
                 logger.info("%s: %s", outcome.spec.name, outcome.status.value)
             if args.distill:

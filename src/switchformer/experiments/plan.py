@@ -50,7 +50,12 @@ class ComparePlan(Config):
     schedule: Schedule = Schedule.INVERSE_SQRT  # no decay to a fixed end: curves compare at every step
     eval_every: int = 100
     checkpoint_every: int = 500
-    threads: int = 2  # torch.set_num_threads, fixed so every run gets the same cores
+    threads: int = 1  # torch.set_num_threads of each run, fixed: results depend on it (float sums round per thread)
+    # Runs trained at once, each in its own process with `threads` threads. On 2 cores two one-thread runs side by
+    # side trained 1.19x the tokens of one two-thread run at a time (measured 2026-12-04), which brings the default
+    # comparison to about an hour from 75-83 min. Every run has a neighbour of the same kind, so times stay
+    # comparable; 1 gives each run the machine alone (then raise `threads`).
+    parallel_runs: int = 2
     device: str = "cpu"  # cpu, cuda, cuda:N or auto; every run of a comparison must use the same one
     # float32 by default: the defaults pass the acceptance checks in float32 (docs/results/compare-default). bf16
     # autocast, router in float32, runs them in 60 instead of 75 min on a CPU with bf16 instructions at the same
@@ -98,6 +103,8 @@ class ComparePlan(Config):
                    "must be 'cpu', 'cuda', 'cuda:N' or 'auto'")  # fmt: skip
         self.check(self.group_size >= 1, "group_size", "must be >= 1")
         self.check(self.z_loss_coef >= 0, "z_loss_coef", "must be >= 0")
+        self.check(self.threads >= 1, "threads", "must be >= 1")
+        self.check(self.parallel_runs >= 1, "parallel_runs", "must be >= 1 (1 = one run at a time)")
         self.check(self.validation_batches >= 1, "validation_batches", "must be >= 1")
         self.check(len(self.dense_seeds) >= 1, "dense_seeds", "needs at least one seed: the dense run is the reference")
         self.check(self.seed in self.dense_seeds, "dense_seeds", f"must include the shared seed={self.seed}")

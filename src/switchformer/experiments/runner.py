@@ -1,4 +1,4 @@
-"""Train the runs of a :class:`ComparePlan`, one at a time, each in its own folder under ``OUTPUT/runs/``.
+"""Train the runs of a :class:`ComparePlan`, ``parallel_runs`` at a time, each in its own folder under ``OUTPUT/runs/``.
 
 Folder layout::
 
@@ -8,8 +8,8 @@ Folder layout::
     OUTPUT/runs/NAME/            spec.json, metrics.jsonl, summary.json, checkpoints/ (one Trainer run each)
 
 Rerunning the same command skips finished runs and resumes unfinished ones from their last checkpoint, so an
-interrupted comparison loses at most ``checkpoint_every`` steps of one run, and a larger ``steps`` extends every
-run (the inverse-sqrt schedule does not depend on the total).
+interrupted comparison loses at most ``checkpoint_every`` steps of each run it was training, and a larger ``steps``
+extends every run (the inverse-sqrt schedule does not depend on the total).
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ import dataclasses
 import enum
 import json
 import logging
+import math
+import multiprocessing
 import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +41,9 @@ PLAN_FILE = "compare.json"
 SPEC_FILE = "spec.json"
 MACHINE_FILE = "machine.json"  # load averages when a run started and ended: timings need a quiet machine
 # What a plan saved before these ComparePlan fields existed ran: the paper's gate, MoEConfig's 1024-token groups.
-_BEFORE_THE_FIELD = {"gate": Gate.PROBABILITY.value, "group_size": 1024, "z_loss_coef": 0.0}
-_MAY_CHANGE = {"steps", "only", "checkpoint_every"}  # plan fields a rerun may change without invalidating runs
+_BEFORE_THE_FIELD = {"gate": Gate.PROBABILITY.value, "group_size": 1024, "z_loss_coef": 0.0, "parallel_runs": 1}
+# Plan fields a rerun may change without invalidating runs (how many train at once changes timings, not results).
+_MAY_CHANGE = {"steps", "only", "checkpoint_every", "parallel_runs"}
 # The fields that say which runs a folder holds, not how any run trains: a rerun naming other values adds runs
 # (e.g. `--experts 128` on a finished comparison) and the folder's plan keeps the union, so no run is forgotten.
 _SWEEP = ("dense_seeds", "expert_counts", "capacity_factors")
@@ -167,41 +171,141 @@ def train_run(
     return RunOutcome(spec, RunStatus.RESUMED if resume else RunStatus.TRAINED, folder)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunPlace:
+    """Where a run stands in its comparison: ``index`` of ``total`` runs, and the ``slot`` (0-based) it trains in
+    when runs train side by side, e.g. the line of its progress bar. Prints as ``"7/8"``."""
+
+    index: int
+    total: int
+    slot: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.total}"
+
+
+CallbackFactory = Callable[[RunSpec, RunPlace], Sequence[Callback]]
+
+
+def no_callbacks(spec: RunSpec, place: RunPlace) -> Sequence[Callback]:
+    return ()
+
+
 def run_comparison(
-    plan: ComparePlan,
-    output: Path,
-    data: DataConfig,
-    *,
-    callbacks: Callable[[RunSpec, str], Sequence[Callback]] = lambda spec, place: (),
+    plan: ComparePlan, output: Path, data: DataConfig, *, callbacks: CallbackFactory = no_callbacks
 ) -> list[RunOutcome]:
-    """Train every run of ``plan`` in order, one at a time; finished runs are skipped, interrupted ones resumed.
+    """Train every run of ``plan``, ``plan.parallel_runs`` at a time; finished runs are skipped, interrupted ones
+    resumed. Outcomes come in the plan's order.
 
-    ``callbacks(spec, place)`` gives each run's callbacks; ``place`` is its position in the plan, e.g. ``"7/8"``.
+    ``callbacks(spec, place)`` gives each run's callbacks (see :class:`RunPlace`). With ``parallel_runs > 1``
+    each run trains in a fresh process (its own threads and memory), so the factory must be picklable: a
+    module-level function or class, not a lambda.
 
-    After each run it logs how many are done and, from the runs trained so far, about how long the rest will take.
+    As each run ends it logs how many are done and, from the runs trained so far, about how long the rest will take.
     """
     output = Path(output)
     write_or_check_plan(output, plan, data)  # a bad plan fails before any work
     vocab = prepare_run_data(data, output, plan.seed).tokenizer.vocab_size
     specs = plan_runs(plan, vocab)
-    outcomes: list[RunOutcome] = []
-    spent: list[float] = []  # wall-clock seconds of each run trained (not skipped) in this call
-    for index, spec in enumerate(specs, 1):
-        started = time.monotonic()
-        outcomes.append(train_run(spec, plan, data, output, callbacks=callbacks(spec, f"{index}/{len(specs)}")))
-        if outcomes[-1].status is not RunStatus.SKIPPED:
-            spent.append(time.monotonic() - started)
-        unfinished = sum(finished_steps(run_dir(output, s.name)) < plan.steps for s in specs[index:])
-        logger.info("compare: %d of %d runs done%s", index, len(specs), _time_left_text(spent, unfinished))
-    return outcomes
+    progress = _Progress(plan, output, specs)
+    if plan.parallel_runs == 1:
+        outcomes = []
+        for index, spec in enumerate(specs, 1):
+            started = time.monotonic()
+            outcomes.append(train_run(spec, plan, data, output, callbacks=callbacks(spec, RunPlace(index, len(specs)))))
+            progress.run_ended(outcomes[-1], time.monotonic() - started)
+        return outcomes
+    return _train_side_by_side(specs, plan, data, output, callbacks, progress)
 
 
-def _time_left_text(spent: Sequence[float], unfinished: int) -> str:
-    """``"; about 1 h 4 min to go (8 min a run so far)"``: the median run so far times the runs left to train."""
+class _Progress:
+    """Counts the runs that ended and logs the count with an estimate of the time left."""
+
+    def __init__(self, plan: ComparePlan, output: Path, specs: Sequence[RunSpec]) -> None:
+        self.plan, self.output, self.specs = plan, output, specs
+        self.ended = 0
+        self.spent: list[float] = []  # wall-clock seconds of each run trained (not skipped) in this call
+
+    def run_ended(self, outcome: RunOutcome, seconds: float) -> None:
+        self.ended += 1
+        if outcome.status is not RunStatus.SKIPPED:
+            self.spent.append(seconds)
+        unfinished = sum(finished_steps(run_dir(self.output, s.name)) < self.plan.steps for s in self.specs)
+        logger.info(
+            "compare: %d of %d runs done%s", self.ended, len(self.specs),
+            _time_left_text(self.spent, unfinished, self.plan.parallel_runs),
+        )  # fmt: skip
+
+
+def _train_side_by_side(
+    specs: Sequence[RunSpec],
+    plan: ComparePlan,
+    data: DataConfig,
+    output: Path,
+    callbacks: CallbackFactory,
+    progress: _Progress,
+) -> list[RunOutcome]:
+    """Train ``plan.parallel_runs`` runs at a time, each in a fresh spawned process, in the plan's order.
+
+    A failed run stops the comparison: runs not yet started are cancelled, the ones training finish first.
+    Ctrl-C reaches every process, so each run stops at its last checkpoint, as it would alone.
+    """
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pool state; spawn starts clean
+    bar_lock = context.RLock()  # progress bars of different processes take turns writing to the terminal
+    level = logging.getLogger().getEffectiveLevel()
+    waiting = list(enumerate(specs, 1))
+    free_slots = list(range(plan.parallel_runs))
+    running: dict[Future[RunOutcome], tuple[int, int, float]] = {}  # future -> index, slot, start time
+    outcomes: dict[int, RunOutcome] = {}
+    pool = ProcessPoolExecutor(
+        max_workers=plan.parallel_runs, mp_context=context, max_tasks_per_child=1,
+        initializer=_start_worker, initargs=(level, bar_lock),
+    )  # fmt: skip
+    try:
+        while waiting or running:
+            while waiting and free_slots:
+                index, spec = waiting.pop(0)
+                slot = free_slots.pop(0)
+                place = RunPlace(index, len(specs), slot)
+                future = pool.submit(_train_in_worker, spec, plan, data, output, callbacks, place)
+                running[future] = (index, slot, time.monotonic())
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: running[f][0]):
+                index, slot, started = running.pop(future)
+                outcomes[index] = future.result()  # a run's error is raised here
+                free_slots.append(slot)
+                free_slots.sort()
+                progress.run_ended(outcomes[index], time.monotonic() - started)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return [outcomes[index] for index in sorted(outcomes)]
+
+
+def _start_worker(level: int, bar_lock: Any) -> None:
+    """A spawned process starts with default logging and a lock of its own: give it the parent's."""
+    from tqdm import tqdm
+
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    tqdm.set_lock(bar_lock)
+
+
+def _train_in_worker(
+    spec: RunSpec, plan: ComparePlan, data: DataConfig, output: Path, callbacks: CallbackFactory, place: RunPlace
+) -> RunOutcome:
+    from switchformer.training.denormals import flushed_denormals
+
+    with flushed_denormals():  # before the run starts torch's thread pool, as the command line does
+        return train_run(spec, plan, data, output, callbacks=callbacks(spec, place))
+
+
+def _time_left_text(spent: Sequence[float], unfinished: int, at_once: int = 1) -> str:
+    """``"; about 1 h 4 min to go (8 min a run so far)"``: the median run so far times the runs left to train,
+    shared among the runs trained at once (``at_once``)."""
     if not unfinished or not spent:
         return ""
     per_run = statistics.median(spent)
-    return f"; about {_duration(unfinished * per_run)} to go ({_duration(per_run)} a run so far)"
+    rounds = math.ceil(unfinished / at_once)
+    return f"; about {_duration(rounds * per_run)} to go ({_duration(per_run)} a run so far)"
 
 
 def _duration(seconds: float) -> str:
