@@ -105,7 +105,8 @@ def test_each_run_bar_names_its_place_in_the_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "ProgressBar", RecordingBar)
     corpus = write_corpus(tmp_path / "corpus.txt", modules=("json", "email"))
     argv = ["--data", str(corpus), "--output", str(tmp_path / "cmp"), "--steps", "2", "--experts", "2",
-            "--only", "dense-seed0,switch-2", "--set", "parallel_runs=1", *[a for a in TINY if a != "--no-progress"]]  # fmt: skip
+            "--only", "dense-seed0,switch-2", "--set", "parallel_runs=1",  # bars made in this process
+            *[a for a in TINY if a != "--no-progress"]]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["switchformer", "compare", *argv])
     assert run_cli(argv) == 0
     assert descriptions == ["dense-seed0 [1/2]", "switch-2 [2/2]"]

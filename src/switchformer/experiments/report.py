@@ -227,6 +227,11 @@ def _every(n: int) -> str:
     return {1: "in every FFN", 2: "in every other FFN"}.get(n, f"in every {n}th FFN")
 
 
+def _at_once(parallel_runs: int) -> str:
+    """How the latest session trained its runs (timings depend on it; the history lists every session)."""
+    return "one run at a time" if parallel_runs == 1 else f"{parallel_runs} runs at a time, side by side"
+
+
 def _settings_lines(output: Path) -> list[str]:
     """The shared settings of every run, from the comparison folder's saved plan."""
     try:
@@ -242,7 +247,7 @@ def _settings_lines(output: Path) -> list[str]:
         f"{plan.init_scale:g}, no dropout",
         f"- Training: AdamW lr {plan.lr:g}, {plan.schedule.value} schedule, {plan.warmup_steps} warmup steps, "
         f"{plan.steps} steps, evaluation every {plan.eval_every} steps, {_PRECISION_TEXT[plan.precision]}, "
-        f"device {plan.device}, torch threads: {plan.threads}; "
+        f"device {plan.device}, torch threads: {plan.threads} a run, {_at_once(plan.parallel_runs)}; "
         f"load-balancing coefficient {plan.load_balancing_loss_coef:g}, eval capacity factor "
         f"{plan.eval_capacity_factor:g} (x2 for top-2)",
         f"- Switch gate: {_GATE_TEXT[plan.gate]}; top-2 renormalises its two gates to sum to 1",

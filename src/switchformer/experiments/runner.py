@@ -21,6 +21,7 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -204,6 +205,8 @@ def run_comparison(
     As each run ends it logs how many are done and, from the runs trained so far, about how long the rest will take.
     """
     output = Path(output)
+    if plan.parallel_runs > 1:
+        _check_picklable(callbacks)
     write_or_check_plan(output, plan, data)  # a bad plan fails before any work
     vocab = prepare_run_data(data, output, plan.seed).tokenizer.vocab_size
     specs = plan_runs(plan, vocab)
@@ -216,6 +219,17 @@ def run_comparison(
             progress.run_ended(outcomes[-1], time.monotonic() - started)
         return outcomes
     return _train_side_by_side(specs, plan, data, output, callbacks, progress)
+
+
+def _check_picklable(callbacks: CallbackFactory) -> None:
+    """Side-by-side runs build their callbacks in their own process: refuse a factory that cannot get there."""
+    try:
+        pickle.dumps(callbacks)
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"the callbacks factory {callbacks!r} cannot be sent to the runs' processes ({error}); pass a "
+            "module-level function or class, or train one run at a time (ComparePlan parallel_runs=1)"
+        ) from error
 
 
 class _Progress:
