@@ -90,3 +90,15 @@ def test_main_prints_input_errors_without_a_traceback(tmp_path, task, capsys):
     argv = ["finetune", str(checkpoint), "--train", str(bad), "--validation", str(task[1]), *FAST]
     assert cli_main.main(argv) == 2
     assert "line 2: missing field 'target'" in capsys.readouterr().err
+
+
+def test_a_positional_after_compile_is_named_as_the_mistake_it_is(capsys):
+    """``--compile`` takes an optional backend, so a checkpoint written after it arrives as the backend."""
+    with pytest.raises(SystemExit):
+        cli_main.build_parser().parse_args(["finetune", "--compile", "runs/teacher", "--train", "t.jsonl"])
+    err = capsys.readouterr().err
+    assert "unknown torch.compile backend 'runs/teacher'" in err and "write positional arguments before it" in err
+    args = cli_main.build_parser().parse_args(["finetune", "runs/teacher", "--compile", "--train", "t.jsonl"])
+    assert (args.checkpoint, args.compile) == ("runs/teacher", "inductor")
+    args = cli_main.build_parser().parse_args(["finetune", "--compile=aot_eager", "runs/teacher"])
+    assert (args.checkpoint, args.compile) == ("runs/teacher", "aot_eager")

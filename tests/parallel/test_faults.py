@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.parallel import workers
 from tests.parallel.launcher import run_ranks
 
@@ -16,10 +18,16 @@ def _survivor(results):
     return survivor.value
 
 
-def test_dead_rank_makes_the_survivor_fail_fast():
-    value = _survivor(run_ranks(workers.check_dead_peer, 2, timeout_s=60, ep=2, timeout_s_pg=TIMEOUT_S))
+@pytest.mark.parametrize(
+    ("worker", "operation"),
+    [(workers.check_dead_peer, "expert-parallel all-to-all"),
+     (workers.check_dead_peer_while_decoding, "the all-reduce agreeing to stop decoding")],  # finetune's generate
+    ids=["training step", "decoding"],
+)  # fmt: skip
+def test_dead_rank_makes_the_survivor_fail_fast(worker, operation):
+    value = _survivor(run_ranks(worker, 2, timeout_s=60, ep=2, timeout_s_pg=TIMEOUT_S))
     assert value["error"] is not None, "the survivor's step succeeded although its peer was dead"
-    assert "expert-parallel all-to-all" in value["error"] and "rank 0" in value["error"], value["error"]
+    assert operation in value["error"] and "rank 0" in value["error"], value["error"]
     assert value["seconds"] < TIMEOUT_S + 5, value
 
 

@@ -35,6 +35,7 @@ from switchformer.parallel import (
 from switchformer.parallel.adafactor import sharded_adafactor
 from switchformer.parallel.expert_parallel import expert_shards
 from switchformer.parallel.mesh import ParallelLayout
+from switchformer.training.strategy import DistributedStrategy
 
 ATOL = 1e-5
 D_MODEL, D_FF, NUM_EXPERTS = 16, 32, 8
@@ -304,6 +305,16 @@ def check_dead_peer(ep: int, timeout_s_pg: float) -> dict[str, Any]:
     if layout.rank == 1:
         os._exit(17)
     return _time_failure(lambda: layer(x).hidden_states.sum().backward())
+
+
+def check_dead_peer_while_decoding(ep: int, timeout_s_pg: float) -> dict[str, Any]:
+    """Rank 1 dies between two decoding steps; the others must fail in the stop agreement, not hang in it."""
+    layout = _init_with_short_timeout(ep, timeout_s_pg)
+    strategy = DistributedStrategy(layout)
+    assert strategy.agree_to_stop(layout.rank == 0) is False  # one healthy step first: rank 1 is not done
+    if layout.rank == 1:
+        os._exit(17)
+    return _time_failure(lambda: strategy.agree_to_stop(True))
 
 
 def check_hung_peer(ep: int, timeout_s_pg: float) -> dict[str, Any]:

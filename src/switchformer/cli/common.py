@@ -51,9 +51,23 @@ def add_step_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument("--activation-checkpointing", type=int, metavar="N",
                        help="recompute every N-th block's activations in the backward pass (1 = every block): "
                        "less memory, about one more forward pass of compute")  # fmt: skip
-    group.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+    group.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", type=compile_backend,
                        help="torch.compile each transformer block for training (default backend: inductor; on CPU "
                        "it needs a C++ compiler); evaluation and decoding stay eager")  # fmt: skip
+
+
+def compile_backend(name: str) -> str:
+    """``--compile``'s value, checked while parsing: its value is optional, so it takes a positional argument
+    written right after it (``finetune --compile runs/x``), and the error should say so, not "missing checkpoint"."""
+    import torch._dynamo
+
+    available = sorted(torch._dynamo.list_backends(exclude_tags=()))
+    if name not in available:
+        raise argparse.ArgumentTypeError(
+            f"unknown torch.compile backend {name!r} (choose one of {', '.join(available)}); --compile takes an "
+            "optional backend, so write positional arguments before it or give the backend as --compile=BACKEND"
+        )
+    return name
 
 
 def add_expert_parallel_argument(group: argparse._ActionsContainer) -> None:

@@ -142,8 +142,11 @@ class DistributedStrategy(SingleProcess):
             return done  # a data-parallel rank decodes alone
         import torch.distributed as dist
 
+        from switchformer.parallel.collectives import collective
+
         flag = torch.tensor([int(done)], device=self.layout.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.layout.ep_group)
+        with collective("the all-reduce agreeing to stop decoding", self.layout.ep_group):
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.layout.ep_group)
         return bool(flag.item())
 
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
