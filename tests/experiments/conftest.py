@@ -20,10 +20,11 @@ def write_corpus(path: Path, modules: tuple[str, ...] = ("json", "email", "loggi
 
 
 def tiny_plan(**changes) -> ComparePlan:
-    """Two layers of width 32 and a handful of steps: plumbing, not results."""
+    """Two layers of width 32 and a handful of steps: plumbing, not results; one run at a time (side by side has
+    its own tests: a process per run costs a torch import)."""
     base = ComparePlan(
         d_model=32, d_ff=64, num_layers=2, num_heads=2, vocab_size=512, sequence_length=32, batch_size=4,
-        validation_batches=2, steps=6, eval_every=3, checkpoint_every=3, warmup_steps=2, threads=1,
+        validation_batches=2, steps=6, eval_every=3, checkpoint_every=3, warmup_steps=2, threads=1, parallel_runs=1,
         dense_seeds=(0, 1), expert_counts=(2, 4), capacity_factors=(1.0,), capacity_experts=4, top2_experts=4,
     )  # fmt: skip
     return base.replace(**changes)

@@ -26,7 +26,7 @@ NAMES = ["dense-seed0", "dense-seed1", "switch-2", "switch-4", "switch-4-cf1", "
 
 
 def test_comparison_report_plots_skip_resume_and_replot(tmp_path, corpus):
-    plan = tiny_plan()
+    plan = tiny_plan(parallel_runs=2)  # the default: two runs side by side
     data = data_config_for(plan, str(corpus))
     out = tmp_path / "cmp"
     outcomes = run_comparison(plan, out, data)

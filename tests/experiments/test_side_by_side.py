@@ -1,5 +1,5 @@
-"""Runs trained side by side (``ComparePlan.parallel_runs``): same results as one at a time, a slot and a fresh
-process per run, a failed run stops the rest, and the time-left estimate shares the runs among the slots."""
+"""Runs trained side by side (``ComparePlan.parallel_runs``): they overlap, each in a fresh process and a slot,
+with the same losses as one at a time; a failed or killed run stops the runs beside it at a checkpoint."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import dataclasses
 import json
 import os
 import pickle
+import signal
+import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -15,42 +19,63 @@ from switchformer.cli.compare import RunProgressBars
 from switchformer.experiments.plan import ComparePlan, RunSpec, plan_runs
 from switchformer.experiments.report import write_report
 from switchformer.experiments.runner import (
-    RunPlace,
     RunStatus,
     _time_left_text,
     data_config_for,
+    finished_steps,
     load_plan,
     run_comparison,
     write_or_check_plan,
 )
+from switchformer.experiments.side_by_side import RunPlace, RunProcessError, StopWhenAsked, check_picklable
 from switchformer.training.metrics import read_metrics
 
 from .conftest import tiny_plan
 
+MEETING_TIMEOUT_S = 120.0  # process start-up (a torch import) on a busy 2-core machine
+
 
 @dataclasses.dataclass
-class PlaceRecorder:
-    """A picklable callbacks factory that writes down, from inside each run's process, where the run trained."""
+class RunRecorder:
+    """A picklable callbacks factory that runs in each run's process: it writes down where the run trained, makes
+    the runs named in ``meet`` wait for each other (so they must overlap), and fails or kills one run."""
 
     folder: Path
+    meet: tuple[str, ...] = ()
     fail_run: str | None = None
+    kill_run: str | None = None
+    interrupt_run: str | None = None  # as a Ctrl-C would: SIGINT to that run's process
 
     def __call__(self, spec: RunSpec, place: RunPlace) -> tuple[()]:
+        record = {"index": place.index, "total": place.total, "slot": place.slot, "text": str(place)}
+        (self.folder / f"{spec.name}.json").write_text(json.dumps({**record, "pid": os.getpid()}))
+        if spec.name in self.meet:
+            (self.folder / f"arrived-{spec.name}").touch()
+            deadline = time.monotonic() + MEETING_TIMEOUT_S
+            while not all((self.folder / f"arrived-{name}").exists() for name in self.meet):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{spec.name} never met {self.meet}: the runs did not train at the same time")
+                time.sleep(0.05)
         if spec.name == self.fail_run:
             raise ValueError(f"{spec.name} refused by the test")
-        record = {"index": place.index, "total": place.total, "slot": place.slot, "text": str(place)}
-        record["pid"] = os.getpid()
-        (self.folder / f"{spec.name}.json").write_text(json.dumps(record))
+        if spec.name == self.kill_run:
+            os._exit(9)
+        if spec.name == self.interrupt_run:
+            os.kill(os.getpid(), signal.SIGINT)
         return ()
 
 
-def test_side_by_side_trains_the_same_curves_as_one_run_at_a_time_each_in_its_own_process(tmp_path, corpus):
+def small_plan(**changes) -> ComparePlan:
+    return tiny_plan(dense_seeds=(0,), expert_counts=(2,), capacity_factors=(), top2_experts=None, **changes)
+
+
+def test_runs_train_at_the_same_time_in_their_own_processes_with_the_losses_of_one_at_a_time(tmp_path, corpus):
     plan = tiny_plan(dense_seeds=(0,), expert_counts=(2, 4), capacity_factors=(), top2_experts=None)
     data = data_config_for(plan, str(corpus))
     places = tmp_path / "places"
     places.mkdir()
-    alone = run_comparison(plan.replace(parallel_runs=1), tmp_path / "alone", data)
-    recorder = PlaceRecorder(places)
+    alone = run_comparison(plan, tmp_path / "alone", data)
+    recorder = RunRecorder(places, meet=("dense-seed0", "switch-2"))
     together = run_comparison(plan.replace(parallel_runs=2), tmp_path / "together", data, callbacks=recorder)
     names = ["dense-seed0", "switch-2", "switch-4"]
     assert [o.spec.name for o in alone] == [o.spec.name for o in together] == names  # the plan's order
@@ -61,36 +86,93 @@ def test_side_by_side_trains_the_same_curves_as_one_run_at_a_time_each_in_its_ow
         assert again == losses and len(losses) == 2
     recorded = {name: json.loads((places / f"{name}.json").read_text()) for name in names}
     assert [recorded[n]["text"] for n in names] == ["1/3", "2/3", "3/3"]
-    assert (recorded["dense-seed0"]["slot"], recorded["switch-2"]["slot"]) == (0, 1)  # the first two start at once
+    assert (recorded["dense-seed0"]["slot"], recorded["switch-2"]["slot"]) == (0, 1)
     assert recorded["switch-4"]["slot"] in (0, 1)
     pids = {r["pid"] for r in recorded.values()}
     assert len(pids) == 3 and os.getpid() not in pids  # a fresh process for every run
+    machine = json.loads((tmp_path / "together" / "runs" / "switch-4" / "machine.json").read_text())
+    assert machine["runs_at_once"] == 2
     assert load_plan(tmp_path / "together")[0].parallel_runs == 2
     report = write_report(tmp_path / "together", report_dir=tmp_path / "docs").read_text()
     assert "torch threads: 1 a run, 2 runs at a time, side by side" in report
 
+    again = run_comparison(plan.replace(parallel_runs=2), tmp_path / "together", data, callbacks=recorder)
+    assert {o.status for o in again} == {RunStatus.SKIPPED}  # finished runs are skipped in this process
 
-def test_a_failed_run_stops_the_comparison_and_the_run_beside_it_finishes(tmp_path, corpus):
-    plan = tiny_plan(dense_seeds=(0, 1), expert_counts=(2,), capacity_factors=(), top2_experts=None)
+
+def test_a_failed_run_stops_the_run_beside_it_at_a_checkpoint_and_never_starts_the_next(tmp_path, corpus):
+    plan = small_plan(dense_seeds=(0, 1), steps=3000, eval_every=500, checkpoint_every=500)  # minutes, unstopped
     data = data_config_for(plan, str(corpus))
     out, places = tmp_path / "cmp", tmp_path / "places"
     places.mkdir()
-    with pytest.raises(ValueError, match="dense-seed0 refused by the test"):
-        run_comparison(plan, out, data, callbacks=PlaceRecorder(places, fail_run="dense-seed0"))
-    assert (out / "runs" / "dense-seed1" / "summary.json").is_file()  # started beside it, trained to the end
+    recorder = RunRecorder(places, meet=("dense-seed0", "dense-seed1"), fail_run="dense-seed0")
+    with pytest.raises(ValueError, match="dense-seed0 refused by the test") as raised:
+        run_comparison(plan.replace(parallel_runs=2), out, data, callbacks=recorder)
+    assert "raised while training dense-seed0, in its process" in raised.value.__notes__[0]  # its traceback
+    beside = out / "runs" / "dense-seed1"
+    assert 1 <= finished_steps(beside) < plan.steps  # stopped early, with its summary and a checkpoint to resume
+    assert any((beside / "checkpoints").iterdir())
     assert not (out / "runs" / "switch-2").exists()  # never started
-    outcomes = run_comparison(plan, out, data)  # a rerun trains what is missing
-    assert [(o.spec.name, o.status) for o in outcomes] == [
-        ("dense-seed0", RunStatus.TRAINED), ("dense-seed1", RunStatus.SKIPPED), ("switch-2", RunStatus.TRAINED),
-    ]  # fmt: skip
 
 
-def test_a_factory_that_cannot_be_pickled_is_refused_with_what_to_do(tmp_path, corpus):
-    plan = tiny_plan(dense_seeds=(0,), expert_counts=(2,), capacity_factors=(), top2_experts=None)
+def test_ctrl_c_in_a_runs_process_stops_it_and_the_run_beside_it_at_a_checkpoint(tmp_path, corpus):
+    plan = small_plan(steps=3000, eval_every=500, checkpoint_every=500)
     data = data_config_for(plan, str(corpus))
+    out, places = tmp_path / "cmp", tmp_path / "places"
+    places.mkdir()
+    recorder = RunRecorder(places, meet=("dense-seed0", "switch-2"), interrupt_run="dense-seed0")
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(plan.replace(parallel_runs=2), out, data, callbacks=recorder)
+    for name in ("dense-seed0", "switch-2"):  # both kept their last step, which a rerun resumes from
+        assert 1 <= finished_steps(out / "runs" / name) < plan.steps
+        assert any((out / "runs" / name / "checkpoints").iterdir())
+
+
+def test_a_killed_run_is_named_and_the_run_beside_it_stops(tmp_path, corpus):
+    plan = small_plan(steps=3000, eval_every=500, checkpoint_every=500)
+    data = data_config_for(plan, str(corpus))
+    out, places = tmp_path / "cmp", tmp_path / "places"
+    places.mkdir()
+    recorder = RunRecorder(places, meet=("dense-seed0", "switch-2"), kill_run="switch-2")
+    with pytest.raises(RunProcessError, match=r"training switch-2 exited with code 9 .*parallel_runs=1"):
+        run_comparison(plan.replace(parallel_runs=2), out, data, callbacks=recorder)
+    assert 1 <= finished_steps(out / "runs" / "dense-seed0") < plan.steps
+
+
+def test_the_stop_callback_ends_a_run_when_asked():
+    class Flag:
+        def __init__(self, value: bool) -> None:
+            self.value = value
+
+        def is_set(self) -> bool:
+            return self.value
+
+    trainer = types.SimpleNamespace(should_stop=False)
+    StopWhenAsked(Flag(False)).on_step_end(trainer, {})
+    assert trainer.should_stop is False  # this process has no parent process to lose
+    StopWhenAsked(Flag(True)).on_step_end(trainer, {})
+    assert trainer.should_stop is True
+
+
+def test_a_factory_that_cannot_reach_the_runs_processes_is_refused_with_what_to_do(tmp_path, corpus, monkeypatch):
+    data = data_config_for(small_plan(), str(corpus))
     with pytest.raises(ValueError, match=r"cannot be sent to the runs' processes .* parallel_runs=1"):
-        run_comparison(plan, tmp_path / "cmp", data, callbacks=lambda spec, place: ())
-    assert not (tmp_path / "cmp" / "runs").exists()
+        run_comparison(small_plan(parallel_runs=2), tmp_path / "cmp", data, callbacks=lambda spec, place: ())
+    assert not (tmp_path / "cmp").exists()  # refused before any work
+
+    def typed_at_a_prompt(spec, place):
+        return ()
+
+    main = sys.modules["__main__"]
+    typed_at_a_prompt.__module__, typed_at_a_prompt.__qualname__ = "__main__", "typed_at_a_prompt"
+    monkeypatch.setattr(main, "typed_at_a_prompt", typed_at_a_prompt, raising=False)
+    monkeypatch.delattr(main, "__file__", raising=False)
+    pickle.dumps(typed_at_a_prompt)  # pickles by reference, but a spawned process could not import it
+    with pytest.raises(ValueError, match="interactive session"):
+        check_picklable(typed_at_a_prompt)
+    monkeypatch.setattr(main, "__file__", "/somewhere/script.py", raising=False)
+    monkeypatch.setattr(main, "__spec__", None, raising=False)
+    check_picklable(typed_at_a_prompt)  # a script's own function: spawn imports the script in the run's process
 
 
 def test_how_many_runs_train_at_once_may_change_between_sessions_of_a_folder(tmp_path):

@@ -23,14 +23,8 @@ from switchformer.experiments.distillation import distill_best
 from switchformer.experiments.history import history_lines, recorded_session
 from switchformer.experiments.plan import ComparePlan, RunSpec
 from switchformer.experiments.report import write_report
-from switchformer.experiments.runner import (
-    RunPlace,
-    check_plan,
-    data_config_for,
-    load_plan,
-    no_callbacks,
-    run_comparison,
-)
+from switchformer.experiments.runner import check_plan, data_config_for, load_plan, run_comparison
+from switchformer.experiments.side_by_side import RunPlace, no_callbacks
 from switchformer.training.callbacks import ProgressBar
 from switchformer.training.cpu_features import cpu_has_native_bf16
 from switchformer.training.trainer import autocast_dtype, resolve_device
@@ -122,12 +116,13 @@ def warn_if_bf16_is_emulated(plan: ComparePlan) -> None:
         )
 
 
-def _header(argv: list[str], load_before: tuple[float, float, float]) -> list[str]:
+def _header(argv: list[str], load_before: tuple[float, float, float], plan: ComparePlan) -> list[str]:
     load_after = os.getloadavg()
     return [
         f"- Command: `switchformer {shlex.join(argv)}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; torch {torch.__version__}; Python {platform.python_version()}; "
-        f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads: {torch.get_num_threads()}",
+        f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads: {plan.threads} a run, "
+        f"{plan.parallel_runs} run{'s' if plan.parallel_runs > 1 else ''} at a time",
         f"- Load average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in load_before)}; "
         f"at the end: {', '.join(f'{x:.2f}' for x in load_after)}",
     ]
@@ -166,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             if args.distill:
                 distill_best(output, distill, steps=plan.steps, train_overrides=args.distill_overrides,
                              callbacks=bars("distill"))  # fmt: skip
-        header = _header(sys.argv[1:], load_before)
+        header = _header(sys.argv[1:], load_before, plan)
         (output / HEADER_FILE).write_text(json.dumps(header) + "\n")
         header += history_lines(output)
     else:

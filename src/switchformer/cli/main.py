@@ -37,6 +37,7 @@ def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from switchformer.experiments.side_by_side import RunProcessError
     from switchformer.parallel.collectives import CollectiveError
     from switchformer.training.trainer import NonFiniteLossError
 
@@ -45,12 +46,13 @@ def _run(argv: Sequence[str] | None) -> int:
     except ValueError as error:  # configuration and input errors: say what is wrong, no traceback
         print(f"switchformer {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, CollectiveError) as error:  # the run failed; the message says where and why
+    except (NonFiniteLossError, CollectiveError, RunProcessError) as error:  # the run failed; the message says why
         print(f"switchformer {args.command}: failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"switchformer {args.command}: interrupted; the last complete checkpoint is kept "
-              "(continue with --resume --output RUN_DIR)", file=sys.stderr)  # fmt: skip
+        how = "rerun the same command" if args.command == "compare" else "continue with --resume --output RUN_DIR"
+        print(f"switchformer {args.command}: interrupted; the last complete checkpoint is kept ({how})",
+              file=sys.stderr)  # fmt: skip
         return 130
 
 

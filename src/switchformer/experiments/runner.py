@@ -19,18 +19,22 @@ import enum
 import json
 import logging
 import math
-import multiprocessing
 import os
-import pickle
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from switchformer.data import DataConfig, Objective, PreparedData, prepare_data
 from switchformer.experiments.plan import ComparePlan, RunSpec, plan_runs
+from switchformer.experiments.side_by_side import (
+    CallbackFactory,
+    RunPlace,
+    check_picklable,
+    no_callbacks,
+    train_side_by_side,
+)
 from switchformer.routing.config import Gate
 from switchformer.training.callbacks import Callback
 from switchformer.training.checkpoint import latest_checkpoint
@@ -40,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 PLAN_FILE = "compare.json"
 SPEC_FILE = "spec.json"
-MACHINE_FILE = "machine.json"  # load averages when a run started and ended: timings need a quiet machine
+MACHINE_FILE = "machine.json"  # load averages when a run started and ended, runs trained at once: timings need both
 # What a plan saved before these ComparePlan fields existed ran: the paper's gate, MoEConfig's 1024-token groups.
 _BEFORE_THE_FIELD = {"gate": Gate.PROBABILITY.value, "group_size": 1024, "z_loss_coef": 0.0, "parallel_runs": 1}
 # Plan fields a rerun may change without invalidating runs (how many train at once changes timings, not results).
@@ -168,28 +172,9 @@ def train_run(
     logger.info("%s: %s at step %d of %d", spec.name, "resuming" if resume else "training", trainer.step, plan.steps)
     started = os.getloadavg()
     trainer.train()
-    (folder / MACHINE_FILE).write_text(json.dumps({"load_start": started, "load_end": os.getloadavg()}) + "\n")
+    machine = {"load_start": started, "load_end": os.getloadavg(), "runs_at_once": plan.parallel_runs}
+    (folder / MACHINE_FILE).write_text(json.dumps(machine) + "\n")
     return RunOutcome(spec, RunStatus.RESUMED if resume else RunStatus.TRAINED, folder)
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPlace:
-    """Where a run stands in its comparison: ``index`` of ``total`` runs, and the ``slot`` (0-based) it trains in
-    when runs train side by side, e.g. the line of its progress bar. Prints as ``"7/8"``."""
-
-    index: int
-    total: int
-    slot: int = 0
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.total}"
-
-
-CallbackFactory = Callable[[RunSpec, RunPlace], Sequence[Callback]]
-
-
-def no_callbacks(spec: RunSpec, place: RunPlace) -> Sequence[Callback]:
-    return ()
 
 
 def run_comparison(
@@ -199,117 +184,59 @@ def run_comparison(
     resumed. Outcomes come in the plan's order.
 
     ``callbacks(spec, place)`` gives each run's callbacks (see :class:`RunPlace`). With ``parallel_runs > 1``
-    each run trains in a fresh process (its own threads and memory), so the factory must be picklable: a
-    module-level function or class, not a lambda.
+    each run trains in a fresh spawned process (:mod:`.side_by_side`), so the factory must be picklable (a
+    module-level function or class, not a lambda), and a script calling this needs the
+    ``if __name__ == "__main__":`` guard, as any script using ``multiprocessing``'s spawn does.
 
     As each run ends it logs how many are done and, from the runs trained so far, about how long the rest will take.
     """
     output = Path(output)
     if plan.parallel_runs > 1:
-        _check_picklable(callbacks)
+        check_picklable(callbacks)
     write_or_check_plan(output, plan, data)  # a bad plan fails before any work
     vocab = prepare_run_data(data, output, plan.seed).tokenizer.vocab_size
     specs = plan_runs(plan, vocab)
-    progress = _Progress(plan, output, specs)
-    if plan.parallel_runs == 1:
-        outcomes = []
-        for index, spec in enumerate(specs, 1):
-            started = time.monotonic()
-            outcomes.append(train_run(spec, plan, data, output, callbacks=callbacks(spec, RunPlace(index, len(specs)))))
-            progress.run_ended(outcomes[-1], time.monotonic() - started)
-        return outcomes
-    return _train_side_by_side(specs, plan, data, output, callbacks, progress)
+    cores = os.cpu_count() or 1
+    if plan.parallel_runs * plan.threads > cores:
+        logger.warning(
+            "compare: %d runs at a time x %d threads is more than this machine's %d cores; runs will slow each "
+            "other down (--set parallel_runs=N --set threads=N)", plan.parallel_runs, plan.threads, cores,
+        )  # fmt: skip
+    progress = _Progress(plan, len(specs))
 
+    def is_finished(spec: RunSpec) -> bool:
+        return finished_steps(run_dir(output, spec.name)) >= plan.steps
 
-def _check_picklable(callbacks: CallbackFactory) -> None:
-    """Side-by-side runs build their callbacks in their own process: refuse a factory that cannot get there."""
-    try:
-        pickle.dumps(callbacks)
-    except (pickle.PicklingError, AttributeError, TypeError) as error:
-        raise ValueError(
-            f"the callbacks factory {callbacks!r} cannot be sent to the runs' processes ({error}); pass a "
-            "module-level function or class, or train one run at a time (ComparePlan parallel_runs=1)"
-        ) from error
+    if plan.parallel_runs > 1:
+        return train_side_by_side(
+            specs, plan, data, output, callbacks=callbacks, train_run=train_run, is_finished=is_finished,
+            on_run_end=progress.run_ended,
+        )  # fmt: skip
+    outcomes = []
+    for index, spec in enumerate(specs, 1):
+        started = time.monotonic()
+        outcomes.append(train_run(spec, plan, data, output, callbacks=callbacks(spec, RunPlace(index, len(specs)))))
+        progress.run_ended(outcomes[-1], time.monotonic() - started, sum(not is_finished(s) for s in specs[index:]))
+    return outcomes
 
 
 class _Progress:
     """Counts the runs that ended and logs the count with an estimate of the time left."""
 
-    def __init__(self, plan: ComparePlan, output: Path, specs: Sequence[RunSpec]) -> None:
-        self.plan, self.output, self.specs = plan, output, specs
+    def __init__(self, plan: ComparePlan, total: int) -> None:
+        self.plan, self.total = plan, total
         self.ended = 0
         self.spent: list[float] = []  # wall-clock seconds of each run trained (not skipped) in this call
 
-    def run_ended(self, outcome: RunOutcome, seconds: float) -> None:
+    def run_ended(self, outcome: RunOutcome, seconds: float, left: int) -> None:
+        """After a run ended; ``left``: the runs not yet ended that may need training."""
         self.ended += 1
         if outcome.status is not RunStatus.SKIPPED:
             self.spent.append(seconds)
-        unfinished = sum(finished_steps(run_dir(self.output, s.name)) < self.plan.steps for s in self.specs)
         logger.info(
-            "compare: %d of %d runs done%s", self.ended, len(self.specs),
-            _time_left_text(self.spent, unfinished, self.plan.parallel_runs),
+            "compare: %d of %d runs done%s", self.ended, self.total,
+            _time_left_text(self.spent, left, self.plan.parallel_runs),
         )  # fmt: skip
-
-
-def _train_side_by_side(
-    specs: Sequence[RunSpec],
-    plan: ComparePlan,
-    data: DataConfig,
-    output: Path,
-    callbacks: CallbackFactory,
-    progress: _Progress,
-) -> list[RunOutcome]:
-    """Train ``plan.parallel_runs`` runs at a time, each in a fresh spawned process, in the plan's order.
-
-    A failed run stops the comparison: runs not yet started are cancelled, the ones training finish first.
-    Ctrl-C reaches every process, so each run stops at its last checkpoint, as it would alone.
-    """
-    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pool state; spawn starts clean
-    bar_lock = context.RLock()  # progress bars of different processes take turns writing to the terminal
-    level = logging.getLogger().getEffectiveLevel()
-    waiting = list(enumerate(specs, 1))
-    free_slots = list(range(plan.parallel_runs))
-    running: dict[Future[RunOutcome], tuple[int, int, float]] = {}  # future -> index, slot, start time
-    outcomes: dict[int, RunOutcome] = {}
-    pool = ProcessPoolExecutor(
-        max_workers=plan.parallel_runs, mp_context=context, max_tasks_per_child=1,
-        initializer=_start_worker, initargs=(level, bar_lock),
-    )  # fmt: skip
-    try:
-        while waiting or running:
-            while waiting and free_slots:
-                index, spec = waiting.pop(0)
-                slot = free_slots.pop(0)
-                place = RunPlace(index, len(specs), slot)
-                future = pool.submit(_train_in_worker, spec, plan, data, output, callbacks, place)
-                running[future] = (index, slot, time.monotonic())
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in sorted(done, key=lambda f: running[f][0]):
-                index, slot, started = running.pop(future)
-                outcomes[index] = future.result()  # a run's error is raised here
-                free_slots.append(slot)
-                free_slots.sort()
-                progress.run_ended(outcomes[index], time.monotonic() - started)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return [outcomes[index] for index in sorted(outcomes)]
-
-
-def _start_worker(level: int, bar_lock: Any) -> None:
-    """A spawned process starts with default logging and a lock of its own: give it the parent's."""
-    from tqdm import tqdm
-
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
-    tqdm.set_lock(bar_lock)
-
-
-def _train_in_worker(
-    spec: RunSpec, plan: ComparePlan, data: DataConfig, output: Path, callbacks: CallbackFactory, place: RunPlace
-) -> RunOutcome:
-    from switchformer.training.denormals import flushed_denormals
-
-    with flushed_denormals():  # before the run starts torch's thread pool, as the command line does
-        return train_run(spec, plan, data, output, callbacks=callbacks(spec, place))
 
 
 def _time_left_text(spent: Sequence[float], unfinished: int, at_once: int = 1) -> str:
