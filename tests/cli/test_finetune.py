@@ -98,7 +98,8 @@ def test_a_positional_after_compile_is_named_as_the_mistake_it_is(capsys):
         cli_main.build_parser().parse_args(["finetune", "--compile", "runs/teacher", "--train", "t.jsonl"])
     err = capsys.readouterr().err
     assert "unknown torch.compile backend 'runs/teacher'" in err and "write positional arguments before it" in err
-    args = cli_main.build_parser().parse_args(["finetune", "runs/teacher", "--compile", "--train", "t.jsonl"])
+    rows = ["--train", "t.jsonl", "--validation", "v.jsonl"]
+    args = cli_main.build_parser().parse_args(["finetune", "runs/teacher", "--compile", *rows])
     assert (args.checkpoint, args.compile) == ("runs/teacher", "inductor")
-    args = cli_main.build_parser().parse_args(["finetune", "--compile=aot_eager", "runs/teacher"])
+    args = cli_main.build_parser().parse_args(["finetune", "--compile=aot_eager", "runs/teacher", *rows])
     assert (args.checkpoint, args.compile) == ("runs/teacher", "aot_eager")

@@ -66,7 +66,8 @@ class RunRecorder:
 
 
 def small_plan(**changes) -> ComparePlan:
-    return tiny_plan(dense_seeds=(0,), expert_counts=(2,), capacity_factors=(), top2_experts=None, **changes)
+    base = {"dense_seeds": (0,), "expert_counts": (2,), "capacity_factors": (), "top2_experts": None}
+    return tiny_plan(**{**base, **changes})
 
 
 def test_runs_train_at_the_same_time_in_their_own_processes_with_the_losses_of_one_at_a_time(tmp_path, corpus):

@@ -52,9 +52,9 @@ class ComparePlan(Config):
     checkpoint_every: int = 500
     threads: int = 1  # torch.set_num_threads of each run, fixed: results depend on it (float sums round per thread)
     # Runs trained at once, each in its own process with `threads` threads. On 2 cores two one-thread runs side by
-    # side trained 1.19x the tokens of one two-thread run at a time (measured 2026-12-04), which brings the default
-    # comparison to about an hour from 75-83 min. Every run has a neighbour of the same kind, so times stay
-    # comparable; 1 gives each run the machine alone (then raise `threads`).
+    # side trained 1.19x the tokens of one two-thread run at a time (measured 2026-12-04): the default comparison
+    # took 61 min instead of 75-83 (docs/results/compare-side-by-side). Every run trains beside another (the last
+    # ones partly alone), so times stay comparable; 1 gives each run the machine alone (then raise `threads`).
     parallel_runs: int = 2
     device: str = "cpu"  # cpu, cuda, cuda:N or auto; every run of a comparison must use the same one
     # float32 by default: the defaults pass the acceptance checks in float32 (docs/results/compare-default). bf16
