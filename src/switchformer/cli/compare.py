@@ -1,6 +1,7 @@
 """``switchformer compare``: train the FLOP-matched dense model and Switch variants on the same data, then report
 time to quality (the paper's Table 1 and Figure 4 at CPU scale). With no arguments it runs the documented default
-comparison on the built-in corpus in about an hour on 2 cores (two runs at a time); rerunning it resumes or skips finished runs.
+comparison on the built-in corpus in about an hour on 2 cores (two runs at a time); rerunning it resumes or skips
+finished runs.
 """
 
 from __future__ import annotations
