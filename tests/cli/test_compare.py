@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -110,3 +112,20 @@ def test_each_run_bar_names_its_place_in_the_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["switchformer", "compare", *argv])
     assert run_cli(argv) == 0
     assert descriptions == ["dense-seed0 [1/2]", "switch-2 [2/2]"]
+
+
+def test_side_by_side_runs_bars_and_log_lines_share_the_terminal_without_running_into_each_other(tmp_path):
+    """The real command in its own process, its log handler on stderr as on a terminal: every log line starts on a
+    line of its own (the bars are lifted first), and both runs' bars are drawn."""
+    corpus = write_corpus(tmp_path / "corpus.txt", modules=("json", "email"))
+    argv = ["compare", "--data", str(corpus), "--output", str(tmp_path / "cmp"), "--steps", "6", "--experts", "2",
+            "--only", "dense-seed0,switch-2", "--set", "parallel_runs=2", "--set", "checkpoint_every=3",
+            *[a for a in TINY if a != "--no-progress"]]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "switchformer", *argv], capture_output=True, timeout=600)
+    stderr = done.stderr.decode()  # carriage returns kept: bars redraw their line after one
+    assert done.returncode == 0, stderr
+    assert "dense-seed0 [1/2]" in stderr and "switch-2 [2/2]" in stderr
+    assert "switch-2: training at step 0 of 6" in stderr and "saved checkpoint" in stderr
+    starts = [m.start() for m in re.finditer(r"(?:INFO|WARNING|ERROR) ", stderr)]
+    on_a_line_of_its_own = ("\n", "\r", "\x1b[A")  # after a line end, or the cursor moved up to a lifted bar's line
+    assert starts and all(i == 0 or stderr[:i].endswith(on_a_line_of_its_own) for i in starts), stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
 import signal
@@ -12,10 +13,12 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from switchformer.cli.compare import RunProgressBars
+from switchformer.experiments import side_by_side
 from switchformer.experiments.plan import ComparePlan, RunSpec, plan_runs
 from switchformer.experiments.report import write_report
 from switchformer.experiments.runner import (
@@ -28,6 +31,7 @@ from switchformer.experiments.runner import (
     write_or_check_plan,
 )
 from switchformer.experiments.side_by_side import RunPlace, RunProcessError, StopWhenAsked, check_picklable
+from switchformer.training.callbacks import ProgressBar
 from switchformer.training.metrics import read_metrics
 
 from .conftest import tiny_plan
@@ -45,8 +49,9 @@ class RunRecorder:
     fail_run: str | None = None
     kill_run: str | None = None
     interrupt_run: str | None = None  # as a Ctrl-C would: SIGINT to that run's process
+    bars: bool = False  # give each run a progress bar on its slot's line
 
-    def __call__(self, spec: RunSpec, place: RunPlace) -> tuple[()]:
+    def __call__(self, spec: RunSpec, place: RunPlace) -> tuple[ProgressBar, ...]:
         record = {"index": place.index, "total": place.total, "slot": place.slot, "text": str(place)}
         (self.folder / f"{spec.name}.json").write_text(json.dumps({**record, "pid": os.getpid()}))
         if spec.name in self.meet:
@@ -62,7 +67,30 @@ class RunRecorder:
             os._exit(9)
         if spec.name == self.interrupt_run:
             os.kill(os.getpid(), signal.SIGINT)
-        return ()
+        return (ProgressBar(desc=spec.name, position=place.slot, leave=False),) if self.bars else ()
+
+
+class BarDrawnHere:
+    """Stands in for tqdm in the parent process: what it was asked to draw."""
+
+    drawn: ClassVar[list[BarDrawnHere]] = []
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs, self.steps, self.postfix, self.closed = kwargs, 0, None, False
+        self.drawn.append(self)
+
+    def set_postfix(self, postfix, refresh=True) -> None:
+        self.postfix = postfix
+
+    def update(self, steps) -> None:
+        self.steps += steps
+
+    def close(self) -> None:
+        self.closed = True
+
+    @classmethod
+    def write(cls, text, file=None, end="\n", nolock=False) -> None:
+        print(text, file=file, end=end)
 
 
 def small_plan(**changes) -> ComparePlan:
@@ -70,13 +98,18 @@ def small_plan(**changes) -> ComparePlan:
     return tiny_plan(**{**base, **changes})
 
 
-def test_runs_train_at_the_same_time_in_their_own_processes_with_the_losses_of_one_at_a_time(tmp_path, corpus):
+def test_runs_train_at_the_same_time_in_their_own_processes_with_the_losses_of_one_at_a_time(
+    tmp_path, corpus, monkeypatch, caplog
+):
     plan = tiny_plan(dense_seeds=(0,), expert_counts=(2, 4), capacity_factors=(), top2_experts=None)
     data = data_config_for(plan, str(corpus))
     places = tmp_path / "places"
     places.mkdir()
     alone = run_comparison(plan, tmp_path / "alone", data)
-    recorder = RunRecorder(places, meet=("dense-seed0", "switch-2"))
+    recorder = RunRecorder(places, meet=("dense-seed0", "switch-2"), bars=True)
+    monkeypatch.setattr(side_by_side, "tqdm", BarDrawnHere)
+    monkeypatch.setattr(BarDrawnHere, "drawn", [])
+    caplog.set_level(logging.INFO)
     together = run_comparison(plan.replace(parallel_runs=2), tmp_path / "together", data, callbacks=recorder)
     names = ["dense-seed0", "switch-2", "switch-4"]
     assert [o.spec.name for o in alone] == [o.spec.name for o in together] == names  # the plan's order
@@ -96,6 +129,14 @@ def test_runs_train_at_the_same_time_in_their_own_processes_with_the_losses_of_o
     assert load_plan(tmp_path / "together")[0].parallel_runs == 2
     report = write_report(tmp_path / "together", report_dir=tmp_path / "docs").read_text()
     assert "torch threads: 1 a run, 2 runs at a time, side by side" in report
+    # One process owns the terminal: this one drew every run's bar on its slot's line, to the last step, and
+    # emitted the runs' log records through its own handlers (here pytest's).
+    drawn = {bar.kwargs["desc"]: bar for bar in BarDrawnHere.drawn}
+    assert sorted(drawn) == names and all(bar.closed and bar.steps == plan.steps for bar in drawn.values())
+    assert (drawn["dense-seed0"].kwargs["position"], drawn["switch-2"].kwargs["position"]) == (0, 1)
+    assert {"loss", "tok/s", "drop"} <= set(drawn["switch-4"].postfix)
+    sent = {r.getMessage() for r in caplog.records if r.processName == "compare-switch-4"}
+    assert "switch-4: training at step 0 of 6" in sent
 
     again = run_comparison(plan.replace(parallel_runs=2), tmp_path / "together", data, callbacks=recorder)
     assert {o.status for o in again} == {RunStatus.SKIPPED}  # finished runs are skipped in this process

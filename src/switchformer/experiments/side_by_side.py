@@ -10,27 +10,37 @@ to stop after its current step, with a checkpoint, so a rerun resumes them; a ru
 the same way, so no orphan keeps writing into the folder, and a first Ctrl-C in the terminal (which reaches every
 process) does too (a second one interrupts at once). The run's own error is raised in the parent, so the command
 line reports it as it would with one run at a time.
+
+One process owns the terminal: each run sends its log records and its progress bars' figures to the parent over
+its own pipe, and the parent emits the records through its own loggers and handlers (so a library user's handlers
+see them) and draws the bars, one line per slot, with log lines printed above them rather than into them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import itertools
 import logging
 import multiprocessing
 import pickle
 import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from logging.handlers import QueueHandler
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from switchformer.data import DataConfig
 from switchformer.experiments.plan import ComparePlan, RunSpec
-from switchformer.training.callbacks import Callback
+from switchformer.training.callbacks import Callback, ProgressBar
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +130,15 @@ class _Running:
     spec: RunSpec
     slot: int
     process: BaseProcess
-    results: Connection
+    channel: Connection  # what the run sends: log records and bar figures, then its result
     started: float
+    final: tuple | None = None  # ("done", outcome) or ("failed", error, traceback text)
+    hung_up: bool = False  # the pipe ended without a result: the process died
+    bars: dict[int, Any] = dataclasses.field(default_factory=dict)  # its progress bars, drawn here
+
+    @property
+    def over(self) -> bool:
+        return self.final is not None or self.hung_up
 
 
 def train_side_by_side(
@@ -131,52 +148,71 @@ def train_side_by_side(
     """Train ``specs`` ``plan.parallel_runs`` at a time, each with ``train_run`` in a fresh process; finished runs
     are handed to ``train_run`` in this process (it skips them). Returns the outcomes in the plan's order."""
     context = multiprocessing.get_context("spawn")
-    shared = {"level": logging.getLogger().getEffectiveLevel(), "bar_lock": context.RLock(), "stop": context.Event()}
+    shared = {"level": logging.getLogger().getEffectiveLevel(), "stop": context.Event()}
     waiting = list(enumerate(specs, 1))
     free_slots = list(range(plan.parallel_runs))
     running: list[_Running] = []
     outcomes: dict[int, Any] = {}
-    try:
-        while waiting or running:
-            while waiting and free_slots:
-                index, spec = waiting.pop(0)
-                if is_finished(spec):
-                    outcomes[index] = train_run(spec, plan, data, output)
-                    on_run_end(outcomes[index], 0.0, len(waiting) + len(running))
+    with _log_lines_above_the_bars():
+        try:
+            while waiting or running:
+                while waiting and free_slots:
+                    index, spec = waiting.pop(0)
+                    if is_finished(spec):
+                        outcomes[index] = train_run(spec, plan, data, output)
+                        on_run_end(outcomes[index], 0.0, len(waiting) + len(running))
+                        continue
+                    place = RunPlace(index, len(specs), free_slots.pop(0))
+                    running.append(_start(context, shared, train_run, (spec, plan, data, output), callbacks, place))
+                if not running:
                     continue
-                place = RunPlace(index, len(specs), free_slots.pop(0))
-                running.append(_start(context, shared, train_run, (spec, plan, data, output), callbacks, place))
-            if not running:
-                continue
-            ready = set(wait([r.results for r in running] + [r.process.sentinel for r in running]))
-            for run in [r for r in running if r.results in ready or r.process.sentinel in ready]:
-                running.remove(run)
-                outcomes[run.index] = _result(run)  # a failed run's error is raised here
-                free_slots = sorted([*free_slots, run.slot])
-                left = len(running) + sum(not is_finished(spec) for _, spec in waiting)
-                on_run_end(outcomes[run.index], time.monotonic() - run.started, left)
-    except BaseException as error:
-        shared["stop"].set()
-        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C while they stop must not hide the first error
-            _wait_until_stopped(running, type(error).__name__)
-        raise
+                wait([run.channel for run in running])
+                for run in list(running):
+                    _receive(run)
+                    if not run.over:
+                        continue
+                    running.remove(run)
+                    outcomes[run.index] = _result(run)  # a failed run's error is raised here
+                    free_slots = sorted([*free_slots, run.slot])
+                    left = len(running) + sum(not is_finished(spec) for _, spec in waiting)
+                    on_run_end(outcomes[run.index], time.monotonic() - run.started, left)
+        except BaseException as error:
+            shared["stop"].set()
+            with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C while they stop must not hide the first
+                _wait_until_stopped(running, type(error).__name__)
+            raise
     return [outcomes[index] for index in sorted(outcomes)]
 
 
+@contextlib.contextmanager
+def _log_lines_above_the_bars() -> Iterator[None]:
+    """While bars are drawn here, console log handlers write through tqdm, which lifts the bars off the line
+    first (tqdm's ``logging_redirect_tqdm``); other handlers are left as they are."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(tqdm_class=tqdm):
+        yield
+
+
 def _wait_until_stopped(running: Sequence[_Running], why: str, limit_s: float = 300.0) -> None:
-    """Wait for the runs still training to stop at their next step; a run stuck past ``limit_s`` is terminated
-    (its last checkpoint stays: checkpoints are written atomically)."""
-    still = [run for run in running if run.process.is_alive()]
+    """Wait for the runs still training to stop at their next step, showing what they send meanwhile; a run stuck
+    past ``limit_s`` is terminated (its last checkpoint stays: checkpoints are written atomically)."""
+    still = [run for run in running if not run.over]
     if still:
         names = ", ".join(run.spec.name for run in still)
         logger.error("compare: stopping %s at their next step (%s); a rerun resumes them from there", names, why)
     deadline = time.monotonic() + limit_s
-    for run in still:
+    while (pending := [run for run in running if not run.over]) and time.monotonic() < deadline:
+        wait([run.channel for run in pending], timeout=max(0.0, deadline - time.monotonic()))
+        for run in pending:
+            _receive(run)
+    for run in running:
         run.process.join(max(0.0, deadline - time.monotonic()))
         if run.process.is_alive():
             logger.warning("compare: %s did not stop within %.0f s; terminating it", run.spec.name, limit_s)
             run.process.terminate()
             run.process.join()
+        _close_bars(run)
 
 
 def _start(
@@ -193,15 +229,50 @@ def _start(
     return _Running(place.index, spec, place.slot, process, receive, time.monotonic())
 
 
+def _receive(run: _Running) -> None:
+    """Handle what ``run`` has sent so far: its log records and bar figures are shown here, its result kept."""
+    while not run.over and run.channel.poll():
+        try:
+            message = run.channel.recv()
+        except (EOFError, OSError):  # the process ended without a result
+            run.hung_up = True
+            return
+        if message[0] == "log":
+            record = message[1]
+            emitter = logging.getLogger(record.name)
+            if emitter.isEnabledFor(record.levelno):  # this process's levels, which may be finer than the run's
+                emitter.handle(record)
+        elif message[0] == "bar":
+            _draw(run, *message[1:])
+        else:
+            run.final = message
+
+
+def _draw(run: _Running, bar_id: int, action: str, payload: Any) -> None:
+    if action == "open":
+        run.bars[bar_id] = tqdm(**payload)
+    elif action == "update":
+        steps, postfix = payload
+        bar = run.bars[bar_id]
+        if postfix:
+            bar.set_postfix(postfix, refresh=False)
+        bar.update(steps)
+    else:
+        run.bars.pop(bar_id).close()
+
+
+def _close_bars(run: _Running) -> None:
+    """Close what a run left open (it failed or was stopped), so its slot's line is free."""
+    for bar in run.bars.values():
+        bar.close()
+    run.bars.clear()
+
+
 def _result(run: _Running) -> Any:
     """The run's outcome, or its error raised here (the error object the run raised, if it could travel)."""
-    try:
-        message = run.results.recv() if run.results.poll() else None
-    except Exception:  # end of file (the process died), or a message cut short
-        message = None
-    finally:
-        run.process.join()
-    if message is None:
+    run.process.join()
+    _close_bars(run)
+    if run.final is None:
         code = run.process.exitcode
         if code == -signal.SIGKILL:
             how = "was killed (signal 9: out of memory?)"
@@ -213,27 +284,73 @@ def _result(run: _Running) -> Any:
             f"the process training {run.spec.name} {how} before it finished; the runs beside it stop at their "
             f"next step. Rerun the command to resume every run, {hint}"
         )
-    if message[0] == "failed":
-        error, text = message[1], message[2]
+    if run.final[0] == "failed":
+        error, text = run.final[1], run.final[2]
         if not isinstance(error, KeyboardInterrupt):
             logger.error("compare: %s failed: %s", run.spec.name, error)
             error.add_note(f"raised while training {run.spec.name}, in its process:\n{text.rstrip()}")
         raise error
-    return message[1]
+    return run.final[1]
+
+
+class _ToParent:
+    """A run's end of its pipe. Sends whole messages one at a time (any thread of the run may log), and serves as
+    the queue of a :class:`logging.handlers.QueueHandler`, which makes records safe to pickle."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.lock = threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        with self.lock:
+            self.connection.send(message)
+
+    def put_nowait(self, record: logging.LogRecord) -> None:
+        self.send(("log", record))
+
+
+class _BarInParent:
+    """What :class:`ProgressBar` uses of a tqdm bar, drawn by the parent process. Figures travel at most every
+    ``interval`` seconds: a tiny model's steps take milliseconds."""
+
+    _ids = itertools.count()
+
+    def __init__(self, channel: _ToParent, interval: float = 0.1, **tqdm_kwargs: Any) -> None:
+        self.channel, self.interval = channel, interval
+        self.id = next(self._ids)
+        self.steps, self.postfix, self.sent_at = 0, None, time.monotonic()
+        channel.send(("bar", self.id, "open", tqdm_kwargs))
+
+    def set_postfix(self, postfix: dict[str, Any], refresh: bool = True) -> None:
+        self.postfix = dict(postfix)
+
+    def update(self, steps: int = 1) -> None:
+        self.steps += steps
+        if time.monotonic() - self.sent_at >= self.interval:
+            self._send()
+
+    def _send(self) -> None:
+        self.channel.send(("bar", self.id, "update", (self.steps, self.postfix)))
+        self.steps, self.sent_at = 0, time.monotonic()
+
+    def close(self) -> None:
+        self._send()
+        self.channel.send(("bar", self.id, "close", None))
 
 
 def _run_in_process(
-    results: Connection, shared: dict[str, Any], train_run: TrainRun, args: tuple, callbacks: CallbackFactory,
+    connection: Connection, shared: dict[str, Any], train_run: TrainRun, args: tuple, callbacks: CallbackFactory,
     place: RunPlace,
 ) -> None:  # fmt: skip
-    """A run's process: the parent's logging level and bar lock, flushed denormals, the shared stop."""
-    from tqdm import tqdm
-
+    """A run's process: logs and bars go to the parent; flushed denormals; the shared stop."""
     from switchformer.training.denormals import flushed_denormals
 
     _stop_at_the_next_step_on_ctrl_c()
-    logging.basicConfig(level=shared["level"], format="%(levelname)s %(message)s")
-    tqdm.set_lock(shared["bar_lock"])
+    parent = _ToParent(connection)
+    root = logging.getLogger()
+    root.handlers = [QueueHandler(parent)]  # type: ignore[arg-type]  # a queue in all that QueueHandler uses
+    root.setLevel(shared["level"])
+    ProgressBar.make_bar = functools.partial(_BarInParent, parent)
     try:
         if shared["stop"].is_set():  # the comparison stopped while this process started: do not begin
             return
@@ -242,13 +359,13 @@ def _run_in_process(
             outcome = train_run(*args, callbacks=[*own, StopWhenAsked(shared["stop"])])
         if _interrupted:
             raise KeyboardInterrupt  # stopped at a checkpoint by Ctrl-C: the parent reports the interruption
-        results.send(("done", outcome))
+        parent.send(("done", outcome))
     except BaseException as error:  # KeyboardInterrupt included: the parent re-raises it
         text = traceback.format_exc()
         try:
             pickle.loads(pickle.dumps(error))
         except Exception:
             error = RuntimeError(f"{type(error).__name__}: {error}")
-        results.send(("failed", error, text))
+        parent.send(("failed", error, text))
     finally:
-        results.close()
+        connection.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -34,14 +35,19 @@ class Callback:
 class ProgressBar(Callback):
     """A tqdm bar with loss, tokens/s, learning rate, balance loss, dropped fraction and ETA."""
 
+    # Makes the bars of this process (tqdm's keyword arguments in, an object with tqdm's update, set_postfix and
+    # close out); None = tqdm. A comparison's side-by-side run sets one that has its parent process draw them.
+    make_bar: ClassVar[Callable[..., Any] | None] = None
+
     def __init__(self, **tqdm_kwargs: Any) -> None:
-        self.bar = None
+        self.bar: Any = None
         self.tqdm_kwargs = tqdm_kwargs
 
     def on_train_start(self, trainer: Trainer) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(
+        make = ProgressBar.make_bar or tqdm
+        self.bar = make(
             total=trainer.config.steps, initial=trainer.step, unit="step", dynamic_ncols=True, **self.tqdm_kwargs
         )
 
