@@ -41,9 +41,10 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     assert runs == ["dense-seed0", "dense-seed1", "distill-" + _teacher(out), "switch-2", "switch-2-cf2", "switch-4"]
     text = (docs / "report.md").read_text()
     assert "## Distillation" in text and "Share of the teacher's gain kept" in text
-    assert "init mean; lr=0.0015)" in text  # the student's own learning rate, said in the report line
+    assert "init mean; lr=0.0015, threads=2)" in text  # the student's own settings, said in the report line
     student_config = next((out / "runs" / f"distill-{_teacher(out)}" / "checkpoints").glob("step-*/config.json"))
-    assert json.loads(student_config.read_text())["train"]["lr"] == 0.0015
+    student_train = json.loads(student_config.read_text())["train"]
+    assert (student_train["lr"], student_train["threads"]) == (0.0015, 2)  # the threads of the 2 runs at a time
     assert "without the teacher (weight 0)" in text  # the control run of the distillation
     assert f"| distill-{_teacher(out)} |" in text
     assert "- Command: `switchformer" in text and "Load average" in text
@@ -129,3 +130,16 @@ def test_side_by_side_runs_bars_and_log_lines_share_the_terminal_without_running
     starts = [m.start() for m in re.finditer(r"(?:INFO|WARNING|ERROR) ", stderr)]
     on_a_line_of_its_own = ("\n", "\r", "\x1b[A")  # after a line end, or the cursor moved up to a lifted bar's line
     assert starts and all(i == 0 or stderr[:i].endswith(on_a_line_of_its_own) for i in starts), stderr
+
+
+@pytest.mark.parametrize(
+    ("parallel_runs", "overrides", "expected"),
+    [
+        (2, ["lr=1e-3"], ["lr=1e-3", "threads=2"]),  # the student trains alone: the two runs' threads
+        (2, ["threads=1"], ["threads=1"]),  # the user's word stands
+        (1, [], []),  # one run at a time: the teacher's threads were the machine's already
+    ],
+)
+def test_the_distilled_student_gets_the_threads_the_runs_shared(parallel_runs, overrides, expected):
+    plan = compare.ComparePlan(threads=1, parallel_runs=parallel_runs)
+    assert compare.student_overrides(plan, overrides) == expected

@@ -107,6 +107,16 @@ class RunProgressBars:
         return [ProgressBar(desc=f"{spec.name} [{place}]", leave=self.leave, position=place.slot)]
 
 
+def student_overrides(plan: ComparePlan, overrides: list[str]) -> list[str]:
+    """The distillation's training settings (``--distill-set``). Its student and control train after the runs, one
+    at a time, so they get all the threads the runs shared (the teacher's own count was one run's share), unless
+    ``--distill-set threads=N`` says otherwise."""
+    named = {override.split("=", 1)[0].strip() for override in overrides}
+    if plan.parallel_runs > 1 and "threads" not in named:
+        return [*overrides, f"threads={plan.threads * plan.parallel_runs}"]
+    return overrides
+
+
 def warn_if_bf16_is_emulated(plan: ComparePlan) -> None:
     """bf16 autocast pays on CPU only with bf16 instructions; elsewhere say how to get float32's speed back."""
     device = resolve_device(plan.device)  # what the trainer will run on and in
@@ -160,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
             for outcome in outcomes:
                 logger.info("%s: %s", outcome.spec.name, outcome.status.value)
             if args.distill:
-                distill_best(output, distill, steps=plan.steps, train_overrides=args.distill_overrides,
-                             callbacks=bars("distill"))  # fmt: skip
+                distill_best(output, distill, steps=plan.steps, callbacks=bars("distill"),
+                             train_overrides=student_overrides(plan, args.distill_overrides))  # fmt: skip
         header = _header(sys.argv[1:], load_before, plan)
         (output / HEADER_FILE).write_text(json.dumps(header) + "\n")
         header += history_lines(output)
