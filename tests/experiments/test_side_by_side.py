@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -157,28 +158,30 @@ def test_a_failed_run_stops_the_run_beside_it_at_a_checkpoint_and_never_starts_t
     assert not (out / "runs" / "switch-2").exists()  # never started
 
 
-def test_ctrl_c_in_a_runs_process_stops_it_and_the_run_beside_it_at_a_checkpoint(tmp_path, corpus):
-    plan = small_plan(steps=3000, eval_every=500, checkpoint_every=500)
+def two_long_runs_that_meet(tmp_path: Path, corpus: Path, **trouble) -> tuple[ComparePlan, Callable[[], object]]:
+    """Two runs side by side, far from done when ``trouble`` (a RunRecorder field) strikes one of them."""
+    plan = small_plan(steps=3000, eval_every=500, checkpoint_every=500, parallel_runs=2)
     data = data_config_for(plan, str(corpus))
-    out, places = tmp_path / "cmp", tmp_path / "places"
-    places.mkdir()
-    recorder = RunRecorder(places, meet=("dense-seed0", "switch-2"), interrupt_run="dense-seed0")
+    (tmp_path / "places").mkdir()
+    recorder = RunRecorder(tmp_path / "places", meet=("dense-seed0", "switch-2"), **trouble)
+    return plan, lambda: run_comparison(plan, tmp_path / "cmp", data, callbacks=recorder)
+
+
+def test_ctrl_c_in_a_runs_process_stops_it_and_the_run_beside_it_at_a_checkpoint(tmp_path, corpus):
+    plan, compare = two_long_runs_that_meet(tmp_path, corpus, interrupt_run="dense-seed0")
+    out = tmp_path / "cmp"
     with pytest.raises(KeyboardInterrupt):
-        run_comparison(plan.replace(parallel_runs=2), out, data, callbacks=recorder)
+        compare()
     for name in ("dense-seed0", "switch-2"):  # both kept their last step, which a rerun resumes from
         assert 1 <= finished_steps(out / "runs" / name) < plan.steps
         assert any((out / "runs" / name / "checkpoints").iterdir())
 
 
 def test_a_killed_run_is_named_and_the_run_beside_it_stops(tmp_path, corpus):
-    plan = small_plan(steps=3000, eval_every=500, checkpoint_every=500)
-    data = data_config_for(plan, str(corpus))
-    out, places = tmp_path / "cmp", tmp_path / "places"
-    places.mkdir()
-    recorder = RunRecorder(places, meet=("dense-seed0", "switch-2"), kill_run="switch-2")
+    plan, compare = two_long_runs_that_meet(tmp_path, corpus, kill_run="switch-2")
     with pytest.raises(RunProcessError, match=r"training switch-2 exited with code 9 .*parallel_runs=1"):
-        run_comparison(plan.replace(parallel_runs=2), out, data, callbacks=recorder)
-    assert 1 <= finished_steps(out / "runs" / "dense-seed0") < plan.steps
+        compare()
+    assert 1 <= finished_steps(tmp_path / "cmp" / "runs" / "dense-seed0") < plan.steps
 
 
 def test_the_stop_callback_ends_a_run_when_asked():
