@@ -33,7 +33,9 @@ class Callback:
 
 
 class ProgressBar(Callback):
-    """A tqdm bar with loss, tokens/s, learning rate, balance loss, dropped fraction and ETA."""
+    """A tqdm bar with loss, tokens/s, learning rate, and for a sparse model the balance loss, the expert load
+    (the busiest expert's tokens over an even share, in the worst layer, since the last log) and the dropped
+    fraction; with ETA."""
 
     # Makes the bars of this process (tqdm's keyword arguments in, an object with tqdm's update, set_postfix and
     # close out); None = tqdm. A comparison's side-by-side run sets one that has its parent process draw them.
@@ -42,6 +44,7 @@ class ProgressBar(Callback):
     def __init__(self, **tqdm_kwargs: Any) -> None:
         self.bar: Any = None
         self.tqdm_kwargs = tqdm_kwargs
+        self.max_load: float | None = None  # from the last logged record's routing statistics
 
     def on_train_start(self, trainer: Trainer) -> None:
         from tqdm.auto import tqdm
@@ -61,11 +64,18 @@ class ProgressBar(Callback):
         }
         if trainer.model_config.moe is not None:
             postfix["lb"] = f"{record['load_balancing_loss']:.3f}"
+            if self.max_load is not None:
+                postfix["load"] = f"{self.max_load:.2f}x"
             postfix["drop"] = f"{record['dropped_fraction']:.1%}"
         if "val_loss" in record:
             postfix["val"] = f"{record['val_loss']:.3f}"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        layers = record.get("routing", {}).values()
+        if layers:
+            self.max_load = max(stats["max_load_ratio"] for stats in layers)
 
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         if self.bar is not None:
