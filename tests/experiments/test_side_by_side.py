@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import logging.handlers
 import os
 import pickle
 import signal
@@ -244,3 +245,33 @@ def test_the_command_lines_progress_bars_travel_to_the_runs_process_and_draw_on_
     factory = pickle.loads(pickle.dumps(RunProgressBars(leave=False)))
     [bar] = factory(plan_runs(tiny_plan(), 512)[2], RunPlace(3, 6, slot=1))
     assert bar.tqdm_kwargs == {"desc": "switch-2 [3/6]", "leave": False, "position": 1}
+
+
+def test_a_run_whose_parent_is_gone_keeps_training_to_its_next_step_check_instead_of_dying_on_the_pipe():
+    import multiprocessing
+
+    receive, send = multiprocessing.Pipe(duplex=False)
+    receive.close()  # the parent's end: nobody reads any more
+    parent = side_by_side._ToParent(send)
+    logging.getLogger("tests.orphan").addHandler(handler := logging.handlers.QueueHandler(parent))
+    try:
+        side_by_side._BarInParent(parent, interval=0.0).update(1)  # a bar figure, a log record, a result: no error
+        logging.getLogger("tests.orphan").warning("still here")
+        parent.send(("done", None))
+    finally:
+        logging.getLogger("tests.orphan").removeHandler(handler)
+    assert parent.parent_gone
+
+
+def test_the_parent_survives_messages_it_cannot_show():
+    import multiprocessing
+
+    receive, send = multiprocessing.Pipe(duplex=False)
+    process = types.SimpleNamespace(is_alive=lambda: True)
+    run = side_by_side._Running(1, plan_runs(tiny_plan(), 512)[0], 0, process, receive, 0.0)
+    send.send(("bar", 7, "update", (1, {"loss": "1.0"})))  # a bar never opened, or closed twice
+    send.send(("bar", 7, "close", None))
+    send.send(("log", "not a log record"))
+    send.send(("done", "outcome"))
+    side_by_side._receive(run)
+    assert run.final == ("done", "outcome") and run.bars == {}

@@ -11,9 +11,10 @@ the same way, so no orphan keeps writing into the folder, and a first Ctrl-C in 
 process) does too (a second one interrupts at once). The run's own error is raised in the parent, so the command
 line reports it as it would with one run at a time.
 
-One process owns the terminal: each run sends its log records and its progress bars' figures to the parent over
-its own pipe, and the parent emits the records through its own loggers and handlers (so a library user's handlers
-see them) and draws the bars, one line per slot, with log lines printed above them rather than into them.
+The runs' log records and progress bars go through the parent: each run sends them over its own pipe, and the
+parent emits the records through its own loggers and handlers (so a library user's handlers see them) and draws
+the bars, one line per slot, printing log lines above them rather than into them. (What a run writes to stderr
+itself, such as Python warnings or the messages of torch's own loggers, still goes straight to the terminal.)
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def train_side_by_side(
                     running.append(_start(context, shared, train_run, (spec, plan, data, output), callbacks, place))
                 if not running:
                     continue
-                wait([run.channel for run in running])
+                wait([run.channel for run in running] + [run.process.sentinel for run in running])
                 for run in list(running):
                     _receive(run)
                     if not run.over:
@@ -203,10 +204,13 @@ def _wait_until_stopped(running: Sequence[_Running], why: str, limit_s: float = 
         logger.error("compare: stopping %s at their next step (%s); a rerun resumes them from there", names, why)
     deadline = time.monotonic() + limit_s
     while (pending := [run for run in running if not run.over]) and time.monotonic() < deadline:
-        wait([run.channel for run in pending], timeout=max(0.0, deadline - time.monotonic()))
+        waitables = [run.channel for run in pending] + [run.process.sentinel for run in pending]
+        wait(waitables, timeout=max(0.0, deadline - time.monotonic()))
         for run in pending:
             _receive(run)
     for run in running:
+        if run.final is not None and run.final[0] == "failed" and not isinstance(run.final[1], KeyboardInterrupt):
+            logger.error("compare: %s failed too: %s", run.spec.name, run.final[1])
         run.process.join(max(0.0, deadline - time.monotonic()))
         if run.process.is_alive():
             logger.warning("compare: %s did not stop within %.0f s; terminating it", run.spec.name, limit_s)
@@ -229,42 +233,71 @@ def _start(
     return _Running(place.index, spec, place.slot, process, receive, time.monotonic())
 
 
-def _receive(run: _Running) -> None:
-    """Handle what ``run`` has sent so far: its log records and bar figures are shown here, its result kept."""
-    while not run.over and run.channel.poll():
+def _receive(run: _Running, most: int = 1000) -> None:
+    """Handle up to ``most`` of the messages ``run`` has sent (so a chatty run cannot starve the others): its log
+    records and bar figures are shown here, its result kept. A message that cannot be shown is reported, not
+    raised: it must not end the comparison."""
+    for _ in range(most):
+        if run.over or not run.channel.poll():
+            break
         try:
             message = run.channel.recv()
         except (EOFError, OSError):  # the process ended without a result
             run.hung_up = True
             return
-        if message[0] == "log":
-            record = message[1]
-            emitter = logging.getLogger(record.name)
-            if emitter.isEnabledFor(record.levelno):  # this process's levels, which may be finer than the run's
-                emitter.handle(record)
-        elif message[0] == "bar":
-            _draw(run, *message[1:])
-        else:
+        except Exception as error:  # a message that does not unpickle here
+            logger.warning("compare: a message from %s could not be read: %r", run.spec.name, error)
+            continue
+        if message[0] in ("done", "failed"):
             run.final = message
+            continue
+        try:
+            _show(run, message)
+        except Exception as error:
+            logger.warning("compare: could not show a message from %s: %r", run.spec.name, error)
+    if not run.over and not run.process.is_alive() and not run.channel.poll():
+        run.hung_up = True  # dead, all it sent read, yet no end of file: a process it started holds the pipe
+
+
+def _show(run: _Running, message: tuple) -> None:
+    if message[0] == "log":
+        record = message[1]
+        emitter = logging.getLogger(record.name)
+        if emitter.isEnabledFor(record.levelno):  # this process's levels, which may be finer than the run's
+            emitter.handle(record)
+    else:
+        _draw(run, *message[1:])
 
 
 def _draw(run: _Running, bar_id: int, action: str, payload: Any) -> None:
     if action == "open":
         run.bars[bar_id] = tqdm(**payload)
-    elif action == "update":
+        return
+    bar = run.bars.get(bar_id)
+    if bar is None:  # closed already (tqdm allows closing twice)
+        return
+    if action == "update":
         steps, postfix = payload
-        bar = run.bars[bar_id]
         if postfix:
             bar.set_postfix(postfix, refresh=False)
         bar.update(steps)
     else:
-        run.bars.pop(bar_id).close()
+        _close_bar(run.bars.pop(bar_id))
+
+
+def _close_bar(bar: Any) -> None:
+    """Close a bar and put the cursor back at the start of the line: tqdm clears a bar below the first line and
+    moves back up, but leaves the cursor at the end of that cleared line, where the next log line would begin."""
+    bar.close()
+    stream = getattr(bar, "fp", None)
+    if stream is not None and not bar.leave:
+        stream.write("\r")
 
 
 def _close_bars(run: _Running) -> None:
     """Close what a run left open (it failed or was stopped), so its slot's line is free."""
     for bar in run.bars.values():
-        bar.close()
+        _close_bar(bar)
     run.bars.clear()
 
 
@@ -299,11 +332,23 @@ class _ToParent:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # a record logged while a message is being pickled must not deadlock
+        self.parent_gone = False
 
     def send(self, message: tuple) -> None:
+        """Send, or drop the message once the parent is gone: the run must still reach its next step's check
+        (:class:`StopWhenAsked`) and stop there with a checkpoint rather than die on a broken pipe."""
         with self.lock:
-            self.connection.send(message)
+            if self.parent_gone:
+                return
+            try:
+                self.connection.send(message)
+            except OSError:  # BrokenPipeError and kin: nobody reads this pipe any more
+                self.parent_gone = True
+
+    def close(self) -> None:
+        with self.lock:
+            self.connection.close()
 
     def put_nowait(self, record: logging.LogRecord) -> None:
         self.send(("log", record))
@@ -368,4 +413,4 @@ def _run_in_process(
             error = RuntimeError(f"{type(error).__name__}: {error}")
         parent.send(("failed", error, text))
     finally:
-        connection.close()
+        parent.close()
