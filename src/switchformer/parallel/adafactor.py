@@ -38,19 +38,21 @@ class ShardedAdafactor(torch.optim.Adafactor):
         self.group = group
         self.slices = dist.get_world_size(group) if sharded else 1
 
-    def _norms(self, params: list[Tensor], tensors: list[Tensor]) -> list[float]:
-        """``tensor.norm(2)`` of each of ``tensors``, over the whole expert weight where its parameter in ``params``
-        is a slice of one. The sharded ones' squared norms travel in one all-reduce: one blocking collective per
-        call, whatever the number of expert weights, rather than one each."""
-        sharded = [id(p) in self.sharded_ids for p in params]
-        squared = [t.detach().float().square().sum() for t, s in zip(tensors, sharded, strict=True) if s]
-        whole = iter([])
-        if squared:
-            summed = torch.stack(squared)
-            with collective("Adafactor norm all-reduce", self.group):
-                dist.all_reduce(summed, group=self.group)  # every rank steps its parameters in the same order
-            whole = iter(summed.sqrt().tolist())
-        return [next(whole) if s else t.norm(2).item() for t, s in zip(tensors, sharded, strict=True)]
+    def _whole_norms(self, squared: list[Tensor]) -> list[float]:
+        """Norms of whole expert weights from this rank's squared norms of its slices: one all-reduce for all of
+        them, whatever their number (none when there are none)."""
+        if not squared:
+            return []
+        summed = torch.stack(squared)
+        with collective("Adafactor norm all-reduce", self.group):
+            dist.all_reduce(summed, group=self.group)  # every rank steps its parameters in the same order
+        return summed.sqrt().tolist()
+
+    def _param_norms(self, params: list[Tensor]) -> list[float]:
+        """``param.norm(2)``, over the whole expert weight for a slice of one."""
+        sharded = [p for p in params if id(p) in self.sharded_ids]
+        whole = iter(self._whole_norms([p.detach().float().square().sum() for p in sharded]))
+        return [next(whole) if id(p) in self.sharded_ids else p.norm(2).item() for p in params]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -73,16 +75,17 @@ class ShardedAdafactor(torch.optim.Adafactor):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor | None],
         col_vars: list[Tensor | None], variances: list[Tensor | None], steps: list[Tensor],
     ) -> None:  # fmt: skip
-        """torch's ``_single_tensor_adafactor``, each parameter's operations in its order, split in three passes so
-        that :meth:`_norms` takes each of its two norms of all parameters at once: of the parameters before weight
-        decay (alpha), then of every update (clipping), which is applied only once that norm is known."""
+        """torch's ``_single_tensor_adafactor``, each parameter's operations in torch's order. A parameter held
+        whole steps at once. An expert slice needs the norms of its whole weight and of its whole update: the
+        first travel for all slices before the loop, the second after it, so a slice's update is computed once for
+        its norm and again, from the same statistics (the same numbers), to be applied: one update in memory at a
+        time, as in torch, rather than every slice's until the all-reduce."""
         lr, d, weight_decay = float(group["lr"]), group["d"], group["weight_decay"]
         eps1, eps2 = group["eps"]
-        numels = [p.numel() * (self.slices if id(p) in self.sharded_ids else 1) for p in params]
-        param_norms = self._norms(params, params)
-        alphas, updates = [], []
-        for param, grad, row_var, col_var, variance, step_t, numel, norm in zip(
-            params, grads, row_vars, col_vars, variances, steps, numels, param_norms, strict=True
+        later: list[tuple] = []  # the slices' (param, update's inputs, alpha, numel), applied after the all-reduce
+        squared: list[Tensor] = []  # their updates' squared norms on this rank
+        for param, grad, row_var, col_var, variance, step_t, norm in zip(
+            params, grads, row_vars, col_vars, variances, steps, self._param_norms(params), strict=True
         ):
             grad = -grad if group["maximize"] else grad
             eps = torch.finfo(param.dtype).eps if eps1 is None else eps1
@@ -90,24 +93,50 @@ class ShardedAdafactor(torch.optim.Adafactor):
             step = step_t.item()
             one_minus_beta2_t = step ** group["beta2_decay"]
             rho_t = min(lr, 1 / (step**0.5))
-            alphas.append(max(eps2, norm / (numel**0.5)) * rho_t)
+            sharded = id(param) in self.sharded_ids
+            numel = param.numel() * (self.slices if sharded else 1)
+            alpha = max(eps2, norm / (numel**0.5)) * rho_t
             if grad.dim() > 1:
                 assert row_var is not None and col_var is not None
                 row_var.lerp_(torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1)), one_minus_beta2_t)
                 col_var.lerp_(torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2)), one_minus_beta2_t)
-                var_estimate = row_var @ col_var
-                var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps))
             else:
                 assert variance is not None
                 variance.lerp_(grad * grad, one_minus_beta2_t)
-                var_estimate = variance.clone()
-            updates.append(var_estimate.clamp_(min=eps * eps).rsqrt_().mul_(grad))
-        update_norms = self._norms(params, updates)
-        for param, update, alpha, numel, norm in zip(params, updates, alphas, numels, update_norms, strict=True):
-            if weight_decay != 0:
-                param.mul_(1 - lr * weight_decay)
-            denom = max(1.0, norm / ((numel**0.5) * d))
-            param.add_(update, alpha=-alpha / denom)
+            inputs = (grad, row_var, col_var, variance, eps)
+            update = _update(*inputs)
+            if sharded:
+                later.append((param, inputs, alpha, numel))
+                squared.append(update.detach().float().square().sum())
+            else:
+                _apply(param, update, alpha, update.norm(2).item(), numel, lr, weight_decay, d)
+        for (param, inputs, alpha, numel), norm in zip(later, self._whole_norms(squared), strict=True):
+            _apply(param, _update(*inputs), alpha, norm, numel, lr, weight_decay, d)
+
+
+def _update(
+    grad: Tensor, row_var: Tensor | None, col_var: Tensor | None, variance: Tensor | None, eps: float
+) -> Tensor:
+    """A parameter's update from its second-moment statistics, already updated with ``grad`` (torch's steps)."""
+    if grad.dim() > 1:
+        assert row_var is not None and col_var is not None
+        var_estimate = row_var @ col_var
+        var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps))
+    else:
+        assert variance is not None
+        var_estimate = variance.clone()
+    return var_estimate.clamp_(min=eps * eps).rsqrt_().mul_(grad)
+
+
+def _apply(
+    param: Tensor, update: Tensor, alpha: float, update_norm: float, numel: int, lr: float, weight_decay: float,
+    d: float,
+) -> None:  # fmt: skip
+    """Weight decay, then the update clipped by its root mean square (torch's order; neither step reads the other's
+    result, so decaying after the statistics changes no number)."""
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    param.add_(update, alpha=-alpha / max(1.0, update_norm / ((numel**0.5) * d)))
 
 
 def sharded_adafactor(
