@@ -12,6 +12,8 @@ import sys
 import pytest
 
 from switchformer.cli import compare
+from switchformer.cli.distill import parse_init
+from switchformer.experiments.distillation import distill_best
 from switchformer.experiments.history import HISTORY_FILE
 from tests.experiments.conftest import write_corpus
 
@@ -45,6 +47,11 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     student_config = next((out / "runs" / f"distill-{_teacher(out)}" / "checkpoints").glob("step-*/config.json"))
     student_train = json.loads(student_config.read_text())["train"]
     assert (student_train["lr"], student_train["threads"]) == (0.0015, 2)  # the threads of the 2 runs at a time
+    # Distilling the folder again (e.g. a rerun with --set parallel_runs=1) keeps, and reports, the threads the
+    # student began with.
+    again = distill_best(out, parse_init("mean", teacher_weight=0.25), steps=4, train_overrides=["lr=0.0015"],
+                         threads=1)  # fmt: skip
+    assert again.student_overrides == ["lr=0.0015", "threads=2"]
     assert "without the teacher (weight 0)" in text  # the control run of the distillation
     assert f"| distill-{_teacher(out)} |" in text
     assert "- Command: `switchformer" in text and "Load average" in text
@@ -132,14 +139,8 @@ def test_side_by_side_runs_bars_and_log_lines_share_the_terminal_without_running
     assert starts and all(i == 0 or re.sub(r"(\x1b\[A)+$", "", stderr[:i]).endswith(("\n", "\r")) for i in starts)
 
 
-@pytest.mark.parametrize(
-    ("parallel_runs", "overrides", "expected"),
-    [
-        (2, ["lr=1e-3"], ["lr=1e-3", "threads=2"]),  # the student trains alone: the two runs' threads
-        (2, ["threads=1"], ["threads=1"]),  # the user's word stands
-        (1, [], []),  # one run at a time: the teacher's threads were the machine's already
-    ],
-)
-def test_the_distilled_student_gets_the_threads_the_runs_shared(parallel_runs, overrides, expected):
-    plan = compare.ComparePlan(threads=1, parallel_runs=parallel_runs)
-    assert compare.student_overrides(plan, overrides) == expected
+@pytest.mark.parametrize(("parallel_runs", "cores", "expected"), [(2, 2, 2), (4, 2, 2), (1, 2, None)])
+def test_the_distilled_student_gets_the_threads_the_runs_shared_up_to_the_cores(monkeypatch, parallel_runs, cores,
+                                                                                expected):  # fmt: skip
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: cores)
+    assert compare.student_threads(compare.ComparePlan(threads=1, parallel_runs=parallel_runs)) == expected

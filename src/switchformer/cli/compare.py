@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--distill-init", default="mean", help="student init: mean, expert:N or random")
     parser.add_argument("--distill-set", dest="distill_overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="the student's own training settings, e.g. --distill-set lr=5e-4 (default: the "
-                        "teacher's, schedule restarted), as switchformer distill --train-set")  # fmt: skip
+                        "teacher's, schedule restarted, with the threads the runs shared), as switchformer distill "
+                        "--train-set")  # fmt: skip
     parser.add_argument("--replot", action="store_true", help="rewrite the report and plots from the run folders only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     parser.set_defaults(run=run)
@@ -107,14 +108,13 @@ class RunProgressBars:
         return [ProgressBar(desc=f"{spec.name} [{place}]", leave=self.leave, position=place.slot)]
 
 
-def student_overrides(plan: ComparePlan, overrides: list[str]) -> list[str]:
-    """The distillation's training settings (``--distill-set``). Its student and control train after the runs, one
-    at a time, so they get all the threads the runs shared (the teacher's own count was one run's share), unless
-    ``--distill-set threads=N`` says otherwise."""
-    named = {override.split("=", 1)[0].strip() for override in overrides}
-    if plan.parallel_runs > 1 and "threads" not in named:
-        return [*overrides, f"threads={plan.threads * plan.parallel_runs}"]
-    return overrides
+def student_threads(plan: ComparePlan) -> int | None:
+    """Torch threads for the distillation's student and control, which train after the runs, one at a time: all
+    the threads the side-by-side runs shared, up to the cores (the teacher's own count was one run's share); None
+    (the teacher's) when runs trained one at a time. ``--distill-set threads=N`` overrides it."""
+    if plan.parallel_runs == 1:
+        return None
+    return min(plan.threads * plan.parallel_runs, os.cpu_count() or 1)
 
 
 def warn_if_bf16_is_emulated(plan: ComparePlan) -> None:
@@ -170,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
             for outcome in outcomes:
                 logger.info("%s: %s", outcome.spec.name, outcome.status.value)
             if args.distill:
-                distill_best(output, distill, steps=plan.steps, callbacks=bars("distill"),
-                             train_overrides=student_overrides(plan, args.distill_overrides))  # fmt: skip
+                distill_best(output, distill, steps=plan.steps, train_overrides=args.distill_overrides,
+                             callbacks=bars("distill"), threads=student_threads(plan))  # fmt: skip
         header = _header(sys.argv[1:], load_before, plan)
         (output / HEADER_FILE).write_text(json.dumps(header) + "\n")
         header += history_lines(output)

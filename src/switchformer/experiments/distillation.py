@@ -15,6 +15,7 @@ from switchformer.experiments.results import RunResult, read_results
 from switchformer.experiments.runner import SPEC_FILE, run_dir
 from switchformer.models.config import ModelConfig
 from switchformer.training.callbacks import Callback
+from switchformer.training.checkpoint import CONFIG_FILE, latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +37,16 @@ def distill_best(
     steps: int,
     train_overrides: Sequence[str] = (),
     callbacks: Sequence[Callback] = (),
+    threads: int | None = None,
 ) -> DistillResult:
     """Distil the best Switch run of ``output`` for ``steps`` (the comparison's budget) into ``runs/distill-NAME``;
-    ``train_overrides`` (``FIELD=VALUE``) change the student's training settings from the teacher's."""
+    ``train_overrides`` (``FIELD=VALUE``) change the student's training settings from the teacher's. ``threads``
+    gives the student and its control that many torch threads unless the overrides name them; a student already
+    begun keeps the count it began with (a resumed run must not change it, and the report must say what ran)."""
     teacher = best_teacher(read_results(output))
     name = PREFIX + teacher.name
+    if threads is not None and "threads" not in {o.split("=", 1)[0].strip() for o in train_overrides}:
+        train_overrides = [*train_overrides, f"threads={_threads_begun_with(run_dir(output, name)) or threads}"]
     teacher_model = json.loads((teacher.folder / SPEC_FILE).read_text())["model"]
     student_model = student_config(ModelConfig.from_dict(teacher_model))
     spec = {"name": name, "kind": RunKind.DISTILLED.value, "seed": teacher.seed, "num_experts": 1,
@@ -49,6 +55,12 @@ def distill_best(
     logger.info("distilling %s into a dense student in %s", teacher.name, folder)
     return distill(teacher.folder, folder, config, steps=steps, train_overrides=train_overrides,
                    callbacks=callbacks, spec=spec)  # fmt: skip
+
+
+def _threads_begun_with(folder: Path) -> int | None:
+    """The torch threads a distillation's student was trained with, None if it has no checkpoint yet."""
+    begun = latest_checkpoint(folder / "checkpoints")
+    return None if begun is None else int(json.loads((begun / CONFIG_FILE).read_text())["train"]["threads"])
 
 
 def existing_distillations(output: Path) -> list[tuple[Path, DistillResult]]:

@@ -321,7 +321,8 @@ def write_report(output: Path, *, report_dir: Path | None = None, header: Sequen
         "Speedups are the dense reference's steps (or training seconds, evaluation excluded) to reach its own "
         "final validation loss, divided by the run's; crossings are linearly interpolated between evaluations. "
         "Active parameters are those one token uses (its top-k experts). A distilled student starts from its trained "
-        "teacher, so its time to quality is not comparable and is left out.",
+        "teacher, so its time to quality is not comparable and is left out (it also trains after the runs, alone, "
+        "with the threads they shared, so neither are its tokens/s).",
         "",
         *growth_lines(whole, whole_reference),
         *_machine_lines(results),
