@@ -4,6 +4,7 @@ with the same losses as one at a time; a failed or killed run stops the runs bes
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import logging.handlers
@@ -275,3 +276,25 @@ def test_the_parent_survives_messages_it_cannot_show():
     send.send(("done", "outcome"))
     side_by_side._receive(run)
     assert run.final == ("done", "outcome") and run.bars == {}
+
+
+def test_while_bars_are_drawn_the_console_handler_writes_through_tqdm_with_its_own_level_and_nothing_is_added(
+    monkeypatch, capsys
+):
+    root = logging.getLogger()
+    console, elsewhere = logging.StreamHandler(sys.stderr), logging.StreamHandler(io.StringIO())
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    written = []
+    monkeypatch.setattr(side_by_side.tqdm, "write", lambda text, file=None, **_: written.append((text, file)))
+    monkeypatch.setattr(root, "handlers", [console, elsewhere])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    with side_by_side._log_lines_above_the_bars():
+        logging.getLogger("tests.bars").info("not for the console")
+        logging.getLogger("tests.bars").warning("for the console")
+        assert root.handlers[1] is elsewhere
+    assert written == [("WARNING: for the console", sys.stderr)]
+    assert root.handlers == [console, elsewhere] and "for the console" in elsewhere.stream.getvalue()
+    monkeypatch.setattr(root, "handlers", [])
+    with side_by_side._log_lines_above_the_bars():
+        assert root.handlers == []

@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -185,14 +186,38 @@ def train_side_by_side(
     return [outcomes[index] for index in sorted(outcomes)]
 
 
+class _AboveTheBars(logging.Handler):
+    """Stands in for a console handler while bars are drawn: the same level, filters and format, written with
+    ``tqdm.write``, which lifts the bars off the line first and draws them again below."""
+
+    def __init__(self, console: logging.StreamHandler) -> None:
+        super().__init__(console.level)
+        self.stream = console.stream
+        self.filters = list(console.filters)
+        self.setFormatter(console.formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 @contextlib.contextmanager
 def _log_lines_above_the_bars() -> Iterator[None]:
-    """While bars are drawn here, console log handlers write through tqdm, which lifts the bars off the line
-    first (tqdm's ``logging_redirect_tqdm``); other handlers are left as they are."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    """While bars are drawn here, the root logger's console handlers (to stdout or stderr) write through tqdm;
+    every other handler is left as it is, and nothing is added where there is none."""
+    root = logging.getLogger()
+    saved = list(root.handlers)
 
-    with logging_redirect_tqdm(tqdm_class=tqdm):
+    def is_console(handler: logging.Handler) -> bool:
+        return isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)
+
+    root.handlers = [_AboveTheBars(h) if is_console(h) else h for h in saved]  # type: ignore[arg-type]
+    try:
         yield
+    finally:
+        root.handlers = saved
 
 
 def _wait_until_stopped(running: Sequence[_Running], why: str, limit_s: float = 300.0) -> None:
