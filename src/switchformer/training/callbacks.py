@@ -34,8 +34,8 @@ class Callback:
 
 class ProgressBar(Callback):
     """A tqdm bar with loss, tokens/s, learning rate, and for a sparse model the balance loss, the expert load
-    (the busiest expert's tokens over an even share, in the worst layer, since the last log) and the dropped
-    fraction; with ETA."""
+    (the busiest expert's tokens over an even share, in the worst layer, over the last logging interval) and the
+    dropped fraction; with ETA."""
 
     # Makes the bars of this process (tqdm's keyword arguments in, an object with tqdm's update, set_postfix and
     # close out); None = tqdm. A comparison's side-by-side run sets one that has its parent process draw them.
