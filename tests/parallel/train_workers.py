@@ -56,9 +56,6 @@ def finetune_cli(args: list[str], output: str) -> dict[str, object]:
     rows = main_counting_rows("finetune", args, output)
     folder = Path(output)
     best = json.loads((folder / "best" / "best.json").read_text())
-    weights = {
-        name: (list(t.shape), t.double().reshape(len(t), -1).sum(1).tolist() if t.dim() else [float(t)])
-        for name, t in from_pretrained(folder / "best").state_dict().items()
-    }
+    weights = from_pretrained(folder / "best").state_dict()
     return {"metrics": read_metrics(folder), "evals": read_eval_log(folder), "best": best, "rows": rows,
             "best_weights": weights}  # fmt: skip
