@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 from switchformer import ModelConfig, MoEConfig, build_model
 from switchformer.models.config import Architecture
+from switchformer.moe.assignment import Routing
 from switchformer.parallel import (
     AllToAllDispatcher,
     apply_expert_parallel,
@@ -32,7 +33,6 @@ from switchformer.parallel import (
     slice_global_batch,
     sync_gradients,
 )
-from switchformer.routing.assignment import Routing
 
 
 @dataclasses.dataclass

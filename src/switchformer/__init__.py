@@ -4,7 +4,6 @@ from switchformer.config import Config, ConfigError
 from switchformer.errors import CheckpointError
 from switchformer.interop.checkpoint_io import CheckpointFormat, from_pretrained, save_pretrained
 from switchformer.layers.activation import Activation
-from switchformer.layers.moe import MoEOutput, SwitchFFN, SwitchFFNConfig
 from switchformer.models.config import Architecture, ModelConfig
 from switchformer.models.decoder_only import SwitchLM
 from switchformer.models.encoder_decoder import SwitchTransformer
@@ -12,8 +11,9 @@ from switchformer.models.factory import build_model
 from switchformer.models.flops import ModelSize, model_size
 from switchformer.models.generation import DecodingStrategy, GenerationConfig, GenerationOutput, generate
 from switchformer.models.outputs import LayerRouting, ModelOutput
+from switchformer.moe.config import ExpertKernel, Grouping, MoEConfig, OverflowPolicy, RoutingPriority
+from switchformer.moe.layer import MoEOutput, SwitchFFN, SwitchFFNConfig
 from switchformer.presets import get_preset, preset_names
-from switchformer.routing.config import ExpertKernel, Grouping, MoEConfig, OverflowPolicy, RoutingPriority
 
 __version__ = "0.1.0"
 

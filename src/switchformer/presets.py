@@ -13,7 +13,7 @@ from typing import Any
 from switchformer.config import ConfigError
 from switchformer.layers.activation import Activation
 from switchformer.models.config import Architecture, ModelConfig
-from switchformer.routing.config import MoEConfig
+from switchformer.moe.config import MoEConfig
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 

@@ -10,10 +10,10 @@ import torch
 
 from switchformer import from_pretrained
 from switchformer.data.tokenizer import SwitchTokenizer
-from switchformer.experts.experts import GroupedExperts
 from switchformer.finetune import BestTracker, FinetuneConfig, Metric, exact_match, finetune, load_for_finetuning
 from switchformer.finetune.batches import encode_pairs
 from switchformer.finetune.rows import read_pairs
+from switchformer.moe.experts import GroupedExperts
 from tests.finetune.helpers import (
     one_thread,  # noqa: F401 (a fixture)
     task_config,

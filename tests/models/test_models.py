@@ -7,8 +7,8 @@ import torch
 
 from switchformer import MoEConfig, SwitchLM, SwitchTransformer, build_model
 from switchformer.layers.feed_forward import DenseFFN
-from switchformer.layers.moe import SwitchFFN
 from switchformer.models.base import token_cross_entropy
+from switchformer.moe.layer import SwitchFFN
 
 ARCHS = ["encoder-decoder", "decoder-only"]
 

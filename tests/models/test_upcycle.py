@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from switchformer import Activation, ModelConfig, MoEConfig, build_model, from_pretrained
-from switchformer.experts.experts import ExpertBatch, Layout
-from switchformer.layers.moe import SwitchFFN
 from switchformer.models.upcycle import upcycle, upcycled_config
+from switchformer.moe.experts import ExpertBatch, Layout
+from switchformer.moe.layer import SwitchFFN
 
 
 @pytest.fixture(autouse=True)

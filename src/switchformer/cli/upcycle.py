@@ -14,7 +14,7 @@ from switchformer.interop import copy_tokenizer_files, from_pretrained, save_pre
 from switchformer.interop.checkpoint_io import resolve_checkpoint_folder
 from switchformer.models.flops import count_parameters
 from switchformer.models.upcycle import ROUTER_INIT_SCALE, upcycle
-from switchformer.routing.config import MoEConfig
+from switchformer.moe.config import MoEConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:

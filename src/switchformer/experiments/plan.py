@@ -15,7 +15,7 @@ import enum
 
 from switchformer.config import Config
 from switchformer.models.config import Architecture, ModelConfig
-from switchformer.routing.config import Gate, MoEConfig
+from switchformer.moe.config import Gate, MoEConfig
 from switchformer.training.config import Precision, Schedule, TrainConfig
 
 

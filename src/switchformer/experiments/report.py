@@ -33,7 +33,7 @@ from switchformer.experiments.speedup import (
     step_speedup_at,
     time_to_target,
 )
-from switchformer.routing.config import Gate
+from switchformer.moe.config import Gate
 from switchformer.training.config import Precision
 
 logger = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from switchformer.experiments.side_by_side import (
     no_callbacks,
     train_side_by_side,
 )
-from switchformer.routing.config import Gate
+from switchformer.moe.config import Gate
 from switchformer.training.callbacks import Callback
 from switchformer.training.checkpoint import latest_checkpoint
 from switchformer.training.trainer import Trainer

@@ -16,7 +16,7 @@ from typing import Any
 from switchformer.config import ConfigError
 from switchformer.layers.activation import Activation
 from switchformer.models.config import ModelConfig
-from switchformer.routing.config import Gate, Grouping, MoEConfig, OverflowPolicy, RoutingPriority
+from switchformer.moe.config import Gate, Grouping, MoEConfig, OverflowPolicy, RoutingPriority
 
 logger = logging.getLogger(__name__)
 

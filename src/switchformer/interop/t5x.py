@@ -27,7 +27,7 @@ from switchformer.interop.key_map import CheckpointError, ParamMapping, Transfor
 from switchformer.layers.activation import Activation
 from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import ModelConfig
-from switchformer.routing.config import MoEConfig
+from switchformer.moe.config import MoEConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Layers: norm, attention, relative position bias, dense FFN and the Switch FFN."""
+"""Layers: norm, attention, relative position bias, KV cache, dense FFN, activations and initialisation."""

@@ -14,12 +14,12 @@ from switchformer.layers.feed_forward import DenseFFN
 from switchformer.layers.initialization import scaled_trunc_normal_
 from switchformer.layers.kv_cache import DecoderCache
 from switchformer.layers.linear_cross_entropy import linear_cross_entropy
-from switchformer.layers.moe import SwitchFFN
 from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
 from switchformer.models.config import ModelConfig
 from switchformer.models.outputs import LayerRouting, ModelOutput
 from switchformer.models.stack import StackOutput, set_activation_checkpointing
+from switchformer.moe.layer import SwitchFFN
 
 if TYPE_CHECKING:
     from switchformer.models.generation import GenerationOutput

@@ -10,9 +10,9 @@ from torch import nn
 from switchformer.layers.attention import Attention
 from switchformer.layers.feed_forward import DenseFFN
 from switchformer.layers.kv_cache import LayerKV
-from switchformer.layers.moe import MoEOutput, SwitchFFN, SwitchFFNConfig
 from switchformer.layers.norm import RMSNorm
 from switchformer.models.config import ModelConfig
+from switchformer.moe.layer import MoEOutput, SwitchFFN, SwitchFFNConfig
 
 
 @dataclasses.dataclass

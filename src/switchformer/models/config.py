@@ -7,7 +7,7 @@ import enum
 
 from switchformer.config import Config
 from switchformer.layers.activation import Activation
-from switchformer.routing.config import MoEConfig
+from switchformer.moe.config import MoEConfig
 
 
 class Architecture(enum.Enum):

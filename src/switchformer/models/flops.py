@@ -6,8 +6,8 @@ import dataclasses
 
 import torch
 
-from switchformer.layers.moe import SwitchFFN
 from switchformer.models.config import ModelConfig
+from switchformer.moe.layer import SwitchFFN
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from switchformer.layers.kv_cache import DecoderCache
-from switchformer.routing.losses import RouterStats
+from switchformer.moe.losses import RouterStats
 
 
 @dataclasses.dataclass

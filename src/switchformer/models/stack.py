@@ -12,11 +12,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from switchformer.layers.kv_cache import DecoderCache
-from switchformer.layers.moe import MoEOutput
 from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
 from switchformer.models.block import TransformerBlock
 from switchformer.models.config import ModelConfig
+from switchformer.moe.layer import MoEOutput
 
 
 @dataclasses.dataclass

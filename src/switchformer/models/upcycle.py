@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from switchformer.layers.feed_forward import DenseFFN
-from switchformer.layers.moe import SwitchFFN
 from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import ModelConfig
-from switchformer.routing.config import MoEConfig
+from switchformer.moe.config import MoEConfig
+from switchformer.moe.layer import SwitchFFN
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Expert parallelism: each rank keeps a slice of every Switch layer's experts; tokens travel by all-to-all.
 
 Applied from outside the model (:func:`apply_expert_parallel`): the router stays replicated and routes the rank's
-own tokens with the layer's usual :func:`~switchformer.routing.assignment.route`, so routing, capacity and the
+own tokens with the layer's usual :func:`~switchformer.moe.assignment.route`, so routing, capacity and the
 auxiliary losses are those of one process for the same groups of tokens. Only the dispatcher changes: kept
 claims travel to the rank owning their expert and their results come back, each exactly once (no capacity
 padding on the wire), and the combine is the local dispatcher's gate-weighted one.
@@ -20,13 +20,13 @@ import torch.distributed as dist
 from torch import nn
 
 from switchformer.config import ConfigError
-from switchformer.experts.dispatch import DispatchState, LocalDispatcher, arrange_rows, choose_layout
-from switchformer.experts.experts import ExpertBatch, GroupedExperts, Layout
-from switchformer.layers.moe import SwitchFFN
+from switchformer.moe.assignment import Routing
+from switchformer.moe.config import ExpertKernel
+from switchformer.moe.dispatch import DispatchState, LocalDispatcher, TokenDispatcher, arrange_rows, choose_layout
+from switchformer.moe.experts import ExpertBatch, GroupedExperts, Layout
+from switchformer.moe.layer import SwitchFFN
 from switchformer.parallel.collectives import all_to_all_rows, exchange_counts
 from switchformer.parallel.mesh import ParallelLayout
-from switchformer.routing.assignment import Routing
-from switchformer.routing.config import ExpertKernel
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ class AllToAllState:
     recv_splits: list[int]  # [P] rows received from each EP rank
 
 
-class AllToAllDispatcher:
-    """The :class:`~switchformer.experts.dispatch.LocalDispatcher` interface across an expert-parallel group.
+class AllToAllDispatcher(TokenDispatcher):
+    """The :class:`~switchformer.moe.dispatch.LocalDispatcher` interface across an expert-parallel group.
 
     ``dispatch`` sends each kept claim's hidden state to the rank holding its expert (claims sorted by expert,
     so by destination) and arranges what arrives into rows for the local experts; ``combine`` returns the

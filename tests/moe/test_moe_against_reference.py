@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from switchformer import ExpertKernel, SwitchFFN
-from switchformer.routing.assignment import expert_capacity, group_sizes
+from switchformer.moe.assignment import expert_capacity, group_sizes
 from tests.reference.moe_reference import reference_moe
 
 D, F = 16, 24

@@ -7,8 +7,8 @@ import math
 import torch
 
 from switchformer import MoEConfig
-from switchformer.routing.assignment import route
-from switchformer.routing.losses import load_balancing_loss, router_stats, router_z_loss
+from switchformer.moe.assignment import route
+from switchformer.moe.losses import load_balancing_loss, router_stats, router_z_loss
 
 
 def _routing(logits, grouping="batch", **kwargs):

@@ -7,7 +7,7 @@ import torch
 
 from switchformer import SwitchFFN
 from switchformer.config import ConfigError
-from switchformer.experts.experts import GroupedExperts
+from switchformer.moe.experts import GroupedExperts
 
 
 def test_router_logits_stay_float32_under_bf16_autocast_and_bf16_weights():

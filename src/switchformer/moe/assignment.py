@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from switchformer.routing.config import Gate, Grouping, MoEConfig, OverflowPolicy, RoutingPriority
+from switchformer.moe.config import Gate, Grouping, MoEConfig, OverflowPolicy, RoutingPriority
 
 
 @dataclasses.dataclass

@@ -1,8 +1,9 @@
-"""The local token dispatcher: move tokens to their experts' rows and the results back, weighted by the gate.
+"""Token dispatchers: move tokens to their experts' rows and the results back, weighted by the gate.
 
-Parameter-free and index-based: tokens are gathered into expert rows (never through a dense one-hot
-``[tokens, experts, capacity]`` tensor), and results are gathered back. An expert-parallel dispatcher
-(``switchformer.parallel``) offers the same ``dispatch``/``combine`` interface with all-to-all in between.
+:class:`TokenDispatcher` is the interface :class:`~switchformer.moe.layer.SwitchFFN` talks to. The local one here is
+parameter-free and index-based: tokens are gathered into expert rows (never through a dense one-hot
+``[tokens, experts, capacity]`` tensor), and results are gathered back. Expert parallelism
+(``switchformer.parallel``) swaps in a dispatcher with all-to-all in between, from outside the model.
 
 Shape legend: T tokens, K choices per token, E experts, G routing groups, R expert rows, D d_model.
 """
@@ -10,12 +11,26 @@ Shape legend: T tokens, K choices per token, E experts, G routing groups, R expe
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from switchformer.experts.experts import ExpertBatch, Layout
-from switchformer.routing.assignment import Routing
-from switchformer.routing.config import ExpertKernel
+from switchformer.moe.assignment import Routing
+from switchformer.moe.config import ExpertKernel
+from switchformer.moe.experts import ExpertBatch, Layout
+
+
+@runtime_checkable
+class TokenDispatcher(Protocol):
+    """Moves a layer's tokens to expert rows and the experts' results back; holds no parameters.
+
+    ``dispatch`` returns the rows for the layer's (local) experts and an opaque state; ``combine`` takes the
+    experts' output rows and that state and returns ``sum_k gate_k * E_k(x)`` per token (zero for dropped claims).
+    """
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[ExpertBatch, Any]: ...
+
+    def combine(self, y_RD: torch.Tensor, routing: Routing, state: Any) -> torch.Tensor: ...
 
 
 @dataclasses.dataclass
@@ -92,7 +107,7 @@ def arrange_rows(
     return row_TK, tokens_per_expert_E, rows_per_expert, layout
 
 
-class LocalDispatcher:
+class LocalDispatcher(TokenDispatcher):
     """Dispatch within one process: gather token rows for ``E`` local experts and gather their results back.
 
     Both directions are gathers, forward and backward (see :class:`_GatherRows` and :class:`_CombineClaims`): a

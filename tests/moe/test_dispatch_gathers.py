@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from switchformer import MoEConfig
-from switchformer.experts.dispatch import DispatchState, LocalDispatcher, _CombineClaims, _GatherRows
-from switchformer.routing.assignment import route
-from switchformer.routing.config import ExpertKernel
+from switchformer.moe.assignment import route
+from switchformer.moe.config import ExpertKernel
+from switchformer.moe.dispatch import DispatchState, LocalDispatcher, _CombineClaims, _GatherRows
 
 T, D, NUM_EXPERTS = 12, 5, 3
 
@@ -80,3 +80,11 @@ def test_combine_accepts_a_state_built_by_another_dispatcher():
     out = LocalDispatcher(NUM_EXPERTS).combine(rows, routing, state)
     expected = torch.where(routing.keep, routing.gate, 0) * rows
     torch.testing.assert_close(out, expected)
+
+
+def test_the_local_and_the_all_to_all_dispatchers_declare_the_token_dispatcher_interface():
+    from switchformer.moe import SwitchFFN, TokenDispatcher
+    from switchformer.parallel.expert_parallel import AllToAllDispatcher
+
+    assert issubclass(LocalDispatcher, TokenDispatcher) and issubclass(AllToAllDispatcher, TokenDispatcher)
+    assert isinstance(SwitchFFN(d_model=8, d_ff=16, num_experts=2).dispatcher, TokenDispatcher)

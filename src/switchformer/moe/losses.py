@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from switchformer.routing.assignment import Routing
+from switchformer.moe.assignment import Routing
 
 
 def load_balancing_loss(routing: Routing) -> torch.Tensor:

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from switchformer.config import Config
-from switchformer.experts.dispatch import LocalDispatcher
-from switchformer.experts.experts import GroupedExperts
 from switchformer.layers.activation import Activation
 from switchformer.layers.initialization import scaled_trunc_normal_
-from switchformer.routing.assignment import Routing, route
-from switchformer.routing.config import MoEConfig
-from switchformer.routing.losses import RouterStats, load_balancing_loss, router_stats, router_z_loss
-from switchformer.routing.router import Router
+from switchformer.moe.assignment import Routing, route
+from switchformer.moe.config import MoEConfig
+from switchformer.moe.dispatch import LocalDispatcher, TokenDispatcher
+from switchformer.moe.experts import GroupedExperts
+from switchformer.moe.losses import RouterStats, load_balancing_loss, router_stats, router_z_loss
+from switchformer.moe.router import Router
 
 
 @dataclasses.dataclass
@@ -81,7 +81,7 @@ class SwitchFFN(nn.Module):
         self.router = Router(config.d_model, moe.num_experts, jitter=moe.router_jitter, bias=moe.router_bias)
         dropout = moe.expert_dropout if moe.expert_dropout is not None else 0.0
         self.experts = GroupedExperts(moe.num_experts, config.d_model, config.d_ff, config.activation, dropout=dropout)
-        self.dispatcher = LocalDispatcher(moe.num_experts, moe.kernel)
+        self.dispatcher: TokenDispatcher = LocalDispatcher(moe.num_experts, moe.kernel)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchformer.experts.experts import ExpertBatch, GroupedExperts, Layout, _PaddedExperts
 from switchformer.layers.activation import Activation, apply_activation
+from switchformer.moe.experts import ExpertBatch, GroupedExperts, Layout, _PaddedExperts
 
 E, C, D, F = 3, 5, 8, 6
 

@@ -1,1 +1,0 @@
-"""Experts: stacked expert FFN weights and the local token dispatcher."""

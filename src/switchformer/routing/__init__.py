@@ -1,1 +1,0 @@
-"""Routing: the router, token-to-expert assignment with capacity, and the auxiliary losses."""
