@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from switchformer.data.span_corruption import SpanLengths, compute_input_and_target_lengths, span_corrupt
-
-IGNORE_INDEX = -100  # labels the loss skips (switchformer.models.base.IGNORE_INDEX, PyTorch's default)
+from switchformer.labels import IGNORE_INDEX
 
 
 class Objective(enum.Enum):

@@ -15,7 +15,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from switchformer.labels import IGNORE_INDEX
 
 
 @dataclasses.dataclass

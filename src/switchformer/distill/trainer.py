@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from switchformer.distill.loss import IGNORE_INDEX, distillation_loss
+from switchformer.distill.loss import distillation_loss
+from switchformer.labels import IGNORE_INDEX
 from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import ModelConfig
 from switchformer.training.evaluation import model_forward

@@ -20,7 +20,7 @@ import torch
 from switchformer.data.tokenizer import SwitchTokenizer
 from switchformer.finetune.config import FinetuneConfig
 from switchformer.finetune.rows import TextPair
-from switchformer.models.base import IGNORE_INDEX
+from switchformer.labels import IGNORE_INDEX
 from switchformer.models.config import Architecture
 
 logger = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from switchformer.labels import IGNORE_INDEX
 from switchformer.layers.attention import Attention
 from switchformer.layers.feed_forward import DenseFFN
 from switchformer.layers.initialization import scaled_trunc_normal_
@@ -23,8 +24,6 @@ from switchformer.moe.layer import SwitchFFN
 
 if TYPE_CHECKING:
     from switchformer.models.generation import GenerationOutput
-
-IGNORE_INDEX = -100  # labels with this value count in no loss (the PyTorch and Hugging Face convention)
 
 
 class SwitchModelBase(nn.Module):

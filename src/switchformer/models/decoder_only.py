@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from switchformer.labels import IGNORE_INDEX
 from switchformer.layers.kv_cache import DecoderCache
-from switchformer.models.base import IGNORE_INDEX, SwitchModelBase
+from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import Architecture, ModelConfig
 from switchformer.models.outputs import ModelOutput
 from switchformer.models.stack import TransformerStack
