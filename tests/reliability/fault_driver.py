@@ -17,6 +17,7 @@ the checkpoint, data and CLI code under test runs unchanged. Configured by envir
 from __future__ import annotations
 
 import errno
+import fnmatch
 import io
 import json
 import os
@@ -150,14 +151,14 @@ def install() -> None:
 
     ckpt._write_json = write_json
 
-    real_fsync_dir = ckpt._fsync_dir
+    real_fsync_dir = ckpt.fsync_directory
 
     def fsync_dir(path: pathlib.Path) -> None:
         if _saving and not path.name.startswith("."):  # the checkpoints folder, after the rename
             at("renamed")
         real_fsync_dir(path)
 
-    ckpt._fsync_dir = fsync_dir
+    ckpt.fsync_directory = fsync_dir
 
     real_prune = ckpt.prune_checkpoints
 
@@ -193,7 +194,7 @@ def install() -> None:
             import numpy as np
 
             np.save(buffer, array)
-            _write_half(path.with_name(f".{path.name}.tmp{os.getpid()}"), buffer.getvalue())
+            _write_half(path.with_name(f".{path.name}.{os.getpid()}.tmp"), buffer.getvalue())  # atomic_write's temp
 
         at("data-partial", half)
         real_save_array(path, array)
@@ -201,11 +202,14 @@ def install() -> None:
     pipeline._save_array = save_array
 
     run_dir = pathlib.Path(sys.argv[sys.argv.index("--output") + 1])
-    run_configs = {run_dir / "config.json", run_dir / "config.json.tmp"}  # in place, or via a temporary file
     real_write_text = pathlib.Path.write_text
 
+    def is_run_config(path: pathlib.Path) -> bool:  # in place, or via atomic_write's temporary .config.json.*.tmp
+        in_run = path.parent == run_dir
+        return in_run and (path.name == "config.json" or fnmatch.fnmatch(path.name, ".config.json.*.tmp"))
+
     def write_text(self: pathlib.Path, data: str, *args: Any, **kwargs: Any) -> int:
-        if self in run_configs:  # write_text truncates first: a kill mid-write leaves a cut file
+        if is_run_config(self):  # write_text truncates first: a kill mid-write leaves a cut file
             at("run-config-partial", lambda: _write_half(self, data.encode()))
         return real_write_text(self, data, *args, **kwargs)
 

@@ -157,8 +157,8 @@ def test_a_failed_directory_fsync_after_the_rename_keeps_the_new_checkpoint(
     trainer: Trainer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Once renamed the checkpoint is complete; reporting it as lost (and naming it "previous") would mislead."""
-    real = ckpt._fsync_dir
-    monkeypatch.setattr(ckpt, "_fsync_dir", _fail_call(real, lambda path: path == trainer.checkpoint_dir))
+    real = ckpt.fsync_directory
+    monkeypatch.setattr(ckpt, "fsync_directory", _fail_call(real, lambda path: path == trainer.checkpoint_dir))
     saved = trainer.save()
     assert saved == latest_checkpoint(trainer.checkpoint_dir) == trainer.checkpoint_dir / "step-00000004"
     load_checkpoint(saved)

@@ -12,10 +12,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +26,7 @@ from switchformer.data.sources import open_source
 from switchformer.data.span_corruption import compute_input_and_target_lengths, noise_span_counts
 from switchformer.data.stream import BatchStream, fixed_batches
 from switchformer.data.tokenizer import SwitchTokenizer, TokenizerKind, min_vocab_size, train_or_load_cached
+from switchformer.run_folder import atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +196,7 @@ def prepare_data(config: DataConfig, cache_dir: Path) -> PreparedData:
     )
     if not from_cache:  # written last: its presence says the arrays beside it are complete
         meta = {"version": CACHE_VERSION, "tokenizer": tokenizer.fingerprint(), "stats": dataclasses.asdict(stats)}
-        _write_json(folder / "meta.json", meta)
+        atomic_write_json(folder / "meta.json", meta)
 
     batcher = Batcher(
         objective=config.objective,
@@ -280,13 +279,9 @@ def _tokenize(tokenizer: SwitchTokenizer, documents: list[str], dtype: np.dtype)
 
 def _save_array(path: Path, array: np.ndarray) -> None:
     """Temporary file, then rename: an interrupted run never leaves a truncated cache behind."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
 
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            np.save(handle, array)
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, write)

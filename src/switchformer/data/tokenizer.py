@@ -12,12 +12,13 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from switchformer.run_folder import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +142,7 @@ class SwitchTokenizer:
         if path.is_dir():
             path = path / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(self._tokenizer.to_str())
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, self._tokenizer.to_str())
 
     # -- encoding -------------------------------------------------------------------------------------
     def encode(self, text: str, *, add_eos: bool = False) -> list[int]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from switchformer.data.tokenizer import SwitchTokenizer
 from switchformer.finetune.batches import Example
 from switchformer.finetune.config import Metric
 from switchformer.finetune.evaluation import exact_match
+from switchformer.run_folder import atomic_directory, atomic_write_text
 from switchformer.training.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -45,9 +45,7 @@ def read_eval_log(run_dir: Path) -> list[dict[str, Any]]:
 
 def _write_eval_log(run_dir: Path, records: Sequence[dict[str, Any]]) -> None:
     """Replace the log atomically: other ranks may be replaying it while a resumed main rank trims it."""
-    tmp = run_dir / f".{EVAL_LOG}.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, run_dir / EVAL_LOG)
+    atomic_write_text(run_dir / EVAL_LOG, "".join(json.dumps(r) + "\n" for r in records))
 
 
 class ExactMatchEvaluator(Callback):
@@ -199,19 +197,13 @@ class BestCheckpoint(Callback):
         from switchformer.interop.checkpoint_io import save_pretrained
 
         final = trainer.run_dir / BEST_DIR
-        tmp, old = trainer.run_dir / f".{BEST_DIR}.tmp-{os.getpid()}", trainer.run_dir / f".{BEST_DIR}.old"
-        for leftover in (tmp, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-        save_pretrained(trainer.model, tmp, state_dict=state)
-        if self.tokenizer_file is not None:
-            shutil.copyfile(self.tokenizer_file, tmp / "tokenizer.json")
-        figures = {k: record[k] for k in ("val_loss", "val_perplexity", "exact_match") if k in record}
-        info = {"step": record["step"], "metric": self.tracker.metric.value, **figures}
-        (tmp / BEST_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_directory(final) as tmp:
+            save_pretrained(trainer.model, tmp, state_dict=state)
+            if self.tokenizer_file is not None:
+                shutil.copyfile(self.tokenizer_file, tmp / "tokenizer.json")
+            figures = {k: record[k] for k in ("val_loss", "val_perplexity", "exact_match") if k in record}
+            info = {"step": record["step"], "metric": self.tracker.metric.value, **figures}
+            (tmp / BEST_INFO).write_text(json.dumps(info, indent=2) + "\n")
         logger.info("new best %s %.4f at step %d: saved %s", self.tracker.metric.value, self.tracker.best,
                     record["step"], final)  # fmt: skip
         return final

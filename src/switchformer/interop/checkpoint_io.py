@@ -23,6 +23,7 @@ from switchformer.interop.key_map import CheckpointError, ParamMapping, expected
 from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import ModelConfig
 from switchformer.models.factory import build_model
+from switchformer.run_folder import is_run_folder, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,8 @@ def resolve_checkpoint_folder(path_or_name: str | Path) -> Path:
     """A local folder (a training run folder means its latest checkpoint), or a Hub repository id downloaded with
     ``huggingface_hub`` when no such path exists."""
     path = Path(path_or_name).expanduser()
-    if path.is_dir() and (path / "checkpoints").is_dir() and not (path / "model.safetensors").exists():
-        from switchformer.training.checkpoint import resolve_checkpoint  # a training run folder: its latest
-
-        return resolve_checkpoint(path)
+    if path.is_dir() and is_run_folder(path) and not (path / "model.safetensors").exists():
+        return resolve_checkpoint(path)  # a training run folder: its latest checkpoint
     if path.is_dir():
         return path
     if path.exists():

@@ -1,18 +1,16 @@
 """Weight files of a checkpoint folder: read safetensors or ``.bin`` (sharded or not), write atomically.
 
 Reading uses only ``safetensors`` and ``torch.load(..., weights_only=True)``, so a checkpoint cannot run code.
-Every file is written to a temporary name in the same folder and moved into place with ``os.replace``, so a
-crash leaves either the old file or the new one, never half of one.
+Every file is written to a temporary name in the same folder and moved into place
+(:func:`switchformer.run_folder.atomic_write`), so a crash leaves either the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from switchformer.interop.key_map import CheckpointError
+from switchformer.run_folder import atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -95,24 +94,13 @@ def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             data = (source / name).read_bytes()
-            _atomic(destination / name, lambda tmp, data=data: tmp.write_bytes(data))
+            atomic_write(destination / name, lambda tmp, data=data: tmp.write_bytes(data))
             copied.append(name)
     return copied
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    atomic_write_json(path, data)
 
 
 def write_weights(folder: Path, state: Mapping[str, torch.Tensor], *, max_shard_bytes: int | None = None) -> list[str]:
@@ -125,13 +113,13 @@ def write_weights(folder: Path, state: Mapping[str, torch.Tensor], *, max_shard_
     shards = _plan_shards(state, max_shard_bytes)
     metadata = {"format": "pt"}  # transformers requires it
     if len(shards) == 1:
-        _atomic(folder / SAFETENSORS, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+        atomic_write(folder / SAFETENSORS, lambda tmp: save_file(state, str(tmp), metadata=metadata))
         written = [SAFETENSORS]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, keys in zip(names, shards, strict=True):
             part = {key: state[key] for key in keys}
-            _atomic(folder / name, lambda tmp, part=part: save_file(part, str(tmp), metadata=metadata))
+            atomic_write(folder / name, lambda tmp, part=part: save_file(part, str(tmp), metadata=metadata))
         total = sum(t.numel() * t.element_size() for t in state.values())
         weight_map = {key: name for name, keys in zip(names, shards, strict=True) for key in keys}
         write_json(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,41 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from switchformer.errors import CheckpointError
+from switchformer.run_folder import (
+    CONFIG_FILE,
+    MANIFEST,
+    atomic_directory,
+    fsync_directory,
+    latest_checkpoint,
+    list_checkpoints,
+    remove_leftovers,
+    resolve_checkpoint,
+    step_dir_name,
+)
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
-CONFIG_FILE = "config.json"
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+__all__ = [
+    "CONFIG_FILE",
+    "MANIFEST",
+    "MODEL_FILE",
+    "OPTIMIZER_FILE",
+    "STATE_FILE",
+    "Checkpoint",
+    "check_model_state",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model_state",
+    "prune_checkpoints",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "verify_checkpoint",
+]
 
 
 @dataclasses.dataclass
@@ -50,17 +75,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -96,44 +110,31 @@ def save_checkpoint(
     checkpoints already there are untouched.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{step:08d}"
-    tmp = directory / f".step-{step:08d}.tmp-{os.getpid()}"
-    replaced = directory / f".step-{step:08d}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    final = directory / step_dir_name(step)
     try:
-        tmp.mkdir()
-        tensors = {name: t.detach().contiguous().cpu() for name, t in model_state.items()}
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
-        if optimizer_state is not None:
-            _torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
-        _torch_save(trainer_state, tmp / STATE_FILE)
-        _write_json(tmp / CONFIG_FILE, config)
-        for name, source in (extra_files or {}).items():  # e.g. tokenizer.json, so a checkpoint stands alone
-            shutil.copyfile(source, tmp / name)
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {
-            "step": step,
-            "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files},
-        }
-        _write_json(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): set the old one aside until the new one is in
-            os.replace(final, replaced)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            if replaced.exists():
-                os.replace(replaced, final)
-            raise
+        with atomic_directory(final) as tmp:
+            tensors = {name: t.detach().contiguous().cpu() for name, t in model_state.items()}
+            save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+            if optimizer_state is not None:
+                _torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
+            _torch_save(trainer_state, tmp / STATE_FILE)
+            _write_json(tmp / CONFIG_FILE, config)
+            for name, source in (extra_files or {}).items():  # e.g. tokenizer.json, so a checkpoint stands alone
+                shutil.copyfile(source, tmp / name)
+            files = sorted(p.name for p in tmp.iterdir())
+            manifest = {
+                "step": step,
+                "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files},
+            }
+            _write_json(tmp / MANIFEST, manifest)
+            fsync_directory(tmp)
     # Not only OSError: on a full disk safetensors raises SafetensorError and torch.save a RuntimeError.
     except Exception as error:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_save_failure(final, error)) from error
     try:  # the checkpoint is complete once renamed; a failed directory fsync only weakens power-loss durability
-        _fsync_dir(directory)
+        fsync_directory(directory)
     except OSError as error:
         logger.warning("saved %s, but could not fsync %s (%s)", final, directory, error)
-    shutil.rmtree(replaced, ignore_errors=True)
     if keep is not None:
         prune_checkpoints(directory, keep)
     logger.info("saved checkpoint %s", final)
@@ -155,32 +156,6 @@ def _save_failure(final: Path, error: BaseException) -> str:
     return message + "; no earlier checkpoint exists, so nothing saved was lost"
 
 
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints (renamed into place and holding a manifest), oldest first."""
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    found = list_checkpoints(directory)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: Path | str) -> Path:
-    """A checkpoint folder itself, or the latest complete checkpoint of a run folder."""
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        return path
-    latest = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(
-            f"{path} is neither a checkpoint nor a run folder with checkpoints (looked for {path}/checkpoints/step-*/)"
-        )
-    return latest
-
-
 def prune_checkpoints(directory: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints, and leftovers of writes and deletions that were killed.
 
@@ -191,8 +166,7 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
         hidden = directory / f".{old.name}.old-{os.getpid()}"
         os.replace(old, hidden)
         shutil.rmtree(hidden, ignore_errors=True)
-    for stale in [*directory.glob(".step-*.tmp-*"), *directory.glob(".step-*.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_leftovers(directory, "step-*")
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from switchformer.models.outputs import LayerRouting
+from switchformer.run_folder import METRICS_FILE, TENSORBOARD_DIR, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +63,10 @@ class MetricsWriter:
     """
 
     def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard: bool = True) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         if resume_step is not None and self.path.exists():
             kept = [record for record in read_metrics(run_dir) if record["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.tb = None
@@ -77,7 +75,7 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter
 
                 purge = None if resume_step is None else resume_step + 1
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
+                self.tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge)
             except ImportError:  # pragma: no cover - tensorboard is a dependency, but stay usable without it
                 logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
 
@@ -101,7 +99,7 @@ class MetricsWriter:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The logged records; a line cut short (a full disk, a kill mid-write) is skipped with a warning."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.exists():
         return []
     records = []

@@ -21,10 +21,12 @@ import torch
 
 from switchformer import __version__
 from switchformer.errors import CheckpointError
+from switchformer.labels import IGNORE_INDEX
 from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import ModelConfig
 from switchformer.models.factory import build_model
 from switchformer.models.stack import set_activation_checkpointing
+from switchformer.run_folder import checkpoints_dir, write_summary
 from switchformer.training.callbacks import Callback, CollapseWarning
 from switchformer.training.checkpoint import (
     STATE_FILE,
@@ -91,7 +93,7 @@ def count_tokens(batch: Batch) -> int:
     """Tokens a step processes: real input tokens, plus target tokens for an encoder-decoder batch."""
     inputs = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     if "labels" in batch and batch["labels"].shape != batch["input_ids"].shape:
-        inputs += int((batch["labels"] != -100).sum())
+        inputs += int((batch["labels"] != IGNORE_INDEX).sum())
     return inputs
 
 
@@ -117,7 +119,7 @@ class Trainer:
         self.model_config, self.config = model_config, config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.checkpoint_dir = checkpoints_dir(self.run_dir)
         self.train_batches, self.validation = train_batches, validation
         self.extra_config = extra_config or {}
         self.checkpoint_files = checkpoint_files or {}
@@ -423,7 +425,7 @@ class Trainer:
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
         }
         if self.strategy.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_summary(self.run_dir, summary)
         for cb in self.callbacks:
             cb.on_train_end(self, summary)
         return summary
