@@ -28,12 +28,12 @@ from switchformer.experiments.runner import (
     RunStatus,
     _time_left_text,
     data_config_for,
-    finished_steps,
     load_plan,
     run_comparison,
     write_or_check_plan,
 )
 from switchformer.experiments.side_by_side import RunPlace, RunProcessError, StopWhenAsked, check_picklable
+from switchformer.run_folder import finished_steps
 from switchformer.training.callbacks import ProgressBar
 from switchformer.training.metrics import read_metrics
 

@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         result = distill(args.teacher, output, config, steps=args.steps, baseline=args.baseline,
                          control=not args.no_control, train_overrides=train_overrides(args),
                          callbacks=callbacks, strategy=strategy)  # fmt: skip
-    if result is None:
-        return 0  # a rank other than the main one: the main rank reports
+    if strategy is not None and not strategy.is_main:
+        return 0  # the main rank reports
     rows = [
         ("teacher", result.teacher),
         ("dense baseline", result.baseline),

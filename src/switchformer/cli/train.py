@@ -5,12 +5,9 @@ corruption on the built-in corpus (the interpreter's standard-library sources) i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import time
 from pathlib import Path
-from typing import Any
 
 from switchformer.cli.common import (
     add_expert_parallel_argument,
@@ -20,13 +17,15 @@ from switchformer.cli.common import (
     print_table,
     torchrun_job,
 )
+from switchformer.data import DataConfig, PreparedData
 from switchformer.models.config import Architecture, ModelConfig
+from switchformer.run_folder import METRICS_FILE, TENSORBOARD_DIR
 from switchformer.training.callbacks import ProgressBar
 from switchformer.training.config import TrainConfig
 from switchformer.training.metrics import read_metrics
+from switchformer.training.pretrain import RunConfigs, default_data_config, pretrain
 from switchformer.training.report import plot_run, summary_rows
 from switchformer.training.strategy import DistributedStrategy
-from switchformer.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -79,50 +78,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _train_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> TrainConfig:
-    if saved:
-        base = TrainConfig.from_dict(saved)
-    else:
-        base = TrainConfig(steps=DEFAULT_STEPS, schedule="cosine", warmup_steps=50, eval_every=50, log_every=10,
-                           checkpoint_every=100)  # fmt: skip
-    flags = {
-        "steps": args.steps, "lr": args.lr, "optimizer": args.optimizer, "schedule": args.schedule,
-        "warmup_steps": args.warmup_steps, "micro_batches": args.micro_batches, "precision": args.precision,
-        "device": args.device, "eval_every": args.eval_every, "log_every": args.log_every,
-        "checkpoint_every": args.checkpoint_every, "activation_checkpointing": args.activation_checkpointing,
-        "compile": args.compile,
-    }  # fmt: skip
-    changes = {k: v for k, v in flags.items() if v is not None}
-    if not saved:
+def _train_config(args: argparse.Namespace, saved: TrainConfig | None) -> TrainConfig:
+    base = saved or TrainConfig(
+        steps=DEFAULT_STEPS, schedule="cosine", warmup_steps=50, eval_every=50, log_every=10, checkpoint_every=100
+    )
+    names = ["steps", "lr", "optimizer", "schedule", "warmup_steps", "micro_batches", "precision", "device",
+             "eval_every", "log_every", "checkpoint_every", "activation_checkpointing", "compile"]  # fmt: skip
+    changes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if saved is None:
         changes["seed"] = args.seed
     return base.replace(**changes).with_overrides(args.train_overrides)
 
 
-def _model_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> ModelConfig:
-    if saved:
-        return ModelConfig.from_dict(saved)
+def _model_config(args: argparse.Namespace) -> ModelConfig:
     config = model_config_from_args(args.preset, args.overrides)
     if args.model_type:
         config = config.replace(architecture=Architecture(args.model_type))
     return config
 
 
-def _saved_configs(run_dir: Path) -> dict[str, Any] | None:
-    """The configs to resume with: the latest checkpoint's (checksummed), else the run folder's config.json."""
-    from switchformer.training.checkpoint import latest_checkpoint, verify_checkpoint
-
-    latest = latest_checkpoint(run_dir / "checkpoints")
-    if latest is not None:
-        verify_checkpoint(latest)
-        return json.loads((latest / "config.json").read_text())
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        logger.warning("%s is damaged and no checkpoint exists yet: starting the run afresh from the flags", path)
-        return None
+def _data_config(args: argparse.Namespace, model_config: ModelConfig) -> DataConfig:
+    fields = {"source": args.data, "text_field": args.text_field, "tokenizer": args.tokenizer,
+              "vocab_size": args.vocab_size, "sequence_length": args.seq_len, "batch_size": args.batch_size,
+              "seed": args.seed}  # fmt: skip
+    return default_data_config(model_config, **fields).with_overrides(args.data_overrides)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,78 +110,49 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, strategy: DistributedStrategy | None) -> int:
-    from switchformer.data import DataConfig, Objective, prepare_data
-
     main_rank = strategy is None or strategy.is_main
     if args.resume and args.output is None:
         raise ValueError("--resume needs --output RUN_DIR: the run folder to continue")
     if args.output is None and strategy is not None:
         raise ValueError("a torchrun launch needs --output RUN_DIR, the same folder on every rank")
     run_dir = args.output or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    saved = _saved_configs(run_dir) if args.resume else None
-    if not args.resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise ValueError(f"run folder {run_dir} already holds checkpoints; pass --resume to continue it, "
-                         "or choose a new --output")  # fmt: skip
-
-    model_config = _model_config(args, saved["model"] if saved else None)
-    train_config = _train_config(args, saved["train"] if saved else None)
-    if saved:
-        data_config = DataConfig.from_dict(saved["data"])
-    else:
-        objective = Objective.SPAN_CORRUPTION if model_config.is_encoder_decoder else Objective.CAUSAL_LM
-        data_config = DataConfig(
-            source=args.data, text_field=args.text_field, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-            sequence_length=args.seq_len, batch_size=args.batch_size, objective=objective, seed=args.seed,
-        ).with_overrides(args.data_overrides)  # fmt: skip
-
-    if strategy is not None:
-        train_config = train_config.replace(device=str(strategy.layout.device))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("preparing data (%s)", data_config.source or "built-in corpus: standard-library sources")
-    if strategy is not None and not main_rank:
-        strategy.barrier()  # the main rank trains the tokenizer and fills the cache first; the others reuse it
-    data = prepare_data(data_config, run_dir)
-    if strategy is not None and main_rank:
-        strategy.barrier()
-    if model_config.vocab_size != data.tokenizer.vocab_size:
-        model_config = model_config.replace(vocab_size=data.tokenizer.vocab_size)
-
-    extra = {"data": data_config.to_dict()}
-    if main_rank:
-        _announce(run_dir, model_config, train_config, data_config, data, args, saved is not None, strategy)
+    saved = RunConfigs.saved(run_dir) if args.resume else None
+    model_config = saved.model if saved else _model_config(args)
+    train_config = _train_config(args, saved.train if saved else None)
+    data_config = saved.data if saved else _data_config(args, model_config)
     callbacks = [] if args.no_progress or not main_rank else [ProgressBar()]
-    tokenizer_file = Path(data.stats.cache_folder) / "tokenizer.json"  # copied into checkpoints: they stand alone
-    trainer = Trainer(model_config, train_config, train_batches=data.train, validation=data.validation,
-                      run_dir=run_dir, extra_config=extra, callbacks=callbacks, resume=args.resume,
-                      checkpoint_files={"tokenizer.json": tokenizer_file}, strategy=strategy)  # fmt: skip
-    summary = trainer.train()
+    preset = args.preset if not saved else None
+    summary = pretrain(
+        model_config, train_config, data_config, run_dir, resume=args.resume, callbacks=callbacks, strategy=strategy,
+        on_ready=lambda configs, data: _announce(run_dir, configs, data, preset, strategy),
+    )  # fmt: skip
     if main_rank:
         plot = plot_run(run_dir)
         rows = summary_rows(summary, read_metrics(run_dir))
-        rows += [("metrics", str(run_dir / "metrics.jsonl")),
-                 ("TensorBoard", f"tensorboard --logdir {run_dir / 'tensorboard'}")]  # fmt: skip
+        rows += [("metrics", str(run_dir / METRICS_FILE)),
+                 ("TensorBoard", f"tensorboard --logdir {run_dir / TENSORBOARD_DIR}")]  # fmt: skip
         if plot:
             rows.append(("plot", str(plot)))
         print_table("training summary", rows)
     return 0
 
 
-def _announce(run_dir, model_config, train_config, data_config, data, args, resumed, strategy) -> None:
-    """Write the run's config.json and print what is about to happen."""
-    extra = {"data": data_config.to_dict()}
-    payload = {"model": model_config.to_dict(), "train": train_config.to_dict(), **extra}
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, run_dir / "config.json")  # atomic: a kill mid-write never leaves a cut config
+def _announce(
+    run_dir: Path, configs: RunConfigs, data: PreparedData, preset: str | None, strategy: DistributedStrategy | None
+) -> None:
+    """Print what is about to happen."""
+    model, data_config = configs.model, configs.data
+    experts = "dense" if model.moe is None else f"{model.moe.num_experts} experts"
+    layout = strategy.layout if strategy is not None else None
+    parallelism = "one process" if layout is None else (
+        f"{layout.ep_size} expert-parallel x {layout.dp_size} data-parallel ranks")  # fmt: skip
     print_table(
         f"switchformer train -> {run_dir}",
         [
-            ("model", f"{args.preset if not resumed else 'from run folder'} ({model_config.architecture.value}, "
-                      f"{'dense' if model_config.moe is None else str(model_config.moe.num_experts) + ' experts'})"),
+            ("model", f"{preset or 'from run folder'} ({model.architecture.value}, {experts})"),
             ("data", f"{data_config.source or 'built-in corpus'}: {data.stats_line()}"),
             ("objective", data_config.objective.value),
-            ("batch", f"{data_config.batch_size} x {data_config.sequence_length} tokens, {train_config.steps} steps"),
-            ("parallelism", "one process" if strategy is None else
-             f"{strategy.layout.ep_size} expert-parallel x {strategy.layout.dp_size} data-parallel ranks"),
+            ("batch", f"{data_config.batch_size} x {data_config.sequence_length} tokens, {configs.train.steps} steps"),
+            ("parallelism", parallelism),
         ],
-    )  # fmt: skip
+    )

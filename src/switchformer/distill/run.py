@@ -22,19 +22,20 @@ from pathlib import Path
 
 import torch
 
-from switchformer.data import DataConfig, PreparedData, prepare_data
+from switchformer.data import DataConfig, PreparedData
 from switchformer.distill.config import DistillConfig
 from switchformer.distill.student import init_student_from_teacher, student_config
 from switchformer.distill.trainer import DistillationTrainer
 from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import ModelConfig
 from switchformer.models.factory import build_model
+from switchformer.run_folder import atomic_write_json, finished_steps, latest_run_checkpoint, resolve_checkpoint
 from switchformer.training.callbacks import Callback
-from switchformer.training.checkpoint import latest_checkpoint, load_checkpoint, load_model_state, resolve_checkpoint
+from switchformer.training.checkpoint import load_checkpoint, load_model_state
 from switchformer.training.config import TrainConfig
 from switchformer.training.evaluation import evaluate_model
+from switchformer.training.pretrain import JobOptions, RunConfigs, prepare_data_in_turn, train_prepared
 from switchformer.training.strategy import SingleProcess
-from switchformer.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def data_cache_of(checkpoint: Path) -> Path | None:
 def comparison_baseline(teacher: Path, seed: int) -> Path | None:
     """The dense run with the teacher's seed, if the teacher belongs to a ``switchformer compare`` folder."""
     folder = teacher.parent.parent.parent / f"dense-seed{seed}"
-    return folder if latest_checkpoint(folder / "checkpoints") is not None else None
+    return folder if latest_run_checkpoint(folder) is not None else None
 
 
 def distill(
@@ -169,7 +170,7 @@ def distill(
     callbacks: Sequence[Callback] = (),
     spec: dict[str, object] | None = None,
     strategy: SingleProcess | None = None,
-) -> DistillResult | None:
+) -> DistillResult:
     """Distil the teacher into a dense student in ``output`` (resumable), then compare it with dense and teacher.
 
     ``baseline`` is a dense run folder trained with the same budget; without one (and outside a comparison
@@ -181,7 +182,7 @@ def distill(
     ``spec.json`` so a comparison report lists the student as a run.
 
     Under torchrun (``strategy``), every training here is data-parallel over the ranks, each rank holding the whole
-    teacher; the main rank writes the files and measures the result, the others return None.
+    teacher; the main rank writes the files and measures the result, and every rank returns it.
     """
     strategy = strategy or SingleProcess()
     teacher = load_trained(Path(teacher_path))
@@ -196,34 +197,37 @@ def distill(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     if spec is not None and strategy.is_main:
-        (output / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+        atomic_write_json(output / "spec.json", spec, sort_keys=False)
     cache = data_cache_of(teacher.path) or output
-    data = _prepare_in_turn(teacher.data_config, cache, strategy)
+    data = prepare_data_in_turn(teacher.data_config, cache, strategy)
 
     student_model_config = student_config(teacher.model_config)
-    resume = latest_checkpoint(output / "checkpoints") is not None
-    if not _finished(output, train_config.steps):
+    options = JobOptions(callbacks=callbacks, strategy=strategy, tensorboard=False)
+    if finished_steps(output) < train_config.steps:
         # a resumed run loads its checkpoint over this
         student = _initial_student(student_model_config, student_train.seed, teacher.model, config)
-        extra = {"data": teacher.data_config.to_dict(), "distill": config.to_dict(), "teacher": str(teacher.path)}
-        DistillationTrainer(
-            student_model_config, student_train, train_batches=data.train, validation=data.validation, run_dir=output,
-            extra_config=extra, callbacks=callbacks, resume=resume, model=student, tensorboard=False,
-            teacher=teacher.model, teacher_weight=config.teacher_weight, strategy=strategy,
+        train_prepared(
+            RunConfigs(student_model_config, student_train, teacher.data_config), data, output,
+            resume=latest_run_checkpoint(output) is not None, options=options, model=student,
+            extra_config={"distill": config.to_dict(), "teacher": str(teacher.path)},
+            trainer_class=DistillationTrainer, teacher=teacher.model, teacher_weight=config.teacher_weight,
         ).train()  # fmt: skip
         strategy.barrier()  # the main rank's last checkpoint and summary are written before anyone reads them
     baseline_path = baseline or comparison_baseline(teacher.path, train_config.seed)
     if baseline_path is None:
-        baseline_path = _train_dense(student_model_config, train_config, teacher.data_config, cache,
-                                     output / "dense-baseline", callbacks, strategy)  # fmt: skip
+        baseline_path = _train_dense(RunConfigs(student_model_config, train_config, teacher.data_config), cache,
+                                     output / "dense-baseline", options)  # fmt: skip
     paths = {"teacher": teacher.path, "student": output, "dense": Path(baseline_path)}
     if control and config.init_from_teacher:  # a random-init control would be the baseline again
         paths["control"] = _train_dense(
-            student_model_config, student_train, teacher.data_config, cache, output / CONTROL_DIR, callbacks,
-            strategy, initial=lambda: _initial_student(student_model_config, student_train.seed, teacher.model, config),
+            RunConfigs(student_model_config, student_train, teacher.data_config), cache, output / CONTROL_DIR,
+            options, initial=lambda: _initial_student(student_model_config, student_train.seed, teacher.model, config),
         )  # fmt: skip
     if not strategy.is_main:
-        return None
+        strategy.barrier()  # the main rank measures and writes the result
+        result = read_result(output)
+        assert result is not None, f"{output / RESULT_FILE} was not written by the main rank"
+        return result
     paths = {name: resolve_checkpoint(path) for name, path in paths.items()}
     trained = {name: load_trained(path) for name, path in paths.items()}
     losses = {name: _validation_loss(loaded.model, data) for name, loaded in trained.items()}
@@ -238,13 +242,9 @@ def distill(
         teacher_steps=trained["teacher"].step, baseline_steps=trained["dense"].step,
         student_overrides=list(train_overrides),
     )  # fmt: skip
-    (output / RESULT_FILE).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+    atomic_write_json(output / RESULT_FILE, dataclasses.asdict(result), sort_keys=False)
+    strategy.barrier()
     return result
-
-
-def _finished(folder: Path, steps: int) -> bool:
-    summary = folder / "summary.json"
-    return summary.is_file() and int(json.loads(summary.read_text())["steps"]) >= steps
 
 
 def _initial_student(
@@ -259,32 +259,19 @@ def _initial_student(
 
 
 def _train_dense(
-    model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig, cache: Path, folder: Path,
-    callbacks: Sequence[Callback], strategy: SingleProcess, initial: Callable[[], SwitchModelBase] | None = None,
+    configs: RunConfigs, cache: Path, folder: Path, options: JobOptions,
+    initial: Callable[[], SwitchModelBase] | None = None,
 ) -> Path:  # fmt: skip
     """A dense model with the student's budget and plain cross-entropy, from scratch or from the model ``initial``
     builds (skipped if already trained in ``folder``; resumed if interrupted). Fresh data: the student's batches
     in order."""
-    if not _finished(folder, train_config.steps):
-        data = _prepare_in_turn(data_config, cache, strategy)
-        resume = latest_checkpoint(folder / "checkpoints") is not None
+    if finished_steps(folder) < configs.train.steps:
+        data = prepare_data_in_turn(configs.data, cache, options.strategy)
         model = initial() if initial is not None else None
-        Trainer(model_config, train_config, train_batches=data.train, validation=data.validation, run_dir=folder,
-                extra_config={"data": data_config.to_dict()}, callbacks=callbacks, resume=resume, model=model,
-                tensorboard=False, strategy=strategy).train()  # fmt: skip
-        strategy.barrier()
+        train_prepared(configs, data, folder, resume=latest_run_checkpoint(folder) is not None, options=options,
+                       model=model).train()  # fmt: skip
+        (options.strategy or SingleProcess()).barrier()
     return folder
-
-
-def _prepare_in_turn(data_config: DataConfig, cache: Path, strategy: SingleProcess) -> PreparedData:
-    """The data, prepared by the main rank first when the cache is empty (tokenizer training, token arrays), then
-    read from the cache by the others."""
-    if not strategy.is_main:
-        strategy.barrier()
-    data = prepare_data(data_config, cache)
-    if strategy.is_main:
-        strategy.barrier()
-    return data
 
 
 def _validation_loss(model: SwitchModelBase, data: PreparedData) -> float:

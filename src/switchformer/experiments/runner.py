@@ -36,9 +36,9 @@ from switchformer.experiments.side_by_side import (
     train_side_by_side,
 )
 from switchformer.moe.config import Gate
+from switchformer.run_folder import atomic_write_json, finished_steps, latest_run_checkpoint
 from switchformer.training.callbacks import Callback
-from switchformer.training.checkpoint import latest_checkpoint
-from switchformer.training.trainer import Trainer
+from switchformer.training.pretrain import JobOptions, RunConfigs, train_prepared
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +136,6 @@ def _read_saved_plan(path: Path) -> dict[str, Any]:
     return saved
 
 
-def finished_steps(folder: Path) -> int:
-    """Steps of a run's last completed training (``summary.json``), 0 if it never finished."""
-    summary = folder / "summary.json"
-    return int(json.loads(summary.read_text())["steps"]) if summary.is_file() else 0
-
-
 def prepare_run_data(data: DataConfig, output: Path, seed: int) -> PreparedData:
     """A fresh batch stream for one run (streams are stateful), from the cache shared by all runs."""
     return prepare_data(data.replace(seed=seed), Path(output) / "data")
@@ -160,20 +154,18 @@ def train_run(
     if finished_steps(folder) >= plan.steps:
         logger.info("%s: finished (%d steps), skipped", spec.name, finished_steps(folder))
         return RunOutcome(spec, RunStatus.SKIPPED, folder)
-    resume = latest_checkpoint(folder / "checkpoints") is not None
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    resume = latest_run_checkpoint(folder) is not None
+    atomic_write_json(folder / SPEC_FILE, spec.to_dict(), sort_keys=False)
     prepared = prepare_run_data(data, output, spec.seed)
-    extra: dict[str, Any] = {"data": data.replace(seed=spec.seed).to_dict(), "compare_run": spec.to_dict()}
-    trainer = Trainer(
-        spec.model, plan.train_config(spec.seed), train_batches=prepared.train, validation=prepared.validation,
-        run_dir=folder, extra_config=extra, callbacks=callbacks, resume=resume, tensorboard=False,
-    )  # fmt: skip
+    configs = RunConfigs(spec.model, plan.train_config(spec.seed), data.replace(seed=spec.seed))
+    trainer = train_prepared(configs, prepared, folder, resume=resume,
+                             options=JobOptions(callbacks=callbacks, tensorboard=False),
+                             extra_config={"compare_run": spec.to_dict()})  # fmt: skip
     logger.info("%s: %s at step %d of %d", spec.name, "resuming" if resume else "training", trainer.step, plan.steps)
     started = os.getloadavg()
     trainer.train()
     machine = {"load_start": started, "load_end": os.getloadavg(), "runs_at_once": plan.parallel_runs}
-    (folder / MACHINE_FILE).write_text(json.dumps(machine) + "\n")
+    atomic_write_json(folder / MACHINE_FILE, machine, sort_keys=False)
     return RunOutcome(spec, RunStatus.RESUMED if resume else RunStatus.TRAINED, folder)
 
 

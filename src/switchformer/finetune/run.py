@@ -27,11 +27,11 @@ from switchformer.finetune.model import load_for_finetuning
 from switchformer.finetune.rows import BadRow, read_pairs
 from switchformer.interop.checkpoint_io import from_pretrained, resolve_checkpoint_folder
 from switchformer.models.config import ModelConfig
+from switchformer.run_folder import latest_run_checkpoint
 from switchformer.training.callbacks import Callback
-from switchformer.training.checkpoint import latest_checkpoint
 from switchformer.training.config import TrainConfig
+from switchformer.training.pretrain import JobOptions, build_trainer
 from switchformer.training.strategy import SingleProcess
-from switchformer.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def finetune(
                              "each rank trains on an equal slice of every batch")  # fmt: skip
         train_config = train_config.replace(device=str(strategy.layout.device))
     run_dir = Path(run_dir)
-    latest = latest_checkpoint(run_dir / "checkpoints")
+    latest = latest_run_checkpoint(run_dir)
     if latest is not None and not resume:
         raise ValueError(f"run folder {run_dir} already holds checkpoints; resume it or choose a new folder")
     if resume and latest is not None:
@@ -168,10 +168,11 @@ def finetune(
              if config.patience is not None else None)  # fmt: skip
     extra = {"finetune": config.to_dict(), "source": str(checkpoint), "train_file": str(train),
              "validation_file": str(validation)}  # fmt: skip
-    trainer = Trainer(
-        model.config, train_config, train_batches=source, validation=val_batches, run_dir=run_dir,
-        extra_config=extra, callbacks=[evaluator, best, *([early] if early else []), *callbacks], resume=resume,
-        model=model, tensorboard=tensorboard, checkpoint_files={TOKENIZER_FILE: tokenizer_file}, strategy=strategy,
+    options = JobOptions(callbacks=[evaluator, best, *([early] if early else []), *callbacks], strategy=strategy,
+                         tensorboard=tensorboard)  # fmt: skip
+    trainer = build_trainer(
+        model.config, train_config, run_dir, train_batches=source, validation=val_batches, resume=resume,
+        options=options, model=model, extra_config=extra, checkpoint_files={TOKENIZER_FILE: tokenizer_file},
     )  # fmt: skip
     summary = trainer.train()
     strategy.barrier()  # the main rank's eval log and best model are written before any rank reads them
