@@ -36,12 +36,26 @@ def main_counting_rows(command: str, args: list[str], output: str) -> set[int]:
 def distill_cli(args: list[str], output: str) -> dict[str, object]:
     """``switchformer distill`` on this rank: the logs of the student and of the runs trained beside it, and the
     batch sizes its training forward passes saw."""
+    import dataclasses
     from pathlib import Path
 
-    rows = main_counting_rows("distill", args, output)
+    from switchformer.cli import distill as command
+
+    returned = []
+    library_distill = command.distill
+
+    def recording_distill(*args, **kwargs):
+        returned.append(library_distill(*args, **kwargs))
+        return returned[-1]
+
+    command.distill = recording_distill
+    try:
+        rows = main_counting_rows("distill", args, output)
+    finally:
+        command.distill = library_distill
     folder = Path(output)
     logs = {name: read_metrics(folder / name) for name in (".", "dense-baseline", "no-teacher")}
-    return {"logs": logs, "rows": rows}
+    return {"logs": logs, "rows": rows, "result": dataclasses.asdict(returned[0])}
 
 
 def finetune_cli(args: list[str], output: str) -> dict[str, object]:
