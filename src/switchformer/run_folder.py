@@ -38,6 +38,8 @@ SUMMARY_FILE = "summary.json"
 TENSORBOARD_DIR = "tensorboard"
 MANIFEST = "manifest.json"  # the last file of a checkpoint: its presence marks the folder complete
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+_UMASK = os.umask(0o22)
+os.umask(_UMASK)
 
 
 # -- atomic writes --------------------------------------------------------------------------------------------
@@ -55,6 +57,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], None], *, durable: bo
     os.close(fd)
     tmp = Path(name)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; a plain open would not have
         write(tmp)
         if durable:
             _fsync_file(tmp)

@@ -23,6 +23,18 @@ def _prompts(batch: int = 3, length: int = 6, seed: int = 1) -> torch.Tensor:
     return torch.randint(2, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def _prompt_ending_after(model, tokens: int, strategy: str = "greedy") -> tuple[torch.Tensor, GenerationConfig]:
+    """A one-row prompt and a config (``strategy``, 2 beams, 10 new tokens) whose ``eos_token_id`` (a token greedy
+    decoding produces at that point) ends the continuation after exactly ``tokens`` tokens."""
+    for seed in range(1, 100):
+        prompts = _prompts(batch=1, seed=seed)
+        greedy = generate(model, input_ids=prompts, max_new_tokens=tokens).sequences[0, -tokens:].tolist()
+        config = GenerationConfig(strategy=strategy, max_new_tokens=10, eos_token_id=greedy[-1], num_beams=2)
+        if generate(model, input_ids=prompts, config=config).num_generated.tolist() == [tokens]:
+            return prompts, config
+    raise AssertionError(f"no prompt of 100 makes {strategy} decoding end after {tokens} tokens")
+
+
 def _full_forward_logits(model, prompts: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
     """Logits predicting each generated token, from one forward pass over the whole sequence (no cache)."""
     with torch.no_grad():
@@ -112,11 +124,15 @@ def test_beam_search_with_one_beam_is_greedy(arch):
     model = _varied_model(arch)
     prompts = _prompts()
     greedy = generate(model, input_ids=prompts, config=GenerationConfig(max_new_tokens=10))
-    eos = int(greedy.sequences[0, -8])  # makes the first row finish after two tokens
+    # The first token of the first row's continuation not generated before it, past the first: as eos, it makes
+    # that row finish early and the others (which never produce it before their end) run to the budget.
+    generated = greedy.sequences[0, -10:].tolist()
+    stop = next(k for k in range(1, 9) if generated[k] not in generated[:k])
+    eos = generated[stop]
     greedy = generate(model, input_ids=prompts, config=GenerationConfig(max_new_tokens=10, eos_token_id=eos))
     one_beam = GenerationConfig(strategy="beam", max_new_tokens=10, num_beams=1, eos_token_id=eos)
     beam = generate(model, input_ids=prompts, config=one_beam)
-    assert greedy.num_generated.tolist()[0] == 3 and greedy.num_generated.max() == 10
+    assert greedy.num_generated.tolist()[0] == stop + 1 and greedy.num_generated.max() == 10
     assert torch.equal(beam.sequences, greedy.sequences)
     torch.testing.assert_close(beam.scores, greedy.scores / greedy.num_generated)  # length penalty 1
 
@@ -199,9 +215,7 @@ def test_keyword_options_equal_an_explicit_config_and_unknown_ones_are_named():
 def test_a_finished_process_keeps_stepping_until_its_group_stops_without_changing_its_output(strategy):
     """``stop_together`` (expert-parallel ranks decode in lockstep): stepping on after the end changes nothing."""
     model = _varied_model("decoder-only")
-    prompts = _prompts(batch=1)
-    eos = int(generate(model, input_ids=prompts, max_new_tokens=10).sequences[0, -8])  # ends after 3 tokens
-    config = GenerationConfig(strategy=strategy, max_new_tokens=10, eos_token_id=eos, num_beams=2)
+    prompts, config = _prompt_ending_after(model, 3, strategy)
     alone = generate(model, input_ids=prompts, config=config)
     asked: list[bool] = []
 

@@ -8,7 +8,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from switchformer.config import ConfigError
 from switchformer.models.config import ModelConfig
+from switchformer.parallel.mesh import ParallelDims
 from switchformer.presets import get_preset, preset_names
 from switchformer.training.strategy import DistributedStrategy
 
@@ -70,10 +72,34 @@ def compile_backend(name: str) -> str:
     return name
 
 
-def add_expert_parallel_argument(group: argparse._ActionsContainer) -> None:
-    group.add_argument("--expert-parallel", type=int, default=1, metavar="N",
-                       help="shard each Switch layer's experts over N ranks; launch with torchrun "
-                       "(the other world_size/N factor is data parallelism)")  # fmt: skip
+def add_parallel_arguments(group: argparse._ActionsContainer) -> None:
+    """``--dp-shard``, ``--dp-replicate``, ``--expert-parallel``: the layout of a torchrun launch."""
+    group.add_argument(
+        "--dp-shard",
+        type=int,
+        metavar="N",
+        help="FSDP2 shard degree: each expert slice is sharded over N ranks and dense weights over N x "
+        "expert-parallel ranks (default: whatever the world size leaves; -1 says so explicitly)",
+    )
+    group.add_argument(
+        "--dp-replicate", type=int, default=1, metavar="N", help="replicas of the sharded model (HSDP, e.g. nodes)"
+    )
+    group.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split each Switch layer's experts over N ranks (-1: whatever the world size leaves); "
+        "world size = dp-replicate x dp-shard x expert-parallel; launch with torchrun",
+    )
+
+
+def parallel_dims(args: argparse.Namespace) -> ParallelDims:
+    """The layout the flags ask for; ``--dp-shard`` fills the world unless another degree is -1."""
+    shard = args.dp_shard
+    if shard is None:
+        shard = 1 if -1 in (args.dp_replicate, args.expert_parallel) else -1
+    return ParallelDims(dp_replicate=args.dp_replicate, dp_shard=shard, expert_parallel=args.expert_parallel)
 
 
 def require_output_under_torchrun(output: object) -> None:
@@ -83,27 +109,35 @@ def require_output_under_torchrun(output: object) -> None:
 
 
 @contextmanager
-def torchrun_job(command: str, expert_parallel: int = 1) -> Iterator[DistributedStrategy | None]:
+def torchrun_job(command: str, dims: ParallelDims | None = None) -> Iterator[DistributedStrategy | None]:
     """Join the torchrun job this process was launched in (``None`` when it runs alone) and leave it at the end.
 
-    Expert parallelism needs several processes, so asking for it outside torchrun is an error that says how to
-    launch. Only rank 0 logs below warnings: one rank speaks.
+    A layout that does not fit the world size is refused before any work, and one that needs several processes
+    outside torchrun is an error that says how to launch. Only rank 0 logs below warnings: one rank speaks.
     """
+    dims = dims or ParallelDims()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and expert_parallel == 1:
+    try:
+        dims.resolve(world)
+    except ConfigError as error:
+        if world > 1:
+            raise
+        ranks = max(dims.dp_replicate, 1) * max(dims.dp_shard, 1) * max(dims.expert_parallel, 1)
+        raise ValueError(
+            f"{error}. This layout needs several processes: launch with `torchrun --nproc-per-node {ranks} "
+            f"-m switchformer {command} ...`"
+        ) from None
+    if world == 1:
         yield None
         return
-    if "RANK" not in os.environ:
-        raise ValueError(
-            f"--expert-parallel {expert_parallel} needs several processes: launch with `torchrun --nproc-per-node "
-            f"{expert_parallel} -m switchformer {command} --expert-parallel {expert_parallel} ...`"
-        )
     from switchformer.parallel import close_parallel, init_parallel
+    from switchformer.parallel.collectives import job_collectives
 
-    layout = init_parallel(expert_parallel, command=command)
+    layout = init_parallel(dims, command=command)
     if layout.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        yield DistributedStrategy(layout)
+        with job_collectives(f"the {command} job"):
+            yield DistributedStrategy(layout)
     finally:
         close_parallel()

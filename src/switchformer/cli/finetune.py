@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from switchformer.cli.common import (
-    add_expert_parallel_argument,
+    add_parallel_arguments,
     add_step_arguments,
+    parallel_dims,
     print_table,
     require_output_under_torchrun,
     torchrun_job,
@@ -77,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, help="seed of dropout, jitter and the data order (default 0)")
     train.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="FIELD=VALUE",
                        help="override any TrainConfig field (repeatable)")  # fmt: skip
-    add_expert_parallel_argument(train)
+    add_parallel_arguments(train)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.set_defaults(run=run)
 
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     latest = latest_checkpoint(run_dir / "checkpoints") if args.resume else None
     saved = load_checkpoint(latest, with_optimizer=False).config if latest else None
     task, train = _configs(args, saved)
-    with torchrun_job("finetune", args.expert_parallel) as strategy:
+    with torchrun_job("finetune", parallel_dims(args)) as strategy:
         main_rank = strategy is None or strategy.is_main
         if main_rank:
             _print_start(args, run_dir, latest, task, train)

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 from switchformer.cli.common import (
-    add_expert_parallel_argument,
     add_model_arguments,
+    add_parallel_arguments,
     add_step_arguments,
     model_config_from_args,
+    parallel_dims,
     print_table,
     torchrun_job,
 )
@@ -71,7 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--checkpoint-every", type=int)
     train.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="FIELD=VALUE",
                        help="override any TrainConfig field (repeatable)")  # fmt: skip
-    add_expert_parallel_argument(train)
+    add_parallel_arguments(train)
+    train.add_argument(
+        "--async-checkpoint",
+        action="store_true",
+        help="under torchrun: write checkpoints in the background while training goes on",
+    )
     parser.add_argument("--output", type=Path, help="run folder (default runs/PRESET-TIMESTAMP)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -85,6 +91,8 @@ def _train_config(args: argparse.Namespace, saved: TrainConfig | None) -> TrainC
     names = ["steps", "lr", "optimizer", "schedule", "warmup_steps", "micro_batches", "precision", "device",
              "eval_every", "log_every", "checkpoint_every", "activation_checkpointing", "compile"]  # fmt: skip
     changes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.async_checkpoint:
+        changes["async_checkpoint"] = True
     if saved is None:
         changes["seed"] = args.seed
     return base.replace(**changes).with_overrides(args.train_overrides)
@@ -105,7 +113,7 @@ def _data_config(args: argparse.Namespace, model_config: ModelConfig) -> DataCon
 
 
 def run(args: argparse.Namespace) -> int:
-    with torchrun_job("train", args.expert_parallel) as strategy:
+    with torchrun_job("train", parallel_dims(args)) as strategy:
         return _run(args, strategy)
 
 
@@ -118,6 +126,8 @@ def _run(args: argparse.Namespace, strategy: DistributedStrategy | None) -> int:
     run_dir = args.output or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     saved = RunConfigs.saved(run_dir) if args.resume else None
     model_config = saved.model if saved else _model_config(args)
+    if strategy is not None and model_config.moe is not None:
+        strategy.layout.dims.check_experts(model_config.moe.num_experts)  # before any data is prepared
     train_config = _train_config(args, saved.train if saved else None)
     data_config = saved.data if saved else _data_config(args, model_config)
     callbacks = [] if args.no_progress or not main_rank else [ProgressBar()]
@@ -143,9 +153,7 @@ def _announce(
     """Print what is about to happen."""
     model, data_config = configs.model, configs.data
     experts = "dense" if model.moe is None else f"{model.moe.num_experts} experts"
-    layout = strategy.layout if strategy is not None else None
-    parallelism = "one process" if layout is None else (
-        f"{layout.ep_size} expert-parallel x {layout.dp_size} data-parallel ranks")  # fmt: skip
+    parallelism = "one process" if strategy is None else strategy.layout.dims.describe()
     print_table(
         f"switchformer train -> {run_dir}",
         [

@@ -46,7 +46,9 @@ class DistillationTrainer(Trainer):
         total = int((aligned_labels(self.model_config, batch["labels"]) != IGNORE_INDEX).sum())
         world = self.strategy.world_size  # each rank's share of the global mean: averaging over W divides again
         hard = soft = 0.0
-        for part in split_batch(self.strategy.local_batch(batch), self.config.micro_batches):
+        micro = split_batch(self.strategy.local_batch(batch), self.config.micro_batches)
+        for index, part in enumerate(micro):
+            self.strategy.gradient_sync(self.model, index == len(micro) - 1)  # reduce once, after the last
             with torch.no_grad():
                 teacher_out = model_forward(self.teacher, part, self.device, self.amp_dtype, return_logits=True)
             out = model_forward(self.model, part, self.device, self.amp_dtype, return_logits=True)
@@ -55,7 +57,6 @@ class DistillationTrainer(Trainer):
             (terms.mixed_sum(self.teacher_weight) * world / max(total, 1)).backward()
             hard += float(terms.hard_sum.detach()) * world / max(total, 1)
             soft += float(terms.soft_sum.detach()) * world / max(total, 1)
-        self.strategy.synchronize_gradients(self.model)
         figures = self.strategy.mean({"ce_loss": hard, "soft_loss": soft})
         mixed = (1.0 - self.teacher_weight) * figures["ce_loss"] + self.teacher_weight * figures["soft_loss"]
         zero = {"aux_loss": 0.0, "load_balancing_loss": 0.0, "z_loss": 0.0, "dropped_fraction": 0.0}

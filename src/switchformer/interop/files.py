@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from switchformer.dcp_files import is_dcp_folder, read_whole
 from switchformer.interop.key_map import CheckpointError
 from switchformer.run_folder import atomic_write, atomic_write_json
 
@@ -59,10 +60,13 @@ def _load_one(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``folder``: ``model.safetensors`` or ``pytorch_model.bin``, or their sharded index.
+    """All tensors of ``folder``: ``model.safetensors`` or ``pytorch_model.bin``, or their sharded index, or the
+    model part of a sharded training checkpoint (``torch.distributed.checkpoint``'s ``.metadata`` and shards).
 
     Safetensors is preferred when both formats are present.
     """
+    if is_dcp_folder(folder):
+        return read_whole(folder, keys={"model"})["model"]
     for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (TORCH_BIN, TORCH_BIN_INDEX)):
         if (folder / single).is_file():
             return _load_one(folder / single)

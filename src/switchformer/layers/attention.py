@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from switchformer.layers.initialization import scaled_trunc_normal_
+from switchformer.layers.initialization import InitKind, InitRule, apply_init_rules
 from switchformer.layers.kv_cache import LayerKV
 
 
@@ -24,13 +24,19 @@ class Attention(nn.Module):
         self.o = nn.Linear(inner, d_model, bias=False)
         self.dropout = dropout
 
-    def reset_parameters(self, *, init_scale: float) -> None:
+    def init_rules(self, *, init_scale: float) -> dict[str, InitRule]:
         d_model = self.q.in_features
-        # Mesh-TF folds the 1/sqrt(d_kv) score scaling into the query initialisation.
-        scaled_trunc_normal_(self.q.weight, scale=init_scale, fan_in=d_model * self.d_kv)
-        scaled_trunc_normal_(self.k.weight, scale=init_scale, fan_in=d_model)
-        scaled_trunc_normal_(self.v.weight, scale=init_scale, fan_in=d_model)
-        scaled_trunc_normal_(self.o.weight, scale=init_scale, fan_in=self.o.in_features)
+        rule = InitKind.SCALED_TRUNC_NORMAL
+        return {
+            # Mesh-TF folds the 1/sqrt(d_kv) score scaling into the query initialisation.
+            "q.weight": InitRule(rule, init_scale, fan_in=d_model * self.d_kv),
+            "k.weight": InitRule(rule, init_scale, fan_in=d_model),
+            "v.weight": InitRule(rule, init_scale, fan_in=d_model),
+            "o.weight": InitRule(rule, init_scale, fan_in=self.o.in_features),
+        }
+
+    def reset_parameters(self, *, init_scale: float) -> None:
+        apply_init_rules(self, self.init_rules(init_scale=init_scale))
 
     def _heads(self, x_BSD: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         return proj(x_BSD).view(x_BSD.shape[0], x_BSD.shape[1], self.num_heads, self.d_kv).transpose(1, 2)

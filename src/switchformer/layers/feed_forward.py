@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from switchformer.layers.activation import Activation, apply_activation
-from switchformer.layers.initialization import scaled_trunc_normal_
+from switchformer.layers.initialization import InitKind, InitRule, apply_init_rules
 
 
 class DenseFFN(nn.Module):
@@ -18,9 +18,14 @@ class DenseFFN(nn.Module):
         self.wo = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
+    def init_rules(self, *, init_scale: float) -> dict[str, InitRule]:
+        return {
+            "wi.weight": InitRule(InitKind.SCALED_TRUNC_NORMAL, init_scale, fan_in=self.wi.in_features),
+            "wo.weight": InitRule(InitKind.SCALED_TRUNC_NORMAL, init_scale, fan_in=self.wo.in_features),
+        }
+
     def reset_parameters(self, *, init_scale: float) -> None:
-        scaled_trunc_normal_(self.wi.weight, scale=init_scale, fan_in=self.wi.in_features)
-        scaled_trunc_normal_(self.wo.weight, scale=init_scale, fan_in=self.wo.in_features)
+        apply_init_rules(self, self.init_rules(init_scale=init_scale))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.wo(self.dropout(apply_activation(self.wi(x), self.activation)))

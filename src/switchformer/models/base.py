@@ -12,7 +12,7 @@ from torch import nn
 from switchformer.labels import IGNORE_INDEX
 from switchformer.layers.attention import Attention
 from switchformer.layers.feed_forward import DenseFFN
-from switchformer.layers.initialization import scaled_trunc_normal_
+from switchformer.layers.initialization import InitKind, InitRule, seeded_fill_
 from switchformer.layers.kv_cache import DecoderCache
 from switchformer.layers.linear_cross_entropy import linear_cross_entropy
 from switchformer.layers.norm import RMSNorm
@@ -35,21 +35,53 @@ class SwitchModelBase(nn.Module):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
-    def reset_parameters(self) -> None:
-        """T5 initialisation with the paper's scale: embeddings N(0, 1); matrices truncated N(0, scale / fan_in)."""
-        scale = self.config.init_scale
-        nn.init.normal_(self.shared.weight, std=1.0)
+    def finish_init(self) -> None:
+        """After a subclass built its stacks: number the routers' jitter streams (their order in the model), then
+        initialise."""
+        routers = [m.router for m in self.modules() if isinstance(m, SwitchFFN)]
+        for index, router in enumerate(routers):
+            router.stream_id = index
+        self.reset_parameters()
+
+    def init_rules(self) -> dict[str, InitRule]:
+        """How every parameter starts: T5 initialisation with the paper's scale (embeddings N(0, 1), matrices
+        truncated N(0, scale / fan_in), norms 1), by parameter name."""
+        scale, d_model = self.config.init_scale, self.config.d_model
+        trunc = InitKind.SCALED_TRUNC_NORMAL
+        rules = {"shared.weight": InitRule(InitKind.NORMAL, 1.0)}
         if self.lm_head is not None:
-            scaled_trunc_normal_(self.lm_head.weight, scale=scale, fan_in=self.config.d_model)
-        for module in self.modules():
+            rules["lm_head.weight"] = InitRule(trunc, scale, fan_in=d_model)
+        for prefix, module in self.named_modules():
             if isinstance(module, Attention | DenseFFN):
-                module.reset_parameters(init_scale=scale)
+                local = module.init_rules(init_scale=scale)
             elif isinstance(module, SwitchFFN):
-                module.reset_parameters()
+                local = module.init_rules()
             elif isinstance(module, RelativePositionBias):
-                scaled_trunc_normal_(module.embedding.weight, scale=scale, fan_in=self.config.d_model)
+                local = {"embedding.weight": InitRule(trunc, scale, fan_in=d_model)}
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                local = {"weight": InitRule(InitKind.ONES)}
+            else:
+                continue
+            rules.update({f"{prefix}.{name}": rule for name, rule in local.items()})
+        return rules
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialise every parameter (:meth:`init_rules`) from a random stream of its own, named by ``seed`` and
+        the parameter's name, so the same seed gives the same model however it is later split over ranks
+        (``switchformer.parallel`` fills each rank's shard the same way). Without ``seed`` one is drawn from
+        torch's global generator (``torch.manual_seed`` before building still fixes the model). A model on the
+        meta device is left as it is."""
+        parameters = dict(self.named_parameters())
+        if any(p.is_meta for p in parameters.values()):
+            return
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        rules = self.init_rules()
+        if rules.keys() != parameters.keys():
+            raise RuntimeError(f"no init rule for {sorted(parameters.keys() - rules.keys())}")
+        for name, param in parameters.items():
+            seeded_fill_(param, rules[name], seed=seed, name=name, global_shape=param.shape)
 
     def set_activation_checkpointing(self, every: int = 1) -> int:
         """Recompute every ``every``-th block in the backward pass (0 = off); see ``models.stack``."""

@@ -23,7 +23,7 @@ class SwitchLM(SwitchModelBase):
             raise ValueError(f"SwitchLM needs architecture='decoder-only', got {config.architecture.value!r}")
         super().__init__(config)
         self.decoder = TransformerStack(config, num_layers=config.num_layers, causal=True, cross_attention=False)
-        self.reset_parameters()
+        self.finish_init()
 
     def count_labels(self, labels: torch.Tensor) -> int:
         """Labels are shifted inside: position 0 is never predicted."""

@@ -29,7 +29,7 @@ class SwitchTransformer(SwitchModelBase):
         super().__init__(config)
         self.encoder = TransformerStack(config, num_layers=config.num_layers, causal=False, cross_attention=False)
         self.decoder = TransformerStack(config, num_layers=config.decoder_layers, causal=True, cross_attention=True)
-        self.reset_parameters()
+        self.finish_init()
 
     def shift_right(self, labels_BS: torch.Tensor) -> torch.Tensor:
         """Decoder inputs for teacher forcing: start token, then the labels without the last (ignored ones -> pad)."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from switchformer.layers.activation import Activation, apply_activation
-from switchformer.layers.initialization import scaled_trunc_normal_
+from switchformer.layers.initialization import InitKind, InitRule, apply_init_rules
 
 
 class Layout(enum.Enum):
@@ -29,6 +29,12 @@ class ExpertBatch:
     layout: Layout
     capacity: int  # PADDED: rows per expert; GROUPED: unused (0)
     tokens_per_expert: torch.Tensor  # [E] int64 GROUPED: rows of each expert (rows past their sum are ignored)
+
+
+def local_part(weight: torch.Tensor) -> torch.Tensor:
+    """The experts this process holds: a DTensor's local shard when expert parallelism split the stack from outside
+    the model (``switchformer.parallel``), the weight itself otherwise."""
+    return weight.to_local() if hasattr(weight, "to_local") else weight
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -57,14 +63,21 @@ class GroupedExperts(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters(init_scale=1.0)
 
+    def init_rules(self, *, init_scale: float) -> dict[str, InitRule]:
+        """Each expert drawn on its own (``per_expert``), so a rank holding some experts draws only those."""
+        rule = InitKind.SCALED_TRUNC_NORMAL
+        return {
+            "wi": InitRule(rule, init_scale, fan_in=self.d_model, per_expert=True),
+            "wo": InitRule(rule, init_scale, fan_in=self.d_ff, per_expert=True),
+        }
+
     def reset_parameters(self, *, init_scale: float) -> None:
-        scaled_trunc_normal_(self.wi, scale=init_scale, fan_in=self.d_model)
-        scaled_trunc_normal_(self.wo, scale=init_scale, fan_in=self.d_ff)
+        apply_init_rules(self, self.init_rules(init_scale=init_scale))
 
     def forward(self, batch: ExpertBatch) -> torch.Tensor:
         """Apply each expert to its rows; returns ``[R, D]`` in the same arrangement."""
         rows_RD = batch.rows
-        wi, wo = self.wi, self.wo
+        wi, wo = local_part(self.wi), local_part(self.wo)
         if torch.is_autocast_enabled(rows_RD.device.type):
             # bmm autocasts by itself, grouped_mm does not: cast explicitly so both paths run in the low precision.
             dtype = torch.get_autocast_dtype(rows_RD.device.type)

@@ -13,7 +13,7 @@ from torch import nn
 
 from switchformer.config import Config
 from switchformer.layers.activation import Activation
-from switchformer.layers.initialization import scaled_trunc_normal_
+from switchformer.layers.initialization import InitKind, InitRule, apply_init_rules
 from switchformer.moe.assignment import Routing, route
 from switchformer.moe.config import MoEConfig
 from switchformer.moe.dispatch import LocalDispatcher, TokenDispatcher
@@ -84,10 +84,16 @@ class SwitchFFN(nn.Module):
         self.dispatcher: TokenDispatcher = LocalDispatcher(moe.num_experts, moe.kernel)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def init_rules(self) -> dict[str, InitRule]:
         scale = self.config.init_scale
-        scaled_trunc_normal_(self.router.weight, scale=scale, fan_in=self.config.d_model)
-        self.experts.reset_parameters(init_scale=scale)
+        rules = {"router.weight": InitRule(InitKind.SCALED_TRUNC_NORMAL, scale, fan_in=self.config.d_model)}
+        if self.router.bias is not None:
+            rules["router.bias"] = InitRule(InitKind.ZEROS)
+        experts = self.experts.init_rules(init_scale=scale)
+        return rules | {f"experts.{name}": rule for name, rule in experts.items()}
+
+    def reset_parameters(self) -> None:
+        apply_init_rules(self, self.init_rules())
 
     def forward(self, x_BSD: torch.Tensor, token_mask: torch.Tensor | None = None) -> MoEOutput:
         """Route, run the experts and combine.
@@ -96,7 +102,7 @@ class SwitchFFN(nn.Module):
         """
         batch_shape = x_BSD.shape[:-1]
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        logits_TE = self.router(x_TD)
+        logits_TE = self.router(x_TD, rows=x_BSD.shape[0] if x_BSD.dim() >= 3 else 1)
         routing = route(
             logits_TE,
             self.config.moe,

@@ -1,24 +1,21 @@
-"""Expert and data parallelism on ``torch.distributed``, applied to a single-device model from outside.
+"""Sharded training on ``torch.distributed``: one DeviceMesh, expert parallelism and FSDP2, applied from outside to a
+single-device model.
 
 Typical use on every rank (launched by torchrun)::
 
-    layout = init_parallel(ep=2)                      # process groups from torchrun's environment
-    torch.manual_seed(seed); model = build_model(cfg)  # the same full model on every rank
-    apply_expert_parallel(model, layout)               # keep this rank's experts, swap in the all-to-all dispatcher
-    optimizer = build_optimizer(model, config, layout=layout)  # over the sharded parameters
+    layout = init_parallel(ParallelDims(dp_shard=2, expert_parallel=2))  # the mesh from torchrun's environment
+    model = build_model(cfg, device="meta")                              # nothing allocated yet
+    apply_expert_parallel(model, layout)     # this rank's experts (DTensors), the all-to-all dispatcher
+    apply_fsdp(model, layout)                # dense weights and expert slices sharded by FSDP2
+    materialize(model, layout.device, seed=0)  # this rank's shards, the weights one process would have
+    optimizer = torch.optim.AdamW(model.parameters())  # or ShardedAdafactor
     out = model(**slice_global_batch(batch, layout)); out.loss.backward()
-    sync_gradients(model, layout); clip_grad_norm_(model, 1.0, layout); optimizer.step()
+    clip_grad_norm_(model, 1.0, layout); optimizer.step()
 """
 
-from switchformer.parallel.checkpoint import (
-    ShardMismatchError,
-    gather_full_optimizer_state,
-    gather_full_state_dict,
-    load_full_optimizer_state,
-    load_full_state_dict,
-)
+from switchformer.parallel.adafactor import ShardedAdafactor
 from switchformer.parallel.collectives import CollectiveError
-from switchformer.parallel.data_parallel import clip_grad_norm_, mean_over_ranks, slice_global_batch, sync_gradients
+from switchformer.parallel.data_parallel import clip_grad_norm_, mean_over_ranks, slice_global_batch
 from switchformer.parallel.expert_parallel import (
     AllToAllDispatcher,
     AllToAllState,
@@ -26,12 +23,14 @@ from switchformer.parallel.expert_parallel import (
     apply_expert_parallel,
     expert_shards,
 )
+from switchformer.parallel.fsdp import ShardingOptions, apply_fsdp
+from switchformer.parallel.materialize import materialize
 from switchformer.parallel.mesh import (
     DEFAULT_TIMEOUT,
     Backend,
+    ParallelDims,
     ParallelLayout,
     build_layout,
-    check_layout,
     close_parallel,
     init_parallel,
 )
@@ -43,20 +42,18 @@ __all__ = [
     "Backend",
     "CollectiveError",
     "ExpertShard",
+    "ParallelDims",
     "ParallelLayout",
-    "ShardMismatchError",
+    "ShardedAdafactor",
+    "ShardingOptions",
     "apply_expert_parallel",
+    "apply_fsdp",
     "build_layout",
-    "check_layout",
     "clip_grad_norm_",
     "close_parallel",
     "expert_shards",
-    "gather_full_optimizer_state",
-    "gather_full_state_dict",
     "init_parallel",
-    "load_full_optimizer_state",
-    "load_full_state_dict",
+    "materialize",
     "mean_over_ranks",
     "slice_global_batch",
-    "sync_gradients",
 ]

@@ -33,6 +33,29 @@ def collective(what: str, group: dist.ProcessGroup | None) -> Iterator[None]:
         ) from error
 
 
+def is_backend_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a communication backend's report of a failed collective (gloo or NCCL), as raised by
+    the collectives FSDP2 and DCP issue themselves."""
+    text = str(error)
+    return isinstance(error, dist.DistBackendError) or "gloo" in text or "NCCL" in text or "Connection reset" in text
+
+
+@contextlib.contextmanager
+def job_collectives(what: str) -> Iterator[None]:
+    """Around a whole distributed job: a backend failure anywhere in it (FSDP2's all-gathers and reduce-scatters,
+    DCP's exchanges) becomes a :class:`CollectiveError` that says a peer died; other errors pass unchanged."""
+    try:
+        yield
+    except RuntimeError as error:
+        if isinstance(error, CollectiveError) or not is_backend_failure(error):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else -1
+        raise CollectiveError(
+            f"a collective of {what} failed on rank {rank}: a peer process died or did not reach it within the "
+            f"process-group timeout. Check the other ranks' logs for the first failure. Backend error: {error}"
+        ) from error
+
+
 def all_to_all_rows(
     x_ND: torch.Tensor, *, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup | None
 ) -> torch.Tensor:

@@ -18,6 +18,7 @@ import logging
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from switchformer.config import ConfigError
 from switchformer.moe.assignment import Routing
@@ -145,32 +146,30 @@ class AllToAllDispatcher(TokenDispatcher):
 
 
 def apply_expert_parallel(model: nn.Module, layout: ParallelLayout) -> nn.Module:
-    """Shard every :class:`SwitchFFN` of ``model`` over ``layout``'s EP group, in place; returns ``model``.
+    """Split every :class:`SwitchFFN` of ``model`` over ``layout``'s expert-parallel ranks, in place.
 
-    Each rank keeps experts ``[ep_rank * E / ep, (ep_rank + 1) * E / ep)`` of each layer (new, smaller parameters
-    under the same names) and swaps in an :class:`AllToAllDispatcher`; the router and all dense weights stay
-    replicated. Build the full model identically on every rank (same seed) before calling this, so the shards
-    are exactly the single-process initialisation; build the optimizer afterwards, over the new parameters.
-    With ``ep_size == 1`` the model is left as it is (pure data parallelism).
+    Each rank keeps experts ``[ep_rank * E / ep, (ep_rank + 1) * E / ep)`` of each layer as a DTensor sharded on
+    the expert dimension over the ``ep`` mesh dimension (same names, the full ``[E, ...]`` global shape, so
+    checkpoints and FSDP2 see the whole tensor), and swaps in an :class:`AllToAllDispatcher`; routers and dense
+    weights are left to FSDP2. Works on a model on the meta device (nothing is allocated) and on a materialised
+    one (its slice is kept). With ``ep == 1`` the model is left as it is.
     """
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, SwitchFFN)]
     if layout.ep_size == 1:
         return model
     for name, layer in layers:
-        num_experts = layer.config.moe.num_experts
-        if num_experts % layout.ep_size:
-            raise ConfigError(
-                f"expert_parallel={layout.ep_size} is invalid for Switch layer {name or '<root>'!r}: its "
-                f"num_experts={num_experts} must be divisible by it (each rank holds an equal slice of the experts)"
-            )
+        try:
+            layout.dims.check_experts(layer.config.moe.num_experts)
+        except ConfigError as error:
+            raise ConfigError(f"Switch layer {name or '<root>'!r}: {error}") from None
         if isinstance(layer.dispatcher, AllToAllDispatcher):
             raise ValueError(f"Switch layer {name or '<root>'!r} is already expert-parallel")
     for _, layer in layers:
         shard = ExpertShard(layer.config.moe.num_experts, layout.ep_rank, layout.ep_size)
-        _keep_expert_slice(layer.experts, shard)
+        _keep_expert_slice(layer.experts, shard, layout)
         layer.dispatcher = AllToAllDispatcher(shard, group=layout.ep_group, kernel=layer.config.moe.kernel)
     logger.info(
-        "expert parallelism: %d Switch layers sharded %d ways; this rank (ep_rank %d) holds their local slices",
+        "expert parallelism: %d Switch layers split %d ways; this rank (ep_rank %d) holds their local slices",
         len(layers),
         layout.ep_size,
         layout.ep_rank,
@@ -190,9 +189,13 @@ def expert_shards(model: nn.Module) -> dict[str, ExpertShard]:
 
 
 @torch.no_grad()
-def _keep_expert_slice(experts: GroupedExperts, shard: ExpertShard) -> None:
-    """Replace the stacked ``[E, ...]`` weights with their ``[L, ...]`` slice; registration order is unchanged."""
+def _keep_expert_slice(experts: GroupedExperts, shard: ExpertShard, layout: ParallelLayout) -> None:
+    """Replace the stacked ``[E, ...]`` weights by DTensors holding this rank's ``[L, ...]`` slice (Shard(0) over
+    the ``ep`` mesh dimension); registration order is unchanged."""
     for param_name, param in list(experts.named_parameters(recurse=False)):
         local = param[shard.start : shard.stop].clone()
-        setattr(experts, param_name, nn.Parameter(local, requires_grad=param.requires_grad))
+        distributed = DTensor.from_local(
+            local, layout.ep_mesh, [Shard(0)], run_check=False, shape=param.shape, stride=param.stride()
+        )
+        setattr(experts, param_name, nn.Parameter(distributed, requires_grad=param.requires_grad))
     experts.num_experts = shard.num_local

@@ -1,18 +1,20 @@
-"""From torchrun's environment to process groups: one expert-parallel (EP) group and data-parallel (DP) groups.
+"""From torchrun's environment to one ``DeviceMesh`` with three dimensions: replicate, shard and expert.
 
-The world of ``W = ep * dp`` ranks is laid out EP-major: ranks ``[d * ep, (d + 1) * ep)`` form EP group ``d`` and
-together hold one copy of every expert (EP rank ``j`` holds the ``j``-th contiguous slice of each layer's
-experts). Consecutive ranks share a node under torchrun, so the all-to-all traffic stays on the fastest links. The
-ranks holding the same expert slice (``j, j + ep, j + 2 * ep, ...``) form that slice's expert-DP group; all
-ranks form the DP group of the replicated (dense) parameters.
+The world of ``W = dp_replicate * dp_shard * expert_parallel`` ranks is one mesh of shape
+``(dp_replicate, dp_shard, ep)``, row-major, so the ``ep`` ranks exchanging tokens are consecutive (on one node
+under torchrun, where the all-to-all is fastest). Every rank trains on its own slice of the global batch (all
+``W`` ranks are data-parallel). Parameters are laid out as torchtitan lays them out:
 
-Fault behaviour: every collective waits at most ``timeout`` (``init_parallel(timeout=...)``, default
-:data:`DEFAULT_TIMEOUT`). A rank whose peer died usually fails at once (gloo sees the connection close); a rank
-whose peer hangs fails after ``timeout``; either raises :class:`~switchformer.parallel.CollectiveError`. (torchrun
-also stops the remaining workers once one exits with an error.) Keep the timeout above the longest legitimate
-wait between collectives, such as rank 0 writing a checkpoint while the others wait in the next step. The
-timeout applies to the EP and DP groups and, when ``init_parallel`` creates it, to the default group. With NCCL,
-torch enforces it through its asynchronous error handling (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default).
+* dense parameters (embeddings, attention, routers, dense FFNs) are sharded by FSDP2 over the
+  ``dp_shard * ep`` ranks (the flattened ``dp_shard_ep`` dimension) and replicated over ``dp_replicate`` (HSDP);
+* each Switch layer's ``[E, ...]`` expert weights are split over ``ep`` (rank ``j`` holds experts
+  ``[j * E / ep, (j + 1) * E / ep)``), and each slice is sharded by FSDP2 over ``dp_shard`` and replicated over
+  ``dp_replicate``.
+
+Fault behaviour: every collective waits at most ``timeout`` (default :data:`DEFAULT_TIMEOUT`). A rank whose peer
+died usually fails at once (gloo sees the connection close); a rank whose peer hangs fails after ``timeout``; the
+collectives this package issues itself raise :class:`~switchformer.parallel.CollectiveError`. Keep the timeout
+above the longest legitimate wait between collectives, such as a checkpoint write.
 """
 
 from __future__ import annotations
@@ -21,113 +23,183 @@ import dataclasses
 import datetime
 import enum
 import logging
+import math
 import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from switchformer.config import ConfigError
+from switchformer.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 _REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+MESH_DIMS = ("dp_replicate", "dp_shard", "ep")
 
 
 class Backend(enum.Enum):
     AUTO = "auto"  # nccl when CUDA is available, else gloo
     GLOO = "gloo"  # CPU tensors
     NCCL = "nccl"  # CUDA tensors
+    FAKE = "fake"  # torch's fake process group: plans a layout in one process, no communication
+
+
+@dataclasses.dataclass
+class ParallelDims(Config):
+    """How the world is split: ``world = dp_replicate * dp_shard * expert_parallel``; one of them may be -1
+    (whatever the world size leaves)."""
+
+    dp_replicate: int = 1  # full replicas of the sharded model (HSDP across nodes)
+    dp_shard: int = -1  # FSDP shard degree of the experts; dense weights are sharded over dp_shard * ep
+    expert_parallel: int = 1  # ranks splitting each Switch layer's experts between them
+
+    def validate(self) -> None:
+        for name in ("dp_replicate", "dp_shard", "expert_parallel"):
+            value = getattr(self, name)
+            self.check(value == -1 or value >= 1, name, "must be >= 1, or -1 for whatever the world size leaves")
+        fill = [name for name in ("dp_replicate", "dp_shard", "expert_parallel") if getattr(self, name) == -1]
+        self.check(len(fill) <= 1, fill[-1] if fill else "dp_shard", f"only one of {fill} may be -1")
+
+    def resolve(self, world_size: int) -> ParallelDims:
+        """The dims with -1 filled in; raises :class:`ConfigError` when they do not multiply to ``world_size``."""
+        known = {k: v for k, v in dataclasses.asdict(self).items() if v != -1}
+        product = math.prod(known.values())
+        sizes = ", ".join(f"{k} {v}" for k, v in known.items())
+        if world_size % product:
+            raise ConfigError(
+                f"the layout ({sizes}) does not divide the world size {world_size}: "
+                f"world = dp_replicate * dp_shard * expert_parallel; pick degrees whose product divides it"
+            )
+        missing = [k for k in ("dp_replicate", "dp_shard", "expert_parallel") if k not in known]
+        resolved = dataclasses.replace(self, **{k: world_size // product for k in missing})
+        if resolved.world_size != world_size:
+            raise ConfigError(
+                f"the layout ({sizes}) has {resolved.world_size} ranks but the world has {world_size}: "
+                "world = dp_replicate * dp_shard * expert_parallel; pass -1 for one of them to fill the rest"
+            )
+        return resolved
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.expert_parallel
+
+    def check_experts(self, num_experts: int) -> None:
+        """Each expert-parallel rank holds an equal slice of every Switch layer's experts."""
+        if num_experts % self.expert_parallel:
+            divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+            raise ConfigError(
+                f"expert_parallel={self.expert_parallel} is invalid: it must divide the layers' num_experts="
+                f"{num_experts} (each rank holds an equal slice of the experts); allowed: {divisors}"
+            )
+
+    def describe(self) -> str:
+        return (
+            f"{self.dp_replicate} replicate x {self.dp_shard} shard x {self.expert_parallel} expert-parallel "
+            f"({self.world_size} ranks)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class ParallelLayout:
-    """Where this rank sits in the EP x DP mesh, and the process groups it talks over."""
+    """This rank's place in the mesh, the submeshes parameters live on, and the process groups it talks over."""
 
-    rank: int  # global rank
-    world_size: int  # ep_size * dp_size
+    dims: ParallelDims
+    mesh: DeviceMesh  # (dp_replicate, dp_shard, ep)
+    rank: int
     local_rank: int  # rank on this node (the CUDA device index)
-    ep_rank: int  # which slice of every layer's experts this rank holds
-    ep_size: int  # ranks sharing one copy of all experts
-    dp_rank: int  # which EP group this rank belongs to (= the replica index of its expert slice)
-    dp_size: int  # number of EP groups (replicas of each expert slice)
     device: torch.device
-    ep_group: dist.ProcessGroup | None  # the ep_size ranks exchanging tokens (all-to-all)
-    expert_dp_group: dist.ProcessGroup | None  # the dp_size ranks holding the same expert slice
-    dense_group: dist.ProcessGroup | None  # all ranks: replicated parameters are averaged here
     timeout: datetime.timedelta = DEFAULT_TIMEOUT
 
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size
 
-def check_layout(world_size: int, ep: int) -> int:
-    """Return the data-parallel degree ``world_size // ep``; raise :class:`ConfigError` if ``ep`` does not fit."""
-    if ep < 1:
-        raise ConfigError(f"expert_parallel={ep!r} is invalid: must be >= 1")
-    if world_size % ep:
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ConfigError(
-            f"expert_parallel={ep!r} is invalid: must divide the world size {world_size} "
-            f"(world = expert_parallel * data_parallel); allowed: {divisors}"
-        )
-    return world_size // ep
+    @property
+    def ep_size(self) -> int:
+        return self.dims.expert_parallel
+
+    @property
+    def ep_rank(self) -> int:
+        return self.mesh.get_local_rank("ep")
+
+    @property
+    def ep_mesh(self) -> DeviceMesh:
+        return self.mesh["ep"]
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup:
+        """The ranks exchanging tokens by all-to-all."""
+        return self.mesh.get_group("ep")
+
+    @property
+    def dense_mesh(self) -> DeviceMesh:
+        """(dp_replicate, dp_shard_ep): dense parameters are sharded over the second dimension."""
+        return self.mesh["dp_replicate", "dp_shard_ep"]
+
+    @property
+    def expert_mesh(self) -> DeviceMesh:
+        """(dp_replicate, dp_shard): each expert slice is sharded over the second dimension."""
+        return self.mesh["dp_replicate", "dp_shard"]
+
+    @property
+    def shard_group(self) -> dist.ProcessGroup:
+        """The ``dp_shard * ep`` ranks that hold one model between them (they run every forward in lockstep)."""
+        return self.mesh.get_group("dp_shard_ep")
+
+    @property
+    def world_group(self) -> dist.ProcessGroup:
+        return dist.group.WORLD
+
+    @property
+    def replica(self) -> int:
+        """Which of the ``dp_replicate`` model replicas this rank belongs to."""
+        return self.mesh.get_local_rank("dp_replicate")
+
+
+def build_layout(
+    dims: ParallelDims, *, device_type: str = "cpu", timeout: datetime.timedelta = DEFAULT_TIMEOUT
+) -> ParallelLayout:
+    """The mesh over the initialised default group (a collective: every rank calls it with the same ``dims``)."""
+    dims = dims.resolve(dist.get_world_size())
+    mesh = init_device_mesh(
+        device_type, (dims.dp_replicate, dims.dp_shard, dims.expert_parallel), mesh_dim_names=MESH_DIMS
+    )
+    mesh["dp_shard", "ep"]._flatten("dp_shard_ep")  # the dense parameters' shard dimension
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
+    layout = ParallelLayout(
+        dims=dims, mesh=mesh, rank=dist.get_rank(), local_rank=local_rank, device=device, timeout=timeout
+    )
+    logger.info("rank %d: %s on %s", layout.rank, dims.describe(), device)
+    return layout
 
 
 def init_parallel(
-    ep: int, *, backend: Backend = Backend.AUTO, timeout: datetime.timedelta = DEFAULT_TIMEOUT, command: str = "train"
+    dims: ParallelDims,
+    *,
+    backend: Backend = Backend.AUTO,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    command: str = "train",
 ) -> ParallelLayout:
     """Initialise the default process group from torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-    ``MASTER_ADDR``, ``MASTER_PORT``) and build the EP/DP groups.
-
-    Every rank must call this with the same ``ep``. Reuses an already initialised default group. On CUDA it
-    selects device ``LOCAL_RANK`` first, so NCCL binds each rank to its own GPU.
-    """
+    ``MASTER_ADDR``, ``MASTER_PORT``) and build the mesh. Reuses an already initialised default group; on CUDA it
+    selects device ``LOCAL_RANK`` first, so NCCL binds each rank to its own GPU."""
     if not dist.is_initialized():
         missing = [name for name in _REQUIRED_ENV if name not in os.environ]
         if missing:
-            flag = f" --expert-parallel {ep}" if ep > 1 else ""
             raise RuntimeError(
                 f"running over several processes needs torchrun's environment; {', '.join(missing)} not set. Launch "
-                f"with e.g. `torchrun --nproc-per-node {max(ep, 2)} -m switchformer {command}{flag} ...`"
+                f"with e.g. `torchrun --nproc-per-node 2 -m switchformer {command} ...`"
             )
-        check_layout(int(os.environ["WORLD_SIZE"]), ep)  # fail before connecting to anyone
+        dims.resolve(int(os.environ["WORLD_SIZE"]))  # fail before connecting to anyone
         chosen = _resolve_backend(backend)
         if chosen is Backend.NCCL:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(chosen.value, init_method="env://", timeout=timeout)
-    return build_layout(ep, timeout=timeout)
-
-
-def build_layout(ep: int, *, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> ParallelLayout:
-    """Create the EP and expert-DP groups over the initialised default group (a collective: all ranks call it)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dp = check_layout(world, ep)
-    ep_group = expert_dp_group = None
-    # new_group is collective over the whole world: every rank creates every group, in the same order.
-    for d in range(dp):
-        group = dist.new_group(list(range(d * ep, (d + 1) * ep)), timeout=timeout)
-        if rank // ep == d:
-            ep_group = group
-    for j in range(ep):
-        group = dist.new_group(list(range(j, world, ep)), timeout=timeout)
-        if rank % ep == j:
-            expert_dp_group = group
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
-    layout = ParallelLayout(
-        rank=rank,
-        world_size=world,
-        local_rank=local_rank,
-        ep_rank=rank % ep,
-        ep_size=ep,
-        dp_rank=rank // ep,
-        dp_size=dp,
-        device=device,
-        ep_group=ep_group,
-        expert_dp_group=expert_dp_group,
-        dense_group=dist.group.WORLD,
-        timeout=timeout,
-    )
-    logger.info("rank %d/%d: expert-parallel %d x data-parallel %d on %s", rank, world, ep, dp, device)
-    return layout
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return build_layout(dims, device_type=device_type, timeout=timeout)
 
 
 def close_parallel() -> None:

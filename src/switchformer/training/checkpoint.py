@@ -1,10 +1,12 @@
 """Checkpoints that are never half-written: a temporary folder, checksums, then an atomic rename.
 
-Layout of ``checkpoints/step-00000100/``: ``model.safetensors`` (weights), ``optimizer.pt`` and
-``trainer_state.pt`` (read back with ``torch.load(weights_only=True)``, so a crafted file cannot run code),
+Layout of ``checkpoints/step-00000100/`` written by one process: ``model.safetensors`` (weights), ``optimizer.pt``
+and ``trainer_state.pt`` (read back with ``torch.load(weights_only=True)``, so a crafted file cannot run code),
 ``config.json`` (model, training and data configs; also what :func:`switchformer.from_pretrained` reads) and
-``manifest.json`` (size and SHA-256 of every file, written last). A folder is complete only once renamed into
-place, so a crash or Ctrl-C at any moment leaves the previous checkpoint as the latest valid one.
+``manifest.json`` (size and SHA-256 of every file, written last). A run over several ranks writes DCP's sharded
+files (``.metadata``, ``__RANK_N.distcp``) in place of the weights and optimizer files
+(:mod:`.sharded_checkpoint`); :func:`load_checkpoint` reads either into one process. A folder is complete only
+once renamed into place, so a crash or Ctrl-C at any moment leaves the previous checkpoint as the latest valid one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from switchformer.dcp_files import METADATA_FILE, is_dcp_folder, read_whole
 from switchformer.errors import CheckpointError
 from switchformer.run_folder import (
     CONFIG_FILE,
@@ -63,7 +66,9 @@ __all__ = [
 class Checkpoint:
     path: Path
     step: int
-    model_state: dict[str, torch.Tensor]
+    model_state: dict[str, torch.Tensor]  # the whole model's weights
+    # torch's optimizer.state_dict() (keyed by parameter index) from one process; keyed by parameter name
+    # (torch.distributed.checkpoint.state_dict's form) from a sharded checkpoint
     optimizer_state: dict[str, Any] | None
     trainer_state: dict[str, Any]
     config: dict[str, Any]
@@ -117,10 +122,7 @@ def save_checkpoint(
             save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
             if optimizer_state is not None:
                 _torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
-            _torch_save(trainer_state, tmp / STATE_FILE)
-            _write_json(tmp / CONFIG_FILE, config)
-            for name, source in (extra_files or {}).items():  # e.g. tokenizer.json, so a checkpoint stands alone
-                shutil.copyfile(source, tmp / name)
+            write_checkpoint_files(tmp, trainer_state, config, extra_files)
             files = sorted(p.name for p in tmp.iterdir())
             manifest = {
                 "step": step,
@@ -139,6 +141,17 @@ def save_checkpoint(
         prune_checkpoints(directory, keep)
     logger.info("saved checkpoint %s", final)
     return final
+
+
+def write_checkpoint_files(
+    folder: Path, trainer_state: dict[str, Any], config: dict[str, Any], extra_files: dict[str, Path] | None
+) -> None:
+    """What every checkpoint holds beside the weights: the trainer state, the configs and ``extra_files`` (name ->
+    existing file, e.g. the tokenizer, so a checkpoint stands alone)."""
+    _torch_save(trainer_state, folder / STATE_FILE)
+    _write_json(folder / CONFIG_FILE, config)
+    for name, source in (extra_files or {}).items():
+        shutil.copyfile(source, folder / name)
 
 
 def _save_failure(final: Path, error: BaseException) -> str:
@@ -212,25 +225,39 @@ def _manifest_problem(step: Any, files: Any) -> str | None:
         if not (isinstance(expected, dict) and isinstance(expected.get("bytes"), int)
                 and isinstance(expected.get("sha256"), str)):  # fmt: skip
             return f"malformed (no size and checksum for {name})"
-    unchecked = [name for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE) if name not in files]
+    weights = METADATA_FILE if METADATA_FILE in files else MODEL_FILE  # sharded (DCP) or one file
+    unchecked = [name for name in (weights, STATE_FILE, CONFIG_FILE) if name not in files]
     if unchecked:
         return f"incomplete (no checksum for {', '.join(unchecked)})"
     return None
 
 
-def load_checkpoint(path: Path, *, with_optimizer: bool = True, verify: bool = True) -> Checkpoint:
-    """Read a checkpoint folder; nothing is applied to a model here, so a bad file leaves the model untouched."""
+def load_checkpoint(
+    path: Path, *, with_optimizer: bool = True, verify: bool = True, with_weights: bool = True
+) -> Checkpoint:
+    """Read a checkpoint folder; nothing is applied to a model here, so a bad file leaves the model untouched.
+
+    ``with_weights=False`` reads only the trainer state and configs (the model and optimizer states come back
+    empty): what a sharded run needs before each rank reads its own shards.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         manifest = verify_checkpoint(path) if verify else json.loads((path / MANIFEST).read_text())
         step = int(manifest["step"])
-        model_state = load_file(str(path / MODEL_FILE))
-        trainer_state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
         optimizer_state = None
-        if with_optimizer and (path / OPTIMIZER_FILE).is_file():
-            optimizer_state = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+        model_state: dict[str, torch.Tensor] = {}
+        if not with_weights:
+            pass
+        elif is_dcp_folder(path):
+            whole = read_whole(path, keys={"model", "optimizer"} if with_optimizer else {"model"})
+            model_state, optimizer_state = whole["model"], whole.get("optimizer")
+        else:
+            model_state = load_file(str(path / MODEL_FILE))
+            if with_optimizer and (path / OPTIMIZER_FILE).is_file():
+                optimizer_state = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+        trainer_state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
         config = json.loads((path / CONFIG_FILE).read_text())
     except CheckpointError:
         raise

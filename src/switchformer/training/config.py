@@ -50,6 +50,7 @@ class TrainConfig(Config):
     eval_batches: int | None = None  # None = all validation batches
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    async_checkpoint: bool = False  # under torchrun: write checkpoints in the background while training goes on
     non_finite: NonFinitePolicy = NonFinitePolicy.STOP
     max_skipped_steps: int = 10
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -39,5 +40,28 @@ def evaluate_model(
         total += float(out.ce_loss) * int(out.num_label_tokens)
         count += int(out.num_label_tokens)
     model.train(was_training)
+    loss = total / max(count, 1)
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": count}
+
+
+def evaluate_over_ranks(
+    model: torch.nn.Module, batches: list[Batch], strategy: Any, *, device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """:func:`evaluate_model` with every rank scoring its slice of each batch and the sums added over ranks.
+
+    A batch that does not split evenly is scored whole by every rank (identical results), so all ranks still run
+    the same forward passes and collectives (sharded weights are gathered in every forward).
+    """
+    total, count = 0.0, 0
+    for batch in batches:
+        rows = next(iter(batch.values())).shape[0]
+        sliced = rows % strategy.world_size == 0
+        part = evaluate_model(model, [strategy.local_batch(batch) if sliced else batch], device=device,
+                              amp_dtype=amp_dtype)  # fmt: skip
+        scored = [part["val_loss"] * part["val_tokens"], float(part["val_tokens"])]
+        if sliced:
+            scored = strategy.sum(scored)
+        total, count = total + scored[0], count + int(scored[1])
     loss = total / max(count, 1)
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": count}

@@ -13,15 +13,16 @@ from switchformer.training.config import OptimizerKind, Schedule, TrainConfig
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, *, layout: Any = None) -> torch.optim.Optimizer:
     """AdamW (weight decay on matrices only) or Adafactor, the paper's optimizer.
 
-    ``layout`` (a ``ParallelLayout``) is given for an expert-parallel ``model``: Adafactor then takes its norms over
-    whole expert weights, not this rank's slices (``parallel.adafactor``); AdamW is elementwise and needs nothing.
+    ``layout`` (a ``ParallelLayout``) is given for a sharded ``model``: Adafactor then takes its norms and column
+    statistics over whole weights, not this rank's shards (``parallel.adafactor``); AdamW is elementwise and runs
+    on the shards (DTensors) as it is.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer is OptimizerKind.ADAFACTOR:
-        if layout is not None and layout.ep_size > 1:
-            from switchformer.parallel.adafactor import sharded_adafactor
+        if layout is not None:
+            from switchformer.parallel.adafactor import ShardedAdafactor
 
-            return sharded_adafactor(model, layout, params, lr=config.lr, weight_decay=config.weight_decay)
+            return ShardedAdafactor(params, lr=config.lr, weight_decay=config.weight_decay)
         return torch.optim.Adafactor(params, lr=config.lr, weight_decay=config.weight_decay)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]

@@ -1,20 +1,23 @@
-"""How a training step is executed: in one process, or over ranks with expert and data parallelism.
+"""How a training step is executed: in one process, or sharded over ranks (FSDP2 + expert parallelism).
 
-The trainer calls the same methods either way; :class:`DistributedStrategy` turns them into the collectives of
+The trainer calls the same methods either way; :class:`DistributedStrategy` turns them into the pieces of
 ``switchformer.parallel`` so that a run over ``W`` ranks computes what one process computes on the same global
 batch (see ``parallel/data_parallel.py`` for the gradient arithmetic). Every rank draws the same global batch and
-keeps its slice; loss figures are averaged over ranks; only the main rank writes files.
+keeps its slice; loss figures are averaged over ranks; only the main rank writes files (checkpoints excepted:
+every rank writes its shards).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from switchformer.training.checkpoint import load_model_state
+from switchformer.models.base import SwitchModelBase
+from switchformer.training.checkpoint import Checkpoint, load_model_state
 
 Batch = dict[str, torch.Tensor]
 
@@ -26,13 +29,22 @@ class SingleProcess:
     rank = 0
     is_main = True
     layout: Any = None  # the ParallelLayout of a distributed run
-    # Data-parallel coordinates: ranks that share a replica index hold one model between them (expert parallelism)
-    # and must run the same forward passes in lockstep, e.g. decode the same examples.
+    # Model replicas: the ranks of one replica hold one model between them and run every forward pass in lockstep
+    # (e.g. decode the same examples); different replicas may decode different ones.
     replica = 0
     replicas = 1
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        return model
+    def prepare_model(
+        self, model: SwitchModelBase, *, device: torch.device, seed: int, compute_dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """Move ``model`` to ``device``; a model on the meta device is allocated there and initialised from
+        ``seed`` (the weights ``build_model(config, seed=seed)`` gives). ``compute_dtype`` is what autocast computes
+        in (bf16 or None); one process keeps float32 weights and lets autocast cast."""
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=device)
+            model.reset_parameters(seed)
+            return model
+        return model.to(device)
 
     def seed_ranks(self, seed: int) -> None:
         """Called after the model is built; one process keeps its single random stream."""
@@ -43,8 +55,8 @@ class SingleProcess:
     def local_batch(self, batch: Batch) -> Batch:
         return batch
 
-    def synchronize_gradients(self, model: nn.Module) -> None:
-        """Nothing to do in one process."""
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
+        """Whether the coming backward should reduce gradients over ranks (off for all but the last micro-batch)."""
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> float:
         return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf))
@@ -56,23 +68,32 @@ class SingleProcess:
         return values
 
     def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The model's weights as one process holds them (a collective under parallelism: every rank calls it)."""
+        """The whole model's weights on the main rank (a collective under parallelism: every rank calls it; the
+        others get an empty dict)."""
         return model.state_dict()
 
     def agree_to_stop(self, done: bool) -> bool:
         """Whether every rank that runs the same forward passes as this one is done (see ``generate``)."""
         return done
 
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        return self.full_model_state(model), optimizer.state_dict()
+    def load_training_state(
+        self, checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> None:
+        """Load a checkpoint's weights (and optimizer state, if given) into ``model``; either checkpoint format."""
+        load_model_state(model, checkpoint.model_state, source=checkpoint.path)
+        state = checkpoint.optimizer_state
+        if optimizer is None or state is None:
+            return
+        if any(isinstance(key, str) for key in state.get("state", {})):  # keyed by name: a sharded checkpoint's
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    def load_full_state(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict | None, *,
-        source: Any,
-    ) -> None:  # fmt: skip
-        load_model_state(model, model_state, source=source)
-        if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
+            set_optimizer_state_dict(model, optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
+
+    def checkpointer(self, directory: Path, *, async_save: bool) -> Any:
+        """None: one process writes one-file checkpoints (``training.checkpoint.save_checkpoint``)."""
+        return None
 
     def rng_states(self) -> list[torch.Tensor]:
         return [torch.get_rng_state()]
@@ -82,28 +103,41 @@ class SingleProcess:
 
 
 class DistributedStrategy(SingleProcess):
-    """Expert parallelism over ``layout.ep_size`` ranks times data parallelism over ``layout.dp_size``."""
+    """FSDP2 over ``layout``'s mesh, with the Switch layers' experts split over its ``ep`` dimension."""
 
     def __init__(self, layout: Any) -> None:
         self.layout = layout
         self.world_size = layout.world_size
         self.rank = layout.rank
         self.is_main = layout.rank == 0
-        self.replica = layout.dp_rank
-        self.replicas = layout.dp_size
+        self.replica = layout.replica
+        self.replicas = layout.dims.dp_replicate
 
     def barrier(self) -> None:
         import torch.distributed as dist
 
-        dist.barrier(group=self.layout.dense_group)
+        dist.barrier()
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        from switchformer.parallel import apply_expert_parallel
+    def prepare_model(
+        self, model: SwitchModelBase, *, device: torch.device, seed: int, compute_dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """Split the experts, shard with FSDP2 (weights all-gathered in ``compute_dtype``, kept and reduced in
+        float32; routers always float32), then (for a meta-device model) allocate only this rank's shards and fill
+        them with the weights one process would have."""
+        from switchformer.parallel import ShardingOptions, apply_expert_parallel, apply_fsdp, materialize
 
-        return apply_expert_parallel(model.to(self.layout.device), self.layout)
+        meta = any(p.is_meta for p in model.parameters())
+        if not meta:
+            model = model.to(self.layout.device)
+        apply_expert_parallel(model, self.layout)
+        apply_fsdp(model, self.layout, ShardingOptions(param_dtype=compute_dtype))
+        if meta:
+            materialize(model, self.layout.device, seed=seed)
+        return model
 
     def seed_ranks(self, seed: int) -> None:
-        # Each rank draws its own dropout and jitter noise (statistically what one process does, not bit-equal).
+        # Dropout draws its own stream per rank (statistically what one process does, not bit-equal); router
+        # jitter does not depend on the layout (switchformer.moe.router).
         torch.manual_seed(seed + self.rank)
 
     def local_batch(self, batch: Batch) -> Batch:
@@ -111,10 +145,10 @@ class DistributedStrategy(SingleProcess):
 
         return slice_global_batch(batch, self.layout)
 
-    def synchronize_gradients(self, model: nn.Module) -> None:
-        from switchformer.parallel import sync_gradients
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
+        from switchformer.parallel.fsdp import set_gradient_sync
 
-        sync_gradients(model, self.layout)
+        set_gradient_sync(model, enabled)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> float:
         from switchformer.parallel import clip_grad_norm_
@@ -133,42 +167,39 @@ class DistributedStrategy(SingleProcess):
         return (mean_over_ranks(torch.tensor(values, dtype=torch.float64), self.layout) * self.world_size).tolist()
 
     def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        from switchformer.parallel import gather_full_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return gather_full_state_dict(model, self.layout)
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def agree_to_stop(self, done: bool) -> bool:
-        if self.layout.ep_size == 1:
-            return done  # a data-parallel rank decodes alone
         import torch.distributed as dist
 
         from switchformer.parallel.collectives import collective
 
+        group = self.layout.shard_group
         flag = torch.tensor([int(done)], device=self.layout.device)
-        with collective("the all-reduce agreeing to stop decoding", self.layout.ep_group):
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.layout.ep_group)
+        with collective("the all-reduce agreeing to stop decoding", group):
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
         return bool(flag.item())
 
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        from switchformer.parallel import gather_full_optimizer_state
+    def load_training_state(
+        self, checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> None:
+        """Each rank reads its shards of ``checkpoint`` (read without its weights), whatever layout wrote it."""
+        from switchformer.training.sharded_checkpoint import load_into_sharded
 
-        return self.full_model_state(model), gather_full_optimizer_state(optimizer, model, self.layout)
+        load_into_sharded(checkpoint.path, model, optimizer)
 
-    def load_full_state(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict | None, *,
-        source: Any,
-    ) -> None:  # fmt: skip
-        from switchformer.parallel import load_full_optimizer_state, load_full_state_dict
+    def checkpointer(self, directory: Path, *, async_save: bool) -> Any:
+        from switchformer.training.sharded_checkpoint import ShardedCheckpointer
 
-        load_full_state_dict(model, model_state, self.layout)
-        if optimizer_state is not None:
-            load_full_optimizer_state(optimizer, model, optimizer_state, self.layout)
+        return ShardedCheckpointer(directory, async_save=async_save, timeout=self.layout.timeout)
 
     def rng_states(self) -> list[torch.Tensor]:
         import torch.distributed as dist
 
         states: list[Any] = [None] * self.world_size
-        dist.all_gather_object(states, torch.get_rng_state(), group=self.layout.dense_group)
+        dist.all_gather_object(states, torch.get_rng_state())
         return states
 
     def restore_rng(self, states: list[torch.Tensor], *, seed: int, step: int) -> None:

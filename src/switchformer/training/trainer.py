@@ -9,6 +9,7 @@ micro-batch boundaries, e.g. ``grouping='sequence'`` or a ``group_size`` dividin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import ModelConfig
 from switchformer.models.factory import build_model
 from switchformer.models.stack import set_activation_checkpointing
+from switchformer.moe.router import jitter_by_row
 from switchformer.run_folder import checkpoints_dir, write_summary
 from switchformer.training.callbacks import Callback, CollapseWarning
 from switchformer.training.checkpoint import (
@@ -34,13 +36,15 @@ from switchformer.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
+    write_checkpoint_files,
 )
 from switchformer.training.compiled import compile_blocks
 from switchformer.training.config import NonFinitePolicy, Precision, TrainConfig
 from switchformer.training.denormals import flushed_denormals
 from switchformer.training.diagnostics import first_non_finite_module, last_non_finite_gradient
-from switchformer.training.evaluation import evaluate_model, model_forward
+from switchformer.training.evaluation import evaluate_over_ranks, model_forward
 from switchformer.training.host_memory import keep_freed_memory
 from switchformer.training.metrics import MetricsWriter, RoutingAccumulator
 from switchformer.training.optim import build_optimizer, build_scheduler, optimizer_kind
@@ -89,6 +93,12 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
     ]
 
 
+def hash_key(*parts: int) -> int:
+    """A 63-bit key from integers (e.g. the seed and the step), the same in every process."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
 def count_tokens(batch: Batch) -> int:
     """Tokens a step processes: real input tokens, plus target tokens for an encoder-decoder batch."""
     inputs = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
@@ -133,14 +143,19 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on each step's large tensors: 1.2-1.3x the tokens/s measured
         self.amp_dtype = autocast_dtype(config.precision, self.device)
-        torch.manual_seed(config.seed)  # the same initial weights on every rank
-        model = model if model is not None else build_model(model_config)
+        torch.manual_seed(config.seed)
+        # Built on the meta device and materialised by the strategy: only this rank's shards are ever allocated,
+        # and they hold the weights config.seed gives in one process (layout-independent initialisation).
+        model = model if model is not None else build_model(model_config, device="meta")
         if config.activation_checkpointing:
             set_activation_checkpointing(model, config.activation_checkpointing)
-        self.model = self.strategy.prepare_model(model.to(self.device))
+        self.model = self.strategy.prepare_model(
+            model, device=self.device, seed=config.seed, compute_dtype=self.amp_dtype
+        )
         if config.compile:
             compile_blocks(self.model, config.compile)  # after expert parallelism swapped in its dispatchers
         self.strategy.seed_ranks(config.seed)
+        self.checkpointer = self.strategy.checkpointer(self.checkpoint_dir, async_save=config.async_checkpoint)
         self.optimizer = build_optimizer(self.model, config, layout=self.strategy.layout)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.step = 0
@@ -168,8 +183,9 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        """Write a checkpoint (a collective under parallelism: every rank calls it, the main rank writes)."""
-        model_state, optimizer_state = self.strategy.full_state(self.model, self.optimizer)
+        """Write a checkpoint (a collective under parallelism: every rank calls it; each writes its shards and the
+        main rank the rest). Returns the step folder once it is complete (None on other ranks, and while an
+        asynchronous save is still being written)."""
         state = {
             "step": self.step,
             "rng_states": self.strategy.rng_states(),
@@ -180,19 +196,32 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "optimizer": optimizer_kind(self.optimizer),  # so a resume with another optimizer is refused up front
         }
+        if self.checkpointer is not None:
+            config, extra = self.config_payload(), self.checkpoint_files
+            saved = self.checkpointer.save(
+                self.step, self.model, self.optimizer, lambda tmp: write_checkpoint_files(tmp, state, config, extra)
+            )
+            return self._completed(saved)
         if not self.strategy.is_main:
             return None
         self.last_checkpoint = save_checkpoint(
             self.checkpoint_dir,
             self.step,
-            model_state=model_state,
-            optimizer_state=optimizer_state,
+            model_state=self.model.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
             trainer_state=state,
             config=self.config_payload(),
             keep=self.config.keep_checkpoints,
             extra_files=self.checkpoint_files,
         )
         return self.last_checkpoint
+
+    def _completed(self, saved: Path | None) -> Path | None:
+        """A sharded save that just completed becomes the last checkpoint; older ones are pruned."""
+        if saved is not None:
+            self.last_checkpoint = saved
+            prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
+        return saved
 
     def _resume(self) -> int | None:
         """Continue from the latest complete checkpoint. Everything that can refuse it (checksums, the trainer
@@ -202,8 +231,8 @@ class Trainer:
         if path is None:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.checkpoint_dir)
             return None
-        try:
-            checkpoint = load_checkpoint(path)
+        try:  # a sharded run reads only the trainer state here, and each rank its own shards below
+            checkpoint = load_checkpoint(path, with_weights=self.strategy.world_size == 1)
         except CheckpointError as error:
             older = [p for p in list_checkpoints(self.checkpoint_dir) if p.name < path.name]
             hint = (
@@ -220,9 +249,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"cannot resume from {path}: {error}") from error
         try:
-            self.strategy.load_full_state(
-                self.model, self.optimizer, checkpoint.model_state, checkpoint.optimizer_state, source=path
-            )
+            self.strategy.load_training_state(checkpoint, self.model, self.optimizer)
         except BaseException:
             self.train_batches.load_state_dict(data_before)
             raise
@@ -304,8 +331,13 @@ class Trainer:
         ce_scale = self.strategy.world_size / max(total_labels, 1)
         sums = {"ce_loss": 0.0, "aux_loss": 0.0, "load_balancing_loss": 0.0, "z_loss": 0.0}
         dropped, layers = 0.0, 0
-        for part in micro:
-            out = self._forward(part)
+        rows = next(iter(batch.values())).shape[0] // self.strategy.world_size // len(micro)
+        for index, part in enumerate(micro):
+            self.strategy.gradient_sync(self.model, index == len(micro) - 1)  # reduce once, after the last
+            # Router jitter draws per global row: the same noise for a token whatever the layout (moe.router).
+            first_row = self.strategy.rank * rows * len(micro) + index * rows
+            with jitter_by_row(hash_key(self.config.seed, self.step + 1), first_row):
+                out = self._forward(part)
             ce = out.ce_loss * out.num_label_tokens * ce_scale
             aux = out.aux_loss / len(micro)
             (ce + aux).backward()
@@ -316,7 +348,6 @@ class Trainer:
             self.routing.add(out.router)
             dropped += sum(float(r.stats.dropped_fraction) for r in out.router)
             layers += len(out.router)
-        self.strategy.synchronize_gradients(self.model)
         sums["dropped_fraction"] = dropped / max(layers, 1)
         figures = self.strategy.mean(sums)
         return {"loss": figures["ce_loss"] + figures["aux_loss"], **figures}
@@ -359,20 +390,8 @@ class Trainer:
         batches = self.validation if batches is None else batches
         if self.config.eval_batches is not None:
             batches = batches[: self.config.eval_batches]
-        total, count = 0.0, 0
-        for batch in batches:
-            rows = next(iter(batch.values())).shape[0]
-            # Under parallelism each rank scores its slice; a batch that does not split evenly is scored whole
-            # by every rank (identical results), so all ranks still run the same collectives.
-            sliced = rows % self.strategy.world_size == 0
-            part = evaluate_model(self.model, [self.strategy.local_batch(batch) if sliced else batch],
-                                  device=self.device, amp_dtype=self.amp_dtype)  # fmt: skip
-            scored = [part["val_loss"] * part["val_tokens"], float(part["val_tokens"])]
-            if sliced:
-                scored = self.strategy.sum(scored)
-            total, count = total + scored[0], count + int(scored[1])
-        loss = total / max(count, 1)
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+        result = evaluate_over_ranks(self.model, batches, self.strategy, device=self.device, amp_dtype=self.amp_dtype)
+        return {"val_loss": result["val_loss"], "val_perplexity": result["val_perplexity"]}
 
     # -- the loop -----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -408,12 +427,16 @@ class Trainer:
                     cb.on_step_end(self, record)
                 if self.should_stop or self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
                     self.save()
+                elif self.checkpointer is not None:
+                    self._completed(self.checkpointer.poll())
                 if self.should_stop:
                     logger.info("stopping at step %d: a callback asked to stop", self.step)
                     break
         finally:
             if self.metrics is not None:
                 self.metrics.close()
+        if self.checkpointer is not None:
+            self._completed(self.checkpointer.wait())
         summary = {
             "steps": self.step,
             "final_loss": record.get("loss"),
