@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -28,6 +29,29 @@ def tiny_plan(**changes) -> ComparePlan:
         dense_seeds=(0, 1), expert_counts=(2, 4), capacity_factors=(1.0,), capacity_experts=4, top2_experts=4,
     )  # fmt: skip
     return base.replace(**changes)
+
+
+class BarDrawnHere:
+    """Stands in for tqdm (a bar factory): what it was asked to draw."""
+
+    drawn: ClassVar[list[BarDrawnHere]] = []
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs, self.steps, self.postfix, self.closed = kwargs, 0, None, False
+        self.drawn.append(self)
+
+    def set_postfix(self, postfix, refresh=True) -> None:
+        self.postfix = postfix
+
+    def update(self, steps) -> None:
+        self.steps += steps
+
+    def close(self) -> None:
+        self.closed = True
+
+    @classmethod
+    def write(cls, text, file=None, end="\n", nolock=False) -> None:
+        print(text, file=file, end=end)
 
 
 SYNTHETIC_STEPS = (100, 200, 300, 400)

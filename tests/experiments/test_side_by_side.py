@@ -4,7 +4,6 @@ with the same losses as one at a time; a failed or killed run stops the runs bes
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import logging.handlers
@@ -16,12 +15,11 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
 from switchformer.cli.compare import RunProgressBars
-from switchformer.experiments import side_by_side
+from switchformer.experiments import console, side_by_side
 from switchformer.experiments.plan import ComparePlan, RunSpec, plan_runs
 from switchformer.experiments.report import write_report
 from switchformer.experiments.runner import (
@@ -37,7 +35,7 @@ from switchformer.run_folder import finished_steps
 from switchformer.training.callbacks import ProgressBar
 from switchformer.training.metrics import read_metrics
 
-from .conftest import tiny_plan
+from .conftest import BarDrawnHere, tiny_plan
 
 MEETING_TIMEOUT_S = 120.0  # process start-up (a torch import) on a busy 2-core machine
 
@@ -73,29 +71,6 @@ class RunRecorder:
         return (ProgressBar(desc=spec.name, position=place.slot, leave=False),) if self.bars else ()
 
 
-class BarDrawnHere:
-    """Stands in for tqdm in the parent process: what it was asked to draw."""
-
-    drawn: ClassVar[list[BarDrawnHere]] = []
-
-    def __init__(self, **kwargs) -> None:
-        self.kwargs, self.steps, self.postfix, self.closed = kwargs, 0, None, False
-        self.drawn.append(self)
-
-    def set_postfix(self, postfix, refresh=True) -> None:
-        self.postfix = postfix
-
-    def update(self, steps) -> None:
-        self.steps += steps
-
-    def close(self) -> None:
-        self.closed = True
-
-    @classmethod
-    def write(cls, text, file=None, end="\n", nolock=False) -> None:
-        print(text, file=file, end=end)
-
-
 def small_plan(**changes) -> ComparePlan:
     base = {"dense_seeds": (0,), "expert_counts": (2,), "capacity_factors": (), "top2_experts": None}
     return tiny_plan(**{**base, **changes})
@@ -110,7 +85,7 @@ def test_runs_train_at_the_same_time_in_their_own_processes_with_the_losses_of_o
     places.mkdir()
     alone = run_comparison(plan, tmp_path / "alone", data)
     recorder = RunRecorder(places, meet=("dense-seed0", "switch-2"), bars=True)
-    monkeypatch.setattr(side_by_side, "tqdm", BarDrawnHere)
+    monkeypatch.setattr(console, "tqdm", BarDrawnHere)
     monkeypatch.setattr(BarDrawnHere, "drawn", [])
     caplog.set_level(logging.INFO)
     together = run_comparison(plan.replace(parallel_runs=2), tmp_path / "together", data, callbacks=recorder)
@@ -248,22 +223,6 @@ def test_the_command_lines_progress_bars_travel_to_the_runs_process_and_draw_on_
     assert bar.tqdm_kwargs == {"desc": "switch-2 [3/6]", "leave": False, "position": 1}
 
 
-def test_a_run_whose_parent_is_gone_keeps_training_to_its_next_step_check_instead_of_dying_on_the_pipe():
-    import multiprocessing
-
-    receive, send = multiprocessing.Pipe(duplex=False)
-    receive.close()  # the parent's end: nobody reads any more
-    parent = side_by_side._ToParent(send)
-    logging.getLogger("tests.orphan").addHandler(handler := logging.handlers.QueueHandler(parent))
-    try:
-        side_by_side._BarInParent(parent, interval=0.0).update(1)  # a bar figure, a log record, a result: no error
-        logging.getLogger("tests.orphan").warning("still here")
-        parent.send(("done", None))
-    finally:
-        logging.getLogger("tests.orphan").removeHandler(handler)
-    assert parent.parent_gone
-
-
 def test_the_parent_survives_messages_it_cannot_show():
     import multiprocessing
 
@@ -275,26 +234,4 @@ def test_the_parent_survives_messages_it_cannot_show():
     send.send(("log", "not a log record"))
     send.send(("done", "outcome"))
     side_by_side._receive(run)
-    assert run.final == ("done", "outcome") and run.bars == {}
-
-
-def test_while_bars_are_drawn_the_console_handler_writes_through_tqdm_with_its_own_level_and_nothing_is_added(
-    monkeypatch, capsys
-):
-    root = logging.getLogger()
-    console, elsewhere = logging.StreamHandler(sys.stderr), logging.StreamHandler(io.StringIO())
-    console.setLevel(logging.WARNING)
-    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    written = []
-    monkeypatch.setattr(side_by_side.tqdm, "write", lambda text, file=None, **_: written.append((text, file)))
-    monkeypatch.setattr(root, "handlers", [console, elsewhere])
-    monkeypatch.setattr(root, "level", logging.INFO)
-    with side_by_side._log_lines_above_the_bars():
-        logging.getLogger("tests.bars").info("not for the console")
-        logging.getLogger("tests.bars").warning("for the console")
-        assert root.handlers[1] is elsewhere
-    assert written == [("WARNING: for the console", sys.stderr)]
-    assert root.handlers == [console, elsewhere] and "for the console" in elsewhere.stream.getvalue()
-    monkeypatch.setattr(root, "handlers", [])
-    with side_by_side._log_lines_above_the_bars():
-        assert root.handlers == []
+    assert run.final == ("done", "outcome") and run.console.bars == {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import math
@@ -199,15 +200,16 @@ def run_comparison(
     def is_finished(spec: RunSpec) -> bool:
         return finished_steps(run_dir(output, spec.name)) >= plan.steps
 
+    train = functools.partial(train_run, plan=plan, data=data, output=output)
     if plan.parallel_runs > 1:
+        on_run_end = progress.run_ended
         return train_side_by_side(
-            specs, plan, data, output, callbacks=callbacks, train_run=train_run, is_finished=is_finished,
-            on_run_end=progress.run_ended,
-        )  # fmt: skip
+            specs, train, plan.parallel_runs, callbacks, is_finished=is_finished, on_run_end=on_run_end
+        )
     outcomes = []
     for index, spec in enumerate(specs, 1):
         started = time.monotonic()
-        outcomes.append(train_run(spec, plan, data, output, callbacks=callbacks(spec, RunPlace(index, len(specs)))))
+        outcomes.append(train(spec, callbacks=callbacks(spec, RunPlace(index, len(specs)))))
         progress.run_ended(outcomes[-1], time.monotonic() - started, sum(not is_finished(s) for s in specs[index:]))
     return outcomes
 
