@@ -8,13 +8,13 @@ import re
 
 import pytest
 
+from switchformer.experiments.folder import load_plan
 from switchformer.experiments.report import write_report
 from switchformer.experiments.results import read_results
 from switchformer.experiments.runner import (
     RunStatus,
     _time_left_text,
     data_config_for,
-    load_plan,
     run_comparison,
     write_or_check_plan,
 )

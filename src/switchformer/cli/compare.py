@@ -7,7 +7,6 @@ finished runs.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -21,11 +20,13 @@ import torch
 from switchformer.cli.common import print_table
 from switchformer.cli.distill import parse_init
 from switchformer.experiments.distillation import distill_best
+from switchformer.experiments.folder import HEADER_FILE, PLAN_FILE, RUNS_DIR, load_plan, read_json
 from switchformer.experiments.history import history_lines, recorded_session
 from switchformer.experiments.plan import ComparePlan, RunSpec
 from switchformer.experiments.report import write_report
-from switchformer.experiments.runner import check_plan, data_config_for, load_plan, run_comparison
+from switchformer.experiments.runner import check_plan, data_config_for, run_comparison
 from switchformer.experiments.side_by_side import RunPlace, no_callbacks
+from switchformer.run_folder import atomic_write_json
 from switchformer.training.callbacks import ProgressBar
 from switchformer.training.cpu_features import cpu_has_native_bf16
 from switchformer.training.trainer import autocast_dtype, resolve_device
@@ -33,7 +34,6 @@ from switchformer.training.trainer import autocast_dtype, resolve_device
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = Path("runs/compare")
-HEADER_FILE = "report_header.json"  # the latest training session's command, date and load, kept for --replot
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -142,7 +142,7 @@ def _header(argv: list[str], load_before: tuple[float, float, float], plan: Comp
 def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     output: Path = args.output
-    saved = args.replot or (output / "compare.json").is_file()
+    saved = args.replot or (output / PLAN_FILE).is_file()
     base, saved_data = load_plan(output) if saved else (None, None)  # --replot: the folder must exist
     plan = plan_from_args(args, base)
     data = saved_data or data_config_for(plan, args.data, args.text_field)
@@ -173,13 +173,11 @@ def run(args: argparse.Namespace) -> int:
                 distill_best(output, distill, steps=plan.steps, train_overrides=args.distill_overrides,
                              callbacks=bars("distill"), threads=student_threads(plan))  # fmt: skip
         header = _header(sys.argv[1:], load_before, plan)
-        (output / HEADER_FILE).write_text(json.dumps(header) + "\n")
+        atomic_write_json(output / HEADER_FILE, header)
         header += history_lines(output)
     else:
-        saved_header = output / HEADER_FILE
-        header = json.loads(saved_header.read_text()) if saved_header.is_file() else []
-        header += history_lines(output)
+        header = (read_json(output / HEADER_FILE) or []) + history_lines(output)
         header.append(f"- Report re-plotted from the run folders on {time.strftime('%Y-%m-%d %H:%M %Z')}")
     report = write_report(output, report_dir=args.report or output, header=header)
-    print_table("comparison report", [("report", str(report)), ("runs", str(output / "runs"))])
+    print_table("comparison report", [("report", str(report)), ("runs", str(output / RUNS_DIR))])
     return 0

@@ -11,19 +11,16 @@ Defaults were chosen by measurement on 2 CPU cores (docs/results/compare-calibra
 from __future__ import annotations
 
 import dataclasses
-import enum
+from typing import Any, Self
 
 from switchformer.config import Config
+from switchformer.experiments.folder import RunKind
 from switchformer.models.config import Architecture, ModelConfig
 from switchformer.moe.config import Gate, MoEConfig
 from switchformer.training.config import Precision, Schedule, TrainConfig
 
-
-class RunKind(enum.Enum):
-    DENSE = "dense"  # the FLOP-matched baseline: every FFN dense
-    SWITCH = "switch"  # top-1 routing (the paper's Switch layer)
-    TOP2 = "top2"  # the top-2 "MoE" baseline (Shazeer 2017 / GShard routing)
-    DISTILLED = "distilled"  # a dense student distilled from a Switch teacher (paper, section 4.2)
+# What a plan saved before these fields existed ran with: the paper's gate, MoEConfig's 1024-token groups.
+_BEFORE_THE_FIELD = {"gate": Gate.PROBABILITY.value, "group_size": 1024, "z_loss_coef": 0.0, "parallel_runs": 1}
 
 
 @dataclasses.dataclass
@@ -112,6 +109,11 @@ class ComparePlan(Config):
         self.check(all(f > 0 for f in self.capacity_factors), "capacity_factors", "must all be > 0")
         self.check(self.capacity_experts >= 2, "capacity_experts", "must be >= 2")
         self.check(self.top2_experts is None or self.top2_experts >= 2, "top2_experts", "must be None or >= 2")
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> Self:
+        """The plan of a ``compare.json``, with the values that plans saved before a field existed ran with."""
+        return cls.from_dict({**_BEFORE_THE_FIELD, **saved})
 
     def train_config(self, seed: int) -> TrainConfig:
         """The optimiser and schedule every run shares; only ``seed`` differs for the extra dense seeds."""

@@ -1,11 +1,5 @@
-"""Train the runs of a :class:`ComparePlan`, ``parallel_runs`` at a time, each in its own folder under ``OUTPUT/runs/``.
-
-Folder layout::
-
-    OUTPUT/compare.json          the plan and data config (a rerun must match them, but for steps, `only` and the
-                                 runs it adds: its sweep is the union of every command's)
-    OUTPUT/data/                 tokenizer and token arrays, shared by all runs (prepared once, then cached)
-    OUTPUT/runs/NAME/            spec.json, metrics.jsonl, summary.json, checkpoints/ (one Trainer run each)
+"""Train the runs of a :class:`ComparePlan`, ``parallel_runs`` at a time, each in its own folder under ``OUTPUT/runs/``
+(the folder's layout: :mod:`.folder`).
 
 Rerunning the same command skips finished runs and resumes unfinished ones from their last checkpoint, so an
 interrupted comparison loses at most ``checkpoint_every`` steps of each run it was training, and a larger ``steps``
@@ -17,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import json
 import logging
 import math
 import os
@@ -25,9 +18,9 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from switchformer.data import DataConfig, Objective, PreparedData, prepare_data
+from switchformer.experiments.folder import DATA_DIR, MACHINE_FILE, PLAN_FILE, SPEC_FILE, load_plan, run_dir
 from switchformer.experiments.plan import ComparePlan, RunSpec, plan_runs
 from switchformer.experiments.side_by_side import (
     CallbackFactory,
@@ -36,20 +29,14 @@ from switchformer.experiments.side_by_side import (
     no_callbacks,
     train_side_by_side,
 )
-from switchformer.moe.config import Gate
 from switchformer.run_folder import atomic_write_json, finished_steps, latest_run_checkpoint
 from switchformer.training.callbacks import Callback
 from switchformer.training.pretrain import JobOptions, RunConfigs, train_prepared
 
 logger = logging.getLogger(__name__)
 
-PLAN_FILE = "compare.json"
-SPEC_FILE = "spec.json"
-MACHINE_FILE = "machine.json"  # load averages when a run started and ended, runs trained at once: timings need both
-# What a plan saved before these ComparePlan fields existed ran: the paper's gate, MoEConfig's 1024-token groups.
-_BEFORE_THE_FIELD = {"gate": Gate.PROBABILITY.value, "group_size": 1024, "z_loss_coef": 0.0, "parallel_runs": 1}
 # Plan fields a rerun may change without invalidating runs (how many train at once changes timings, not results).
-_MAY_CHANGE = {"steps", "only", "checkpoint_every", "parallel_runs"}
+_MAY_CHANGE = ("steps", "only", "checkpoint_every", "parallel_runs")
 # The fields that say which runs a folder holds, not how any run trains: a rerun naming other values adds runs
 # (e.g. `--experts 128` on a finished comparison) and the folder's plan keeps the union, so no run is forgotten.
 _SWEEP = ("dense_seeds", "expert_counts", "capacity_factors")
@@ -78,68 +65,38 @@ def data_config_for(plan: ComparePlan, source: str | None = None, text_field: st
     )  # fmt: skip
 
 
-def run_dir(output: Path, name: str) -> Path:
-    return Path(output) / "runs" / name
-
-
-def _plan_record(plan: ComparePlan, data: DataConfig) -> dict[str, Any]:
-    """What ``compare.json`` holds: the plan and the data config."""
-    return {"plan": plan.to_dict(), "data": data.to_dict()}
-
-
 def check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> None:
     """Refuse, before anything is written, a plan naming unknown runs (``only``) or one that differs from the plan
     an existing folder was made with."""
     plan_runs(plan, plan.vocab_size)  # run names do not depend on the vocabulary
-    path = Path(output) / PLAN_FILE
-    current = _plan_record(plan, data)
-    if path.is_file():
-        saved = _read_saved_plan(path)
-        plan_now, plan_then = current["plan"], saved["plan"]
-        fixed = (k for k in plan_now if k not in _MAY_CHANGE and k not in _SWEEP)
-        changed = sorted(k for k in fixed if plan_then.get(k) != plan_now[k])
-        changed += sorted(f"data.{k}" for k in current["data"] if saved["data"].get(k) != current["data"][k])
-        if changed:
-            raise ValueError(
-                f"{output} holds a comparison made with other settings ({', '.join(changed)} differ); rerun with "
-                "the same settings to resume it, or choose a new --output"
-            )
+    if not (Path(output) / PLAN_FILE).is_file():
+        return
+    saved_plan, saved_data = load_plan(output)
+    now, then = plan.to_dict(), saved_plan.to_dict()
+    changed = {name for name, value in now.items() if name not in _MAY_CHANGE + _SWEEP and then.get(name) != value}
+    now, then = data.to_dict(), saved_data.to_dict()
+    changed |= {f"data.{name}" for name, value in now.items() if then.get(name) != value}
+    if changed:
+        raise ValueError(
+            f"{output} holds a comparison made with other settings ({', '.join(sorted(changed))} differ); rerun "
+            "with the same settings to resume it, or choose a new --output"
+        )
 
 
 def write_or_check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> None:
     """Record the plan in a new folder, or refuse to mix a different plan into an existing one; a plan that only
     adds runs is recorded with the union of both sweeps."""
     check_plan(output, plan, data)
-    path = Path(output) / PLAN_FILE
-    record = _plan_record(plan, data)
-    if path.is_file():
-        saved = _read_saved_plan(path)["plan"]
-        for name in _SWEEP:
-            record["plan"][name] = list(dict.fromkeys([*saved[name], *record["plan"][name]]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-
-
-def load_plan(output: Path) -> tuple[ComparePlan, DataConfig]:
-    """The plan and data config a comparison folder was made with."""
-    path = Path(output) / PLAN_FILE
-    if not path.is_file():
-        raise ValueError(f"{output} is not a comparison folder (no {PLAN_FILE}); run `switchformer compare` first")
-    saved = _read_saved_plan(path)
-    return ComparePlan.from_dict(saved["plan"]), DataConfig.from_dict(saved["data"])
-
-
-def _read_saved_plan(path: Path) -> dict[str, Any]:
-    """A folder's ``compare.json``, completed with the values that plans saved before a field existed ran with."""
-    saved = json.loads(path.read_text())
-    for name, value in _BEFORE_THE_FIELD.items():
-        saved["plan"].setdefault(name, value)
-    return saved
+    if (Path(output) / PLAN_FILE).is_file():
+        saved = load_plan(output)[0]
+        union = {name: tuple(dict.fromkeys([*getattr(saved, name), *getattr(plan, name)])) for name in _SWEEP}
+        plan = plan.replace(**union)
+    atomic_write_json(Path(output) / PLAN_FILE, {"plan": plan.to_dict(), "data": data.to_dict()}, sort_keys=False)
 
 
 def prepare_run_data(data: DataConfig, output: Path, seed: int) -> PreparedData:
     """A fresh batch stream for one run (streams are stateful), from the cache shared by all runs."""
-    return prepare_data(data.replace(seed=seed), Path(output) / "data")
+    return prepare_data(data.replace(seed=seed), Path(output) / DATA_DIR)
 
 
 def train_run(
@@ -165,7 +122,12 @@ def train_run(
     logger.info("%s: %s at step %d of %d", spec.name, "resuming" if resume else "training", trainer.step, plan.steps)
     started = os.getloadavg()
     trainer.train()
-    machine = {"load_start": started, "load_end": os.getloadavg(), "runs_at_once": plan.parallel_runs}
+    machine = {
+        "load_start": started,
+        "load_end": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
+        "runs_at_once": plan.parallel_runs,
+    }
     atomic_write_json(folder / MACHINE_FILE, machine, sort_keys=False)
     return RunOutcome(spec, RunStatus.RESUMED if resume else RunStatus.TRAINED, folder)
 
