@@ -21,23 +21,17 @@ import pytest
 from switchformer.cli.compare import RunProgressBars
 from switchformer.experiments import console, side_by_side
 from switchformer.experiments.folder import load_plan
-from switchformer.experiments.plan import ComparePlan, RunSpec, plan_runs
+from switchformer.experiments.plan import ComparePlan, RunSpec, data_config_for, plan_runs
 from switchformer.experiments.report import write_report
-from switchformer.experiments.runner import (
-    RunStatus,
-    _time_left_text,
-    data_config_for,
-    run_comparison,
-    write_or_check_plan,
-)
+from switchformer.experiments.runner import RunStatus, _time_left_text, run_comparison, write_or_check_plan
 from switchformer.experiments.side_by_side import RunPlace, RunProcessError, StopWhenAsked, check_picklable
 from switchformer.run_folder import finished_steps
 from switchformer.training.callbacks import ProgressBar
 from switchformer.training.metrics import read_metrics
 
-from .conftest import BarDrawnHere, tiny_plan
+from .conftest import BarDrawnHere, legacy_plan_record, tiny_plan
 
-MEETING_TIMEOUT_S = 120.0  # process start-up (a torch import) on a busy 2-core machine
+MEETING_TIMEOUT_S = 120.0  # process start-up (a torch import) on a busy machine with few cores
 
 
 @dataclasses.dataclass
@@ -73,7 +67,7 @@ class RunRecorder:
 
 def small_plan(**changes) -> ComparePlan:
     base = {"dense_seeds": (0,), "expert_counts": (2,), "capacity_factors": (), "top2_experts": None}
-    return tiny_plan(**{**base, **changes})
+    return tiny_plan(**base).replace(**changes)
 
 
 def test_runs_train_at_the_same_time_in_their_own_processes_with_the_losses_of_one_at_a_time(
@@ -110,7 +104,7 @@ def test_runs_train_at_the_same_time_in_their_own_processes_with_the_losses_of_o
     # One process owns the terminal: this one drew every run's bar on its slot's line, to the last step, and
     # emitted the runs' log records through its own handlers (here pytest's).
     drawn = {bar.kwargs["desc"]: bar for bar in BarDrawnHere.drawn}
-    assert sorted(drawn) == names and all(bar.closed and bar.steps == plan.steps for bar in drawn.values())
+    assert sorted(drawn) == names and all(bar.closed and bar.steps == plan.train.steps for bar in drawn.values())
     assert (drawn["dense-seed0"].kwargs["position"], drawn["switch-2"].kwargs["position"]) == (0, 1)
     assert {"loss", "tok/s", "drop"} <= set(drawn["switch-4"].postfix)
     sent = {r.getMessage() for r in caplog.records if r.processName == "compare-switch-4"}
@@ -130,7 +124,7 @@ def test_a_failed_run_stops_the_run_beside_it_at_a_checkpoint_and_never_starts_t
         run_comparison(plan.replace(parallel_runs=2), out, data, callbacks=recorder)
     assert "raised while training dense-seed0, in its process" in raised.value.__notes__[0]  # its traceback
     beside = out / "runs" / "dense-seed1"
-    assert 1 <= finished_steps(beside) < plan.steps  # stopped early, with its summary and a checkpoint to resume
+    assert 1 <= finished_steps(beside) < plan.train.steps  # stopped early, with its summary and a checkpoint to resume
     assert any((beside / "checkpoints").iterdir())
     assert not (out / "runs" / "switch-2").exists()  # never started
 
@@ -150,7 +144,7 @@ def test_ctrl_c_in_a_runs_process_stops_it_and_the_run_beside_it_at_a_checkpoint
     with pytest.raises(KeyboardInterrupt):
         compare()
     for name in ("dense-seed0", "switch-2"):  # both kept their last step, which a rerun resumes from
-        assert 1 <= finished_steps(out / "runs" / name) < plan.steps
+        assert 1 <= finished_steps(out / "runs" / name) < plan.train.steps
         assert any((out / "runs" / name / "checkpoints").iterdir())
 
 
@@ -158,7 +152,7 @@ def test_a_killed_run_is_named_and_the_run_beside_it_stops(tmp_path, corpus):
     plan, compare = two_long_runs_that_meet(tmp_path, corpus, kill_run="switch-2")
     with pytest.raises(RunProcessError, match=r"training switch-2 exited with code 9 .*parallel_runs=1"):
         compare()
-    assert 1 <= finished_steps(tmp_path / "cmp" / "runs" / "dense-seed0") < plan.steps
+    assert 1 <= finished_steps(tmp_path / "cmp" / "runs" / "dense-seed0") < plan.train.steps
 
 
 def test_the_stop_callback_ends_a_run_when_asked():
@@ -204,6 +198,7 @@ def test_how_many_runs_train_at_once_may_change_between_sessions_of_a_folder(tmp
     write_or_check_plan(tmp_path, plan.replace(parallel_runs=3), data)  # timings change, results do not
     assert load_plan(tmp_path)[0].parallel_runs == 3
     saved = json.loads((tmp_path / "compare.json").read_text())
+    saved["plan"] = legacy_plan_record(plan)
     del saved["plan"]["parallel_runs"]  # a folder from before the field trained one run at a time
     (tmp_path / "compare.json").write_text(json.dumps(saved))
     assert load_plan(tmp_path)[0].parallel_runs == 1

@@ -11,9 +11,9 @@ from typing import Any
 
 _MODULES = {
     "folder": ("RunKind", "load_plan"),
-    "plan": ("ComparePlan", "RunSpec", "plan_runs"),
+    "plan": ("ComparePlan", "RunSpec", "SweepConfig", "data_config_for", "plan_runs"),
     "report": ("write_report",),
-    "runner": ("RunOutcome", "RunStatus", "data_config_for", "run_comparison"),
+    "runner": ("RunOutcome", "RunStatus", "run_comparison"),
     "speedup": ("Curve", "TimeToTarget", "first_crossing", "time_to_target"),
 }
 _HOME = {name: module for module, names in _MODULES.items() for name in names}

@@ -249,19 +249,24 @@ def _settings_lines(output: Path) -> list[str]:
         plan, data = load_plan(output)
     except ValueError:
         return []
+    model, train, routing = plan.model, plan.train, plan.routing
     return [
         f"- Data: {data.source or 'built-in corpus (Python standard library sources)'}; {data.objective.value}, "
-        f"BPE vocabulary {plan.vocab_size}, {plan.batch_size} x {plan.sequence_length} tokens a step",
-        f"- Model: {plan.architecture.value}, d_model {plan.d_model}, d_ff {plan.d_ff} (each expert), "
-        f"{plan.num_layers} layers, {plan.num_heads} heads, Switch layers {_every(plan.sparse_every)}, init scale "
-        f"{plan.init_scale:g}, no dropout",
-        f"- Training: AdamW lr {plan.lr:g}, {plan.schedule.value} schedule, {plan.warmup_steps} warmup steps, "
-        f"{plan.steps} steps, evaluation every {plan.eval_every} steps, {_PRECISION_TEXT[plan.precision.value]}, "
-        f"device {plan.device}, torch threads: {plan.threads} a run, {_at_once(plan.parallel_runs)}; "
-        f"load-balancing coefficient {plan.load_balancing_loss_coef:g}, eval capacity factor "
-        f"{plan.eval_capacity_factor:g} (x2 for top-2)",
-        f"- Switch gate: {_GATE_TEXT[plan.gate]}; top-2 renormalises its two gates to sum to 1",
+        f"BPE vocabulary {data.vocab_size}, {data.batch_size} x {data.sequence_length} tokens a step",
+        f"- Model: {model.architecture.value}, d_model {model.d_model}, d_ff {model.d_ff} (each expert), "
+        f"{model.num_layers} layers, {model.num_heads} heads, Switch layers {_every(model.sparse_every)}, init scale "
+        f"{model.init_scale:g}, {_dropout(model.dropout)}",
+        f"- Training: AdamW lr {train.lr:g}, {train.schedule.value} schedule, {train.warmup_steps} warmup steps, "
+        f"{train.steps} steps, evaluation every {train.eval_every} steps, {_PRECISION_TEXT[train.precision.value]}, "
+        f"device {train.device}, torch threads: {train.threads} a run, {_at_once(plan.parallel_runs)}; "
+        f"load-balancing coefficient {routing.load_balancing_loss_coef:g}, eval capacity factor "
+        f"{routing.eval_capacity_factor:g} (x2 for top-2)",
+        f"- Switch gate: {_GATE_TEXT[routing.gate]}; top-2 renormalises its two gates to sum to 1",
     ]
+
+
+def _dropout(rate: float) -> str:
+    return "no dropout" if rate == 0 else f"dropout {rate:g}"
 
 
 _PRECISION_TEXT = {

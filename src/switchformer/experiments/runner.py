@@ -18,8 +18,9 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from switchformer.data import DataConfig, Objective, PreparedData, prepare_data
+from switchformer.data import DataConfig, PreparedData, prepare_data
 from switchformer.experiments.folder import DATA_DIR, MACHINE_FILE, PLAN_FILE, SPEC_FILE, load_plan, run_dir
 from switchformer.experiments.plan import ComparePlan, RunSpec, plan_runs
 from switchformer.experiments.side_by_side import (
@@ -36,7 +37,7 @@ from switchformer.training.pretrain import JobOptions, RunConfigs, train_prepare
 logger = logging.getLogger(__name__)
 
 # Plan fields a rerun may change without invalidating runs (how many train at once changes timings, not results).
-_MAY_CHANGE = ("steps", "only", "checkpoint_every", "parallel_runs")
+_MAY_CHANGE = {"train.steps", "only", "train.checkpoint_every", "parallel_runs"}
 # The fields that say which runs a folder holds, not how any run trains: a rerun naming other values adds runs
 # (e.g. `--experts 128` on a finished comparison) and the folder's plan keeps the union, so no run is forgotten.
 _SWEEP = ("dense_seeds", "expert_counts", "capacity_factors")
@@ -55,27 +56,29 @@ class RunOutcome:
     run_dir: Path
 
 
-def data_config_for(plan: ComparePlan, source: str | None = None, text_field: str = "text") -> DataConfig:
-    """The data every run reads: the plan's tokenizer, sequence length and batch, the objective of its architecture."""
-    objective = Objective.SPAN_CORRUPTION if plan.architecture.value == "encoder-decoder" else Objective.CAUSAL_LM
-    return DataConfig(
-        source=source, text_field=text_field, objective=objective, sequence_length=plan.sequence_length,
-        batch_size=plan.batch_size, vocab_size=plan.vocab_size, validation_batches=plan.validation_batches,
-        seed=plan.seed,
-    )  # fmt: skip
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config's fields by dotted path: ``{"model.moe.gate": ...}``."""
+    flat: dict[str, Any] = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{name}.")
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
 
 
 def check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> None:
     """Refuse, before anything is written, a plan naming unknown runs (``only``) or one that differs from the plan
     an existing folder was made with."""
-    plan_runs(plan, plan.vocab_size)  # run names do not depend on the vocabulary
+    plan_runs(plan, plan.data.vocab_size)  # run names do not depend on the vocabulary
     if not (Path(output) / PLAN_FILE).is_file():
         return
     saved_plan, saved_data = load_plan(output)
-    now, then = plan.to_dict(), saved_plan.to_dict()
-    changed = {name for name, value in now.items() if name not in _MAY_CHANGE + _SWEEP and then.get(name) != value}
-    now, then = data.to_dict(), saved_data.to_dict()
-    changed |= {f"data.{name}" for name, value in now.items() if then.get(name) != value}
+    may_change = _MAY_CHANGE | {f"sweep.{name}" for name in _SWEEP}
+    now, then = _flat(plan.to_dict()), _flat(saved_plan.to_dict())
+    changed = {name for name, value in now.items() if name not in may_change and then.get(name) != value}
+    now, then = _flat(data.to_dict(), "data."), _flat(saved_data.to_dict(), "data.")
+    changed |= {name for name, value in now.items() if then.get(name) != value}
     if changed:
         raise ValueError(
             f"{output} holds a comparison made with other settings ({', '.join(sorted(changed))} differ); rerun "
@@ -88,9 +91,9 @@ def write_or_check_plan(output: Path, plan: ComparePlan, data: DataConfig) -> No
     adds runs is recorded with the union of both sweeps."""
     check_plan(output, plan, data)
     if (Path(output) / PLAN_FILE).is_file():
-        saved = load_plan(output)[0]
-        union = {name: tuple(dict.fromkeys([*getattr(saved, name), *getattr(plan, name)])) for name in _SWEEP}
-        plan = plan.replace(**union)
+        saved = load_plan(output)[0].sweep
+        union = {name: tuple(dict.fromkeys([*getattr(saved, name), *getattr(plan.sweep, name)])) for name in _SWEEP}
+        plan = plan.replace(sweep=plan.sweep.replace(**union))
     atomic_write_json(Path(output) / PLAN_FILE, {"plan": plan.to_dict(), "data": data.to_dict()}, sort_keys=False)
 
 
@@ -108,18 +111,18 @@ def train_run(
     callbacks: Sequence[Callback] = (),
 ) -> RunOutcome:
     """Train (or resume, or skip) one run of the plan in ``output/runs/NAME``."""
-    folder = run_dir(output, spec.name)
-    if finished_steps(folder) >= plan.steps:
+    folder, steps = run_dir(output, spec.name), plan.train.steps
+    if finished_steps(folder) >= steps:
         logger.info("%s: finished (%d steps), skipped", spec.name, finished_steps(folder))
         return RunOutcome(spec, RunStatus.SKIPPED, folder)
     resume = latest_run_checkpoint(folder) is not None
     atomic_write_json(folder / SPEC_FILE, spec.to_dict(), sort_keys=False)
     prepared = prepare_run_data(data, output, spec.seed)
     configs = RunConfigs(spec.model, plan.train_config(spec.seed), data.replace(seed=spec.seed))
-    trainer = train_prepared(configs, prepared, folder, resume=resume,
-                             options=JobOptions(callbacks=callbacks, tensorboard=False),
-                             extra_config={"compare_run": spec.to_dict()})  # fmt: skip
-    logger.info("%s: %s at step %d of %d", spec.name, "resuming" if resume else "training", trainer.step, plan.steps)
+    options = JobOptions(callbacks=callbacks, tensorboard=False)
+    extra = {"compare_run": spec.to_dict()}
+    trainer = train_prepared(configs, prepared, folder, resume=resume, options=options, extra_config=extra)
+    logger.info("%s: %s at step %d of %d", spec.name, "resuming" if resume else "training", trainer.step, steps)
     started = os.getloadavg()
     trainer.train()
     machine = {
@@ -146,53 +149,52 @@ def run_comparison(
     As each run ends it logs how many are done and, from the runs trained so far, about how long the rest will take.
     """
     output = Path(output)
-    if plan.parallel_runs > 1:
+    at_once, threads = plan.parallel_runs, plan.train.threads or 1
+    if at_once > 1:
         check_picklable(callbacks)
     write_or_check_plan(output, plan, data)  # a bad plan fails before any work
-    vocab = prepare_run_data(data, output, plan.seed).tokenizer.vocab_size
+    vocab = prepare_run_data(data, output, plan.train.seed).tokenizer.vocab_size
     specs = plan_runs(plan, vocab)
     cores = os.cpu_count() or 1
-    if plan.parallel_runs * plan.threads > cores:
+    if at_once * threads > cores:
         logger.warning(
             "compare: %d runs at a time x %d threads is more than this machine's %d cores; runs will slow each "
-            "other down (--set parallel_runs=N --set threads=N)", plan.parallel_runs, plan.threads, cores,
-        )  # fmt: skip
-    progress = _Progress(plan, len(specs))
+            "other down (--set parallel_runs=N --set threads=N)",
+            at_once,
+            threads,
+            cores,
+        )
+    progress = _Progress(len(specs), at_once)
 
     def is_finished(spec: RunSpec) -> bool:
-        return finished_steps(run_dir(output, spec.name)) >= plan.steps
+        return finished_steps(run_dir(output, spec.name)) >= plan.train.steps
 
     train = functools.partial(train_run, plan=plan, data=data, output=output)
-    if plan.parallel_runs > 1:
-        on_run_end = progress.run_ended
-        return train_side_by_side(
-            specs, train, plan.parallel_runs, callbacks, is_finished=is_finished, on_run_end=on_run_end
-        )
+    if at_once > 1:
+        return train_side_by_side(specs, train, at_once, callbacks, is_finished=is_finished, on_run_end=progress.ended)
     outcomes = []
     for index, spec in enumerate(specs, 1):
         started = time.monotonic()
         outcomes.append(train(spec, callbacks=callbacks(spec, RunPlace(index, len(specs)))))
-        progress.run_ended(outcomes[-1], time.monotonic() - started, sum(not is_finished(s) for s in specs[index:]))
+        progress.ended(outcomes[-1], time.monotonic() - started, sum(not is_finished(s) for s in specs[index:]))
     return outcomes
 
 
 class _Progress:
     """Counts the runs that ended and logs the count with an estimate of the time left."""
 
-    def __init__(self, plan: ComparePlan, total: int) -> None:
-        self.plan, self.total = plan, total
-        self.ended = 0
+    def __init__(self, total: int, at_once: int) -> None:
+        self.total, self.at_once = total, at_once
+        self.count = 0
         self.spent: list[float] = []  # wall-clock seconds of each run trained (not skipped) in this call
 
-    def run_ended(self, outcome: RunOutcome, seconds: float, left: int) -> None:
+    def ended(self, outcome: RunOutcome, seconds: float, left: int) -> None:
         """After a run ended; ``left``: the runs not yet ended that may need training."""
-        self.ended += 1
+        self.count += 1
         if outcome.status is not RunStatus.SKIPPED:
             self.spent.append(seconds)
-        logger.info(
-            "compare: %d of %d runs done%s", self.ended, self.total,
-            _time_left_text(self.spent, left, self.plan.parallel_runs),
-        )  # fmt: skip
+        time_left = _time_left_text(self.spent, left, self.at_once)
+        logger.info("compare: %d of %d runs done%s", self.count, self.total, time_left)
 
 
 def _time_left_text(spent: Sequence[float], unfinished: int, at_once: int = 1) -> str:
