@@ -34,8 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def models(experts: list[int]) -> dict[str, torch.nn.Module]:
-    plan = ComparePlan(expert_counts=tuple(experts), capacity_factors=(), top2_experts=None, dense_seeds=(0,))
-    return {run.name: build_model(run.model) for run in plan_runs(plan, plan.vocab_size)}
+    plan = ComparePlan().replace(expert_counts=tuple(experts), capacity_factors=(), top2_experts=None, dense_seeds=(0,))
+    return {run.name: build_model(run.model) for run in plan_runs(plan, plan.data.vocab_size)}
 
 
 def bench_model(name: str, model: torch.nn.Module, repeats: int) -> list[tuple[object, ...]]:

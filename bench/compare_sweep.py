@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from switchformer.experiments.plan import RunKind
+from switchformer.experiments.folder import RunKind
 from switchformer.experiments.results import read_results
 from switchformer.experiments.speedup import time_to_target
 
@@ -80,10 +80,8 @@ def table(root: Path, budgets: list[int]) -> str:
                 cells.append("never" if speedup is None else f"{speedup:.2f}x")
             last = min(dense.steps, run.steps)
             dropped = "-" if run.dropped_fraction is None else f"{run.dropped_fraction:.3f}"
-            lines.append(
-                f"| {folder.name} | {run.name} | " + " | ".join(cells)
-                + f" | {run.up_to(last).final_loss:.4f} | {dense.up_to(last).final_loss:.4f} | {dropped} |"
-            )  # fmt: skip
+            losses = f"{run.up_to(last).final_loss:.4f} | {dense.up_to(last).final_loss:.4f}"
+            lines.append(f"| {folder.name} | {run.name} | {' | '.join(cells)} | {losses} | {dropped} |")
     return "\n".join(lines)
 
 

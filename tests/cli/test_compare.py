@@ -17,10 +17,21 @@ from switchformer.experiments.distillation import distill_best
 from switchformer.experiments.history import HISTORY_FILE
 from tests.experiments.conftest import write_corpus
 
-TINY = ["--set", "d_model=32", "--set", "d_ff=64", "--set", "num_layers=2", "--set", "num_heads=2",
-        "--set", "vocab_size=512", "--set", "sequence_length=32", "--set", "batch_size=4",
-        "--set", "validation_batches=2", "--set", "eval_every=3", "--set", "warmup_steps=2", "--set", "threads=1",
-        "--no-progress"]  # fmt: skip
+# Short names of earlier versions and the sections' dotted paths, as a user may give either.
+TINY_SETTINGS = [
+    "d_model=32",
+    "d_ff=64",
+    "num_layers=2",
+    "model.num_heads=2",
+    "vocab_size=512",
+    "data.sequence_length=32",
+    "batch_size=4",
+    "validation_batches=2",
+    "train.eval_every=3",
+    "warmup_steps=2",
+    "threads=1",
+]
+TINY = [*(arg for setting in TINY_SETTINGS for arg in ("--set", setting)), "--no-progress"]
 
 
 def run_cli(argv: list[str]) -> int:
@@ -34,9 +45,9 @@ def run_cli(argv: list[str]) -> int:
 def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.txt", modules=("json", "email"))
     out, docs = tmp_path / "cmp", tmp_path / "docs"
-    argv = ["--data", str(corpus), "--output", str(out), "--report", str(docs), "--steps", "4", "--experts", "2,4",
-            "--capacity-factors", "2.0", "--set", "capacity_experts=2", "--no-top2", "--distill",
-            "--distill-set", "lr=0.0015", *TINY]  # fmt: skip
+    argv = ["--data", str(corpus), "--output", str(out), "--report", str(docs), "--steps", "4", "--experts", "2,4"]
+    argv += ["--capacity-factors", "2.0", "--set", "capacity_experts=2", "--no-top2", "--distill"]
+    argv += ["--distill-set", "lr=0.0015", *TINY]
     monkeypatch.setattr(sys, "argv", ["switchformer", "compare", *argv])
     assert run_cli(argv) == 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
@@ -49,8 +60,8 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     assert (student_train["lr"], student_train["threads"]) == (0.0015, 2)  # the threads of the 2 runs at a time
     # Distilling the folder again (e.g. a rerun with --set parallel_runs=1) keeps, and reports, the threads the
     # student began with.
-    again = distill_best(out, parse_init("mean", teacher_weight=0.25), steps=4, train_overrides=["lr=0.0015"],
-                         threads=1)  # fmt: skip
+    init = parse_init("mean", teacher_weight=0.25)
+    again = distill_best(out, init, steps=4, train_overrides=["lr=0.0015"], threads=1)
     assert again.student_overrides == ["lr=0.0015", "threads=2"]
     assert "without the teacher (weight 0)" in text  # the control run of the distillation
     assert f"| distill-{_teacher(out)} |" in text
@@ -66,11 +77,11 @@ def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     more = ["--output", str(out), "--report", str(docs), "--only", "switch-2", "--steps", "5", "--no-progress"]
     monkeypatch.setattr(sys, "argv", ["switchformer", "compare", *more])
     assert run_cli(more) == 0
-    with pytest.raises(ValueError, match=r"other settings \(d_model differ\)"):  # refused: not a session
+    with pytest.raises(ValueError, match=r"other settings \(model\.d_model differ\)"):  # refused: not a session
         run_cli([*more, "--set", "d_model=48"])
     (docs / "report.md").unlink()
     with (out / HISTORY_FILE).open("a") as history:
-        history.write('{"date": "2026-11-29 12:00 UTC", "comm\n')  # cut short by a crash: skipped, not fatal
+        history.write('{"session": "1-abc", "comm\n')  # cut short by a crash: skipped, not fatal
     assert run_cli(["--output", str(out), "--report", str(docs), "--replot", "--no-progress"]) == 0
     text = (docs / "report.md").read_text()
     assert "re-plotted" in text and "- All 2 training sessions in this folder, oldest first" in text
@@ -86,9 +97,13 @@ def _teacher(out) -> str:
 
 @pytest.mark.parametrize(
     ("precision", "device", "native", "warned"),
-    [("bf16", "cpu", False, True), ("bf16", "cpu", True, False), ("fp32", "cpu", False, False),
-     ("bf16", "cuda", False, False)],
-)  # fmt: skip
+    [
+        ("bf16", "cpu", False, True),
+        ("bf16", "cpu", True, False),
+        ("fp32", "cpu", False, False),
+        ("bf16", "cuda", False, False),
+    ],
+)
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(monkeypatch, caplog, precision, device, native, warned):
     monkeypatch.setattr(compare, "cpu_has_native_bf16", lambda: native)
     plan = compare.ComparePlan().with_overrides([f"precision={precision}", f"device={device}"])
@@ -114,9 +129,9 @@ def test_each_run_bar_names_its_place_in_the_plan(tmp_path, monkeypatch):
 
     monkeypatch.setattr(compare, "ProgressBar", RecordingBar)
     corpus = write_corpus(tmp_path / "corpus.txt", modules=("json", "email"))
-    argv = ["--data", str(corpus), "--output", str(tmp_path / "cmp"), "--steps", "2", "--experts", "2",
-            "--only", "dense-seed0,switch-2", "--set", "parallel_runs=1",  # bars made in this process
-            *[a for a in TINY if a != "--no-progress"]]  # fmt: skip
+    argv = ["--data", str(corpus), "--output", str(tmp_path / "cmp"), "--steps", "2", "--experts", "2"]
+    argv += ["--only", "dense-seed0,switch-2", "--set", "parallel_runs=1"]  # bars made in this process
+    argv += [a for a in TINY if a != "--no-progress"]
     monkeypatch.setattr(sys, "argv", ["switchformer", "compare", *argv])
     assert run_cli(argv) == 0
     assert descriptions == ["dense-seed0 [1/2]", "switch-2 [2/2]"]
@@ -126,9 +141,9 @@ def test_side_by_side_runs_bars_and_log_lines_share_the_terminal_without_running
     """The real command in its own process, its log handler on stderr as on a terminal: every log line starts on a
     line of its own (the bars are lifted first), and both runs' bars are drawn."""
     corpus = write_corpus(tmp_path / "corpus.txt", modules=("json", "email"))
-    argv = ["compare", "--data", str(corpus), "--output", str(tmp_path / "cmp"), "--steps", "6", "--experts", "2",
-            "--only", "dense-seed0,switch-2", "--set", "parallel_runs=2", "--set", "checkpoint_every=3",
-            *[a for a in TINY if a != "--no-progress"]]  # fmt: skip
+    argv = ["compare", "--data", str(corpus), "--output", str(tmp_path / "cmp"), "--steps", "6", "--experts", "2"]
+    argv += ["--only", "dense-seed0,switch-2", "--set", "parallel_runs=2", "--set", "checkpoint_every=3"]
+    argv += [a for a in TINY if a != "--no-progress"]
     done = subprocess.run([sys.executable, "-m", "switchformer", *argv], capture_output=True, timeout=600)
     stderr = done.stderr.decode()  # carriage returns kept: bars redraw their line after one
     assert done.returncode == 0, stderr
@@ -140,7 +155,8 @@ def test_side_by_side_runs_bars_and_log_lines_share_the_terminal_without_running
 
 
 @pytest.mark.parametrize(("parallel_runs", "cores", "expected"), [(2, 2, 2), (4, 2, 2), (1, 2, None)])
-def test_the_distilled_student_gets_the_threads_the_runs_shared_up_to_the_cores(monkeypatch, parallel_runs, cores,
-                                                                                expected):  # fmt: skip
+def test_the_distilled_student_gets_the_threads_the_runs_shared_up_to_the_cores(
+    monkeypatch, parallel_runs, cores, expected
+):
     monkeypatch.setattr(compare.os, "cpu_count", lambda: cores)
-    assert compare.student_threads(compare.ComparePlan(threads=1, parallel_runs=parallel_runs)) == expected
+    assert compare.student_threads(compare.ComparePlan().replace(threads=1, parallel_runs=parallel_runs)) == expected

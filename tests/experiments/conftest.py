@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
-from switchformer.experiments.plan import ComparePlan, RunKind
+from switchformer.experiments.plan import SHORT_NAMES, ComparePlan, RunKind
 from switchformer.experiments.results import RunResult
 from switchformer.experiments.speedup import Curve
 
@@ -22,12 +23,56 @@ def write_corpus(path: Path, modules: tuple[str, ...] = ("json", "email", "loggi
 def tiny_plan(**changes) -> ComparePlan:
     """Two layers of width 32 and a handful of steps: plumbing, not results; one run at a time (side by side has
     its own tests: a process per run costs a torch import)."""
-    base = ComparePlan(
-        d_model=32, d_ff=64, num_layers=2, num_heads=2, vocab_size=512, sequence_length=32, batch_size=4,
-        validation_batches=2, steps=6, eval_every=3, checkpoint_every=3, warmup_steps=2, threads=1, parallel_runs=1,
-        dense_seeds=(0, 1), expert_counts=(2, 4), capacity_factors=(1.0,), capacity_experts=4, top2_experts=4,
-    )  # fmt: skip
+    shape = {"model.d_model": 32, "model.d_ff": 64, "model.num_layers": 2, "model.num_heads": 2}
+    data = {"data.vocab_size": 512, "data.sequence_length": 32, "data.batch_size": 4, "data.validation_batches": 2}
+    train = {"train.steps": 6, "train.eval_every": 3, "train.checkpoint_every": 3, "train.warmup_steps": 2}
+    sweep = {
+        "sweep.expert_counts": (2, 4),
+        "sweep.capacity_factors": (1.0,),
+        "sweep.capacity_experts": 4,
+        "sweep.top2_experts": 4,
+    }
+    base = ComparePlan().replace(**shape, **data, **train, **sweep, parallel_runs=1)
     return base.replace(**changes)
+
+
+def legacy_plan_record(plan: ComparePlan) -> dict:
+    """``plan`` as compare.json held it before the plan had sections: every field flat, by its short name."""
+    nested = plan.to_dict()
+
+    def at(path: str):
+        value = nested
+        for name in path.split("."):
+            value = value[name]
+        return value
+
+    return {name: at(path) for name, path in SHORT_NAMES.items()} | {
+        "parallel_runs": plan.parallel_runs,
+        "only": list(plan.only),
+    }
+
+
+class BarDrawnHere:
+    """Stands in for tqdm (a bar factory): what it was asked to draw."""
+
+    drawn: ClassVar[list[BarDrawnHere]] = []
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs, self.steps, self.postfix, self.closed = kwargs, 0, None, False
+        self.drawn.append(self)
+
+    def set_postfix(self, postfix, refresh=True) -> None:
+        self.postfix = postfix
+
+    def update(self, steps) -> None:
+        self.steps += steps
+
+    def close(self) -> None:
+        self.closed = True
+
+    @classmethod
+    def write(cls, text, file=None, end="\n", nolock=False) -> None:
+        print(text, file=file, end=end)
 
 
 SYNTHETIC_STEPS = (100, 200, 300, 400)
@@ -39,11 +84,23 @@ def synthetic_run(
     """A run's record with a given validation curve at steps 100-400 (a second of training per 10 steps)."""
     seconds = tuple(s / 10 for s in SYNTHETIC_STEPS)
     return RunResult(
-        name=name, kind=kind, seed=seed, num_experts=experts, capacity_factor=None if experts == 1 else factor,
-        top_k=1, curve=Curve(SYNTHETIC_STEPS, seconds, losses), steps=SYNTHETIC_STEPS[-1], train_seconds=seconds[-1],
-        tokens_per_second=1.0, params_total=1, params_active=1, load={}, dropped_fraction=None, load_average=None,
+        name=name,
+        kind=kind,
+        seed=seed,
+        num_experts=experts,
+        capacity_factor=None if experts == 1 else factor,
+        top_k=1,
+        curve=Curve(SYNTHETIC_STEPS, seconds, losses),
+        steps=SYNTHETIC_STEPS[-1],
+        train_seconds=seconds[-1],
+        tokens_per_second=1.0,
+        params_total=1,
+        params_active=1,
+        load={},
+        dropped_fraction=None,
+        load_average=None,
         folder=Path(name),
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="session")

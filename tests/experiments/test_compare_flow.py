@@ -8,19 +8,14 @@ import re
 
 import pytest
 
+from switchformer.experiments.folder import load_plan
+from switchformer.experiments.plan import data_config_for
 from switchformer.experiments.report import write_report
 from switchformer.experiments.results import read_results
-from switchformer.experiments.runner import (
-    RunStatus,
-    _time_left_text,
-    data_config_for,
-    load_plan,
-    run_comparison,
-    write_or_check_plan,
-)
+from switchformer.experiments.runner import RunStatus, _time_left_text, run_comparison, write_or_check_plan
 from switchformer.training.metrics import read_metrics
 
-from .conftest import tiny_plan
+from .conftest import legacy_plan_record, tiny_plan
 
 NAMES = ["dense-seed0", "dense-seed1", "switch-2", "switch-4", "switch-4-cf1", "top2-4"]
 
@@ -65,7 +60,7 @@ def test_comparison_report_plots_skip_resume_and_replot(tmp_path, corpus):
     assert extended.status is RunStatus.RESUMED
     records = read_metrics(out / "runs" / "switch-2")
     assert [r["step"] for r in records] == [3, 6, 9] and records[:2] == before
-    assert load_plan(out)[0].steps == 9
+    assert load_plan(out)[0].train.steps == 9
 
     # A different shape in the same folder is refused; re-plotting needs no training.
     with pytest.raises(ValueError, match="d_model"):
@@ -81,11 +76,11 @@ def test_folders_saved_before_the_gate_and_group_options_load_with_what_they_ran
     1024-token groups, and a rerun with other values is refused instead of mixing settings in one folder."""
     plan = tiny_plan()
     data = data_config_for(plan)
-    saved = {"plan": plan.to_dict(), "data": data.to_dict()}
+    saved = {"plan": legacy_plan_record(plan), "data": data.to_dict()}
     del saved["plan"]["gate"], saved["plan"]["group_size"]
     (tmp_path / "compare.json").write_text(json.dumps(saved))
     loaded = load_plan(tmp_path)[0]
-    assert (loaded.gate.value, loaded.group_size) == ("probability", 1024)
+    assert (loaded.routing.gate.value, loaded.routing.group_size) == ("probability", 1024)
     with pytest.raises(ValueError, match="gate"):
         write_or_check_plan(tmp_path, plan.replace(group_size=1024), data)
     with pytest.raises(ValueError, match="group_size"):
@@ -108,10 +103,12 @@ def test_a_rerun_may_add_runs_to_a_folder_and_the_folder_keeps_every_run(tmp_pat
 
     more = plan.replace(expert_counts=(4,), dense_seeds=(0, 1), only=("switch-4", "dense-seed1"))
     outcomes = run_comparison(more, out, data)
-    assert [(o.spec.name, o.status) for o in outcomes] == [("dense-seed1", RunStatus.TRAINED),
-                                                           ("switch-4", RunStatus.TRAINED)]  # fmt: skip
+    assert [(o.spec.name, o.status) for o in outcomes] == [
+        ("dense-seed1", RunStatus.TRAINED),
+        ("switch-4", RunStatus.TRAINED),
+    ]
     saved = load_plan(out)[0]
-    assert (saved.expert_counts, saved.dense_seeds, saved.capacity_factors) == ((2, 4), (0, 1), ())
+    assert (saved.sweep.expert_counts, saved.sweep.dense_seeds, saved.sweep.capacity_factors) == ((2, 4), (0, 1), ())
     assert read_metrics(out / "runs" / "switch-2") == before
     again = run_comparison(saved.replace(only=()), out, data)  # what a rerun without --only trains
     assert [o.spec.name for o in again] == ["dense-seed0", "dense-seed1", "switch-2", "switch-4"]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from switchformer.experiments.history import HISTORY_FILE, NO_END, history_lines, recorded_session
+
+# Dates as history.py writes them (any fixed moment will do).
+EARLIER = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(0))
+LATER = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(3600))
 
 
 def _sessions(folder) -> list[str]:
@@ -21,7 +26,7 @@ def test_each_outcome_is_listed_with_its_session(tmp_path):
     with pytest.raises(ValueError), recorded_session(tmp_path, "switchformer compare --steps 30"):
         raise ValueError("bad")
     # A session killed outright (SIGKILL, power loss) wrote its start line only.
-    entry = {"session": "4242-deadbeef", "date": "2026-11-29 15:00 UTC", "command": "switchformer compare --steps 40"}
+    entry = {"session": "4242-deadbeef", "date": LATER, "command": "switchformer compare --steps 40"}
     with (tmp_path / HISTORY_FILE).open("a") as history:
         history.write(json.dumps(entry) + "\n")
 
@@ -31,7 +36,7 @@ def test_each_outcome_is_listed_with_its_session(tmp_path):
     assert "(finished " in finished and finished.endswith("`switchformer compare --steps 10`")
     assert "(interrupted " in interrupted and interrupted.endswith("--steps 20`")
     assert "(failed (ValueError) " in failed and failed.endswith("--steps 30`")
-    assert killed == f"  - 2026-11-29 15:00 UTC ({NO_END}): `switchformer compare --steps 40`"
+    assert killed == f"  - {LATER} ({NO_END}): `switchformer compare --steps 40`"
 
 
 def test_sessions_side_by_side_are_matched_to_their_own_outcome(tmp_path):
@@ -48,14 +53,15 @@ def test_sessions_side_by_side_are_matched_to_their_own_outcome(tmp_path):
 
 def test_old_lines_and_broken_lines(tmp_path, caplog):
     """Lines written before sessions had ids (at their end) keep their plain form; a torn line is skipped."""
-    old = {"date": "2026-11-29 13:53 UTC", "command": "switchformer compare --steps 10000"}
-    (tmp_path / HISTORY_FILE).write_text(json.dumps(old) + "\n" + '{"session": "1-ab", "date": "2026-11-2\n')
+    old = {"date": EARLIER, "command": "switchformer compare --steps 10000"}
+    torn = json.dumps({"session": "1-ab", "date": LATER})[:-8]
+    (tmp_path / HISTORY_FILE).write_text(json.dumps(old) + "\n" + torn + "\n")
     assert history_lines(tmp_path) == []  # one readable session: the header's command says it all
     assert "skipped an unreadable line" in caplog.text
     with recorded_session(tmp_path, "switchformer compare --steps 12000"):
         pass
     old_line, new_line = _sessions(tmp_path)
-    assert old_line == "  - 2026-11-29 13:53 UTC: `switchformer compare --steps 10000`"
+    assert old_line == f"  - {EARLIER}: `switchformer compare --steps 10000`"
     assert "(finished " in new_line
 
 

@@ -26,8 +26,8 @@ def test_the_best_run_is_also_measured_against_every_dense_seed_and_their_mean()
     # at 200 + 0.2/0.6 * 100.
     assert seeds.mean_final_loss == pytest.approx(2.3)
     assert seeds.mean.step_speedup == pytest.approx(400 / 250)
-    assert seeds.per_seed == pytest.approx({"dense-seed0": check.best_step_speedup,
-                                            "dense-seed1": 400 / (200 + 20 / 0.6)})  # fmt: skip
+    per_seed = {"dense-seed0": check.best_step_speedup, "dense-seed1": 400 / (200 + 20 / 0.6)}
+    assert seeds.per_seed == pytest.approx(per_seed)
     line = next(line for line in check.lines() if line.startswith("- Against every dense seed"))
     assert "`switch-8` needs 1.60x fewer steps" in line and "(final loss 2.3000)" in line
     assert "`dense-seed1` 1.71x" in line
@@ -54,6 +54,9 @@ def test_the_dense_seeds_throughput_spread_is_reported_as_timing_noise():
     loaded = dataclasses.replace(slow, load_average=2.0)
     with_load = _machine_lines([loaded, fast])
     assert with_load[0].startswith("Machine load") and with_load[2:3] == [lines[0]]
+    assert "each run): dense-seed0 2.00." in with_load[0]  # no core count recorded (earlier versions)
+    recorded = _machine_lines([dataclasses.replace(loaded, cores=4), fast])[0]
+    assert recorded.startswith("Machine load (5-minute load average at the end of each run; 4 cores): ")
 
 
 def test_a_comparison_still_training_is_flagged_and_compared_at_its_last_common_evaluation():

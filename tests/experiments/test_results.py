@@ -26,12 +26,10 @@ def test_dense_noise_is_the_sample_std_of_the_dense_seeds_final_losses():
 
 
 def test_the_sweep_takes_the_shared_capacity_factor_and_the_reference_seed_sorted_by_experts():
-    runs = [
-        DENSE_0, DENSE_1,
-        _switch(32, 2.0), _switch(2, 2.15), _switch(8, 2.1),  # the sweep, at 1.25, out of order
-        _switch(8, 1.9, factor=1.0), _switch(8, 2.3, factor=2.0),  # the capacity-factor runs: one each
-        _switch(8, 1.5, seed=1),  # another seed's Switch-8 at the sweep's factor
-    ]  # fmt: skip
+    sweep = [_switch(32, 2.0), _switch(2, 2.15), _switch(8, 2.1)]  # at 1.25, out of order
+    capacity = [_switch(8, 1.9, factor=1.0), _switch(8, 2.3, factor=2.0)]  # the capacity-factor runs: one each
+    other_seed = _switch(8, 1.5, seed=1)  # another seed's Switch-8 at the sweep's factor
+    runs = [DENSE_0, DENSE_1, *sweep, *capacity, other_seed]
     sweep = expert_sweep(runs, DENSE_0)
     assert sweep.capacity_factor == 1.25
     assert sweep.points == [(1, 2.2), (2, 2.15), (8, 2.1), (32, 2.0)]

@@ -4,7 +4,6 @@ with the same losses as one at a time; a failed or killed run stops the runs bes
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import logging.handlers
@@ -16,30 +15,23 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
 from switchformer.cli.compare import RunProgressBars
-from switchformer.experiments import side_by_side
-from switchformer.experiments.plan import ComparePlan, RunSpec, plan_runs
+from switchformer.experiments import console, side_by_side
+from switchformer.experiments.folder import load_plan
+from switchformer.experiments.plan import ComparePlan, RunSpec, data_config_for, plan_runs
 from switchformer.experiments.report import write_report
-from switchformer.experiments.runner import (
-    RunStatus,
-    _time_left_text,
-    data_config_for,
-    load_plan,
-    run_comparison,
-    write_or_check_plan,
-)
+from switchformer.experiments.runner import RunStatus, _time_left_text, run_comparison, write_or_check_plan
 from switchformer.experiments.side_by_side import RunPlace, RunProcessError, StopWhenAsked, check_picklable
 from switchformer.run_folder import finished_steps
 from switchformer.training.callbacks import ProgressBar
 from switchformer.training.metrics import read_metrics
 
-from .conftest import tiny_plan
+from .conftest import BarDrawnHere, legacy_plan_record, tiny_plan
 
-MEETING_TIMEOUT_S = 120.0  # process start-up (a torch import) on a busy 2-core machine
+MEETING_TIMEOUT_S = 120.0  # process start-up (a torch import) on a busy machine with few cores
 
 
 @dataclasses.dataclass
@@ -73,32 +65,9 @@ class RunRecorder:
         return (ProgressBar(desc=spec.name, position=place.slot, leave=False),) if self.bars else ()
 
 
-class BarDrawnHere:
-    """Stands in for tqdm in the parent process: what it was asked to draw."""
-
-    drawn: ClassVar[list[BarDrawnHere]] = []
-
-    def __init__(self, **kwargs) -> None:
-        self.kwargs, self.steps, self.postfix, self.closed = kwargs, 0, None, False
-        self.drawn.append(self)
-
-    def set_postfix(self, postfix, refresh=True) -> None:
-        self.postfix = postfix
-
-    def update(self, steps) -> None:
-        self.steps += steps
-
-    def close(self) -> None:
-        self.closed = True
-
-    @classmethod
-    def write(cls, text, file=None, end="\n", nolock=False) -> None:
-        print(text, file=file, end=end)
-
-
 def small_plan(**changes) -> ComparePlan:
     base = {"dense_seeds": (0,), "expert_counts": (2,), "capacity_factors": (), "top2_experts": None}
-    return tiny_plan(**{**base, **changes})
+    return tiny_plan(**base).replace(**changes)
 
 
 def test_runs_train_at_the_same_time_in_their_own_processes_with_the_losses_of_one_at_a_time(
@@ -110,7 +79,7 @@ def test_runs_train_at_the_same_time_in_their_own_processes_with_the_losses_of_o
     places.mkdir()
     alone = run_comparison(plan, tmp_path / "alone", data)
     recorder = RunRecorder(places, meet=("dense-seed0", "switch-2"), bars=True)
-    monkeypatch.setattr(side_by_side, "tqdm", BarDrawnHere)
+    monkeypatch.setattr(console, "tqdm", BarDrawnHere)
     monkeypatch.setattr(BarDrawnHere, "drawn", [])
     caplog.set_level(logging.INFO)
     together = run_comparison(plan.replace(parallel_runs=2), tmp_path / "together", data, callbacks=recorder)
@@ -128,14 +97,14 @@ def test_runs_train_at_the_same_time_in_their_own_processes_with_the_losses_of_o
     pids = {r["pid"] for r in recorded.values()}
     assert len(pids) == 3 and os.getpid() not in pids  # a fresh process for every run
     machine = json.loads((tmp_path / "together" / "runs" / "switch-4" / "machine.json").read_text())
-    assert machine["runs_at_once"] == 2
+    assert (machine["runs_at_once"], machine["cpu_count"]) == (2, os.cpu_count())
     assert load_plan(tmp_path / "together")[0].parallel_runs == 2
     report = write_report(tmp_path / "together", report_dir=tmp_path / "docs").read_text()
     assert "torch threads: 1 a run, 2 runs at a time, side by side" in report
     # One process owns the terminal: this one drew every run's bar on its slot's line, to the last step, and
     # emitted the runs' log records through its own handlers (here pytest's).
     drawn = {bar.kwargs["desc"]: bar for bar in BarDrawnHere.drawn}
-    assert sorted(drawn) == names and all(bar.closed and bar.steps == plan.steps for bar in drawn.values())
+    assert sorted(drawn) == names and all(bar.closed and bar.steps == plan.train.steps for bar in drawn.values())
     assert (drawn["dense-seed0"].kwargs["position"], drawn["switch-2"].kwargs["position"]) == (0, 1)
     assert {"loss", "tok/s", "drop"} <= set(drawn["switch-4"].postfix)
     sent = {r.getMessage() for r in caplog.records if r.processName == "compare-switch-4"}
@@ -155,7 +124,7 @@ def test_a_failed_run_stops_the_run_beside_it_at_a_checkpoint_and_never_starts_t
         run_comparison(plan.replace(parallel_runs=2), out, data, callbacks=recorder)
     assert "raised while training dense-seed0, in its process" in raised.value.__notes__[0]  # its traceback
     beside = out / "runs" / "dense-seed1"
-    assert 1 <= finished_steps(beside) < plan.steps  # stopped early, with its summary and a checkpoint to resume
+    assert 1 <= finished_steps(beside) < plan.train.steps  # stopped early, with its summary and a checkpoint to resume
     assert any((beside / "checkpoints").iterdir())
     assert not (out / "runs" / "switch-2").exists()  # never started
 
@@ -175,7 +144,7 @@ def test_ctrl_c_in_a_runs_process_stops_it_and_the_run_beside_it_at_a_checkpoint
     with pytest.raises(KeyboardInterrupt):
         compare()
     for name in ("dense-seed0", "switch-2"):  # both kept their last step, which a rerun resumes from
-        assert 1 <= finished_steps(out / "runs" / name) < plan.steps
+        assert 1 <= finished_steps(out / "runs" / name) < plan.train.steps
         assert any((out / "runs" / name / "checkpoints").iterdir())
 
 
@@ -183,7 +152,7 @@ def test_a_killed_run_is_named_and_the_run_beside_it_stops(tmp_path, corpus):
     plan, compare = two_long_runs_that_meet(tmp_path, corpus, kill_run="switch-2")
     with pytest.raises(RunProcessError, match=r"training switch-2 exited with code 9 .*parallel_runs=1"):
         compare()
-    assert 1 <= finished_steps(tmp_path / "cmp" / "runs" / "dense-seed0") < plan.steps
+    assert 1 <= finished_steps(tmp_path / "cmp" / "runs" / "dense-seed0") < plan.train.steps
 
 
 def test_the_stop_callback_ends_a_run_when_asked():
@@ -229,6 +198,7 @@ def test_how_many_runs_train_at_once_may_change_between_sessions_of_a_folder(tmp
     write_or_check_plan(tmp_path, plan.replace(parallel_runs=3), data)  # timings change, results do not
     assert load_plan(tmp_path)[0].parallel_runs == 3
     saved = json.loads((tmp_path / "compare.json").read_text())
+    saved["plan"] = legacy_plan_record(plan)
     del saved["plan"]["parallel_runs"]  # a folder from before the field trained one run at a time
     (tmp_path / "compare.json").write_text(json.dumps(saved))
     assert load_plan(tmp_path)[0].parallel_runs == 1
@@ -248,22 +218,6 @@ def test_the_command_lines_progress_bars_travel_to_the_runs_process_and_draw_on_
     assert bar.tqdm_kwargs == {"desc": "switch-2 [3/6]", "leave": False, "position": 1}
 
 
-def test_a_run_whose_parent_is_gone_keeps_training_to_its_next_step_check_instead_of_dying_on_the_pipe():
-    import multiprocessing
-
-    receive, send = multiprocessing.Pipe(duplex=False)
-    receive.close()  # the parent's end: nobody reads any more
-    parent = side_by_side._ToParent(send)
-    logging.getLogger("tests.orphan").addHandler(handler := logging.handlers.QueueHandler(parent))
-    try:
-        side_by_side._BarInParent(parent, interval=0.0).update(1)  # a bar figure, a log record, a result: no error
-        logging.getLogger("tests.orphan").warning("still here")
-        parent.send(("done", None))
-    finally:
-        logging.getLogger("tests.orphan").removeHandler(handler)
-    assert parent.parent_gone
-
-
 def test_the_parent_survives_messages_it_cannot_show():
     import multiprocessing
 
@@ -275,26 +229,4 @@ def test_the_parent_survives_messages_it_cannot_show():
     send.send(("log", "not a log record"))
     send.send(("done", "outcome"))
     side_by_side._receive(run)
-    assert run.final == ("done", "outcome") and run.bars == {}
-
-
-def test_while_bars_are_drawn_the_console_handler_writes_through_tqdm_with_its_own_level_and_nothing_is_added(
-    monkeypatch, capsys
-):
-    root = logging.getLogger()
-    console, elsewhere = logging.StreamHandler(sys.stderr), logging.StreamHandler(io.StringIO())
-    console.setLevel(logging.WARNING)
-    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    written = []
-    monkeypatch.setattr(side_by_side.tqdm, "write", lambda text, file=None, **_: written.append((text, file)))
-    monkeypatch.setattr(root, "handlers", [console, elsewhere])
-    monkeypatch.setattr(root, "level", logging.INFO)
-    with side_by_side._log_lines_above_the_bars():
-        logging.getLogger("tests.bars").info("not for the console")
-        logging.getLogger("tests.bars").warning("for the console")
-        assert root.handlers[1] is elsewhere
-    assert written == [("WARNING: for the console", sys.stderr)]
-    assert root.handlers == [console, elsewhere] and "for the console" in elsewhere.stream.getvalue()
-    monkeypatch.setattr(root, "handlers", [])
-    with side_by_side._log_lines_above_the_bars():
-        assert root.handlers == []
+    assert run.final == ("done", "outcome") and run.console.bars == {}

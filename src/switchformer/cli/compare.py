@@ -1,13 +1,11 @@
 """``switchformer compare``: train the FLOP-matched dense model and Switch variants on the same data, then report
 time to quality (the paper's Table 1 and Figure 4 at CPU scale). With no arguments it runs the documented default
-comparison on the built-in corpus in about an hour on 2 cores (two runs at a time); rerunning it resumes or skips
-finished runs.
+comparison on the built-in corpus (its cost: docs/experiments.md); rerunning it resumes or skips finished runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -20,12 +18,15 @@ import torch
 
 from switchformer.cli.common import print_table
 from switchformer.cli.distill import parse_init
+from switchformer.data import DataConfig
 from switchformer.experiments.distillation import distill_best
+from switchformer.experiments.folder import HEADER_FILE, PLAN_FILE, RUNS_DIR, load_plan, read_json
 from switchformer.experiments.history import history_lines, recorded_session
-from switchformer.experiments.plan import ComparePlan, RunSpec
+from switchformer.experiments.plan import ComparePlan, RunSpec, data_config_for
 from switchformer.experiments.report import write_report
-from switchformer.experiments.runner import check_plan, data_config_for, load_plan, run_comparison
+from switchformer.experiments.runner import check_plan, run_comparison
 from switchformer.experiments.side_by_side import RunPlace, no_callbacks
+from switchformer.run_folder import atomic_write_json
 from switchformer.training.callbacks import ProgressBar
 from switchformer.training.cpu_features import cpu_has_native_bf16
 from switchformer.training.trainer import autocast_dtype, resolve_device
@@ -33,7 +34,6 @@ from switchformer.training.trainer import autocast_dtype, resolve_device
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = Path("runs/compare")
-HEADER_FILE = "report_header.json"  # the latest training session's command, date and load, kept for --replot
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -45,14 +45,18 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("compare", help="dense vs Switch vs top-2 on the same data: time-to-quality report",
-                            description=__doc__)  # fmt: skip
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help=f"comparison folder with one run folder per model (default {DEFAULT_OUTPUT}); "
-                        "rerunning with the same folder resumes")  # fmt: skip
+    summary = "dense vs Switch vs top-2 on the same data: time-to-quality report"
+    parser = sub.add_parser("compare", help=summary, description=__doc__)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help=f"comparison folder with one run folder per model (default {DEFAULT_OUTPUT}); rerunning with the same "
+        "folder resumes",
+    )
     parser.add_argument("--report", type=Path, help="where report.md and the plots go (default: the --output folder)")
     parser.add_argument("--data", help="text file, folder, .jsonl, .parquet or dataset (default: built-in corpus)")
-    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
+    parser.add_argument("--text-field", help="field holding the text in .jsonl/.parquet/datasets (default: text)")
     parser.add_argument("--steps", type=int, help="optimizer steps of every run")
     parser.add_argument(
         "--experts",
@@ -64,14 +68,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=_ints, help="dense seeds (two or more estimate the run-to-run noise)")
     parser.add_argument("--no-top2", action="store_true", help="leave out the top-2 MoE baseline")
     parser.add_argument("--only", help="train only these runs, e.g. dense-seed0,switch-8 (others are left as they are)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any ComparePlan field, e.g. --set d_model=256 --set lr=1e-3")  # fmt: skip
+    settings = {"action": "append", "default": [], "metavar": "FIELD=VALUE"}  # repeatable
+    set_help = (
+        "override any ComparePlan field, e.g. --set model.d_model=256 --set train.lr=1e-3 (or by the names of "
+        "earlier versions: --set d_model=256 --set lr=1e-3)"
+    )
+    parser.add_argument("--set", dest="overrides", help=set_help, **settings)
     parser.add_argument("--distill", action="store_true", help="also distil the best Switch run into a dense student")
     parser.add_argument("--distill-init", default="mean", help="student init: mean, expert:N or random")
-    parser.add_argument("--distill-set", dest="distill_overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="the student's own training settings, e.g. --distill-set lr=5e-4 (default: the "
-                        "teacher's, schedule restarted, with the threads the runs shared), as switchformer distill "
-                        "--train-set")  # fmt: skip
+    distill_help = (
+        "the student's own training settings, e.g. --distill-set lr=5e-4 (default: the teacher's, schedule "
+        "restarted, with the threads the runs shared), as switchformer distill --train-set"
+    )
+    parser.add_argument("--distill-set", dest="distill_overrides", help=distill_help, **settings)
     parser.add_argument("--replot", action="store_true", help="rewrite the report and plots from the run folders only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     parser.set_defaults(run=run)
@@ -82,15 +91,15 @@ def plan_from_args(args: argparse.Namespace, base: ComparePlan | None = None) ->
     plan = (base or ComparePlan()).with_overrides(args.overrides)
     changes: dict[str, object] = {}
     if args.steps is not None:
-        changes["steps"] = args.steps
+        changes["train.steps"] = args.steps
     if args.experts is not None:
-        changes["expert_counts"] = args.experts
+        changes["sweep.expert_counts"] = args.experts
     if args.capacity_factors is not None:
-        changes["capacity_factors"] = args.capacity_factors
+        changes["sweep.capacity_factors"] = args.capacity_factors
     if args.seeds is not None:
-        changes["dense_seeds"], changes["seed"] = args.seeds, args.seeds[0]
+        changes["sweep.dense_seeds"], changes["train.seed"] = args.seeds, args.seeds[0]
     if args.no_top2:
-        changes["top2_experts"] = None
+        changes["sweep.top2_experts"] = None
     changes["only"] = tuple(x.strip() for x in args.only.split(",") if x.strip()) if args.only else ()
     return plan.replace(**changes)
 
@@ -114,13 +123,14 @@ def student_threads(plan: ComparePlan) -> int | None:
     (the teacher's) when runs trained one at a time. ``--distill-set threads=N`` overrides it."""
     if plan.parallel_runs == 1:
         return None
-    return min(plan.threads * plan.parallel_runs, os.cpu_count() or 1)
+    return min((plan.train.threads or 1) * plan.parallel_runs, os.cpu_count() or 1)
 
 
 def warn_if_bf16_is_emulated(plan: ComparePlan) -> None:
     """bf16 autocast pays on CPU only with bf16 instructions; elsewhere say how to get float32's speed back."""
-    device = resolve_device(plan.device)  # what the trainer will run on and in
-    if device.type == "cpu" and autocast_dtype(plan.precision, device) is torch.bfloat16 and not cpu_has_native_bf16():
+    device = resolve_device(plan.train.device)  # what the trainer will run on and in
+    bf16 = autocast_dtype(plan.train.precision, device) is torch.bfloat16
+    if device.type == "cpu" and bf16 and not cpu_has_native_bf16():
         logger.warning(
             "this CPU lists no bf16 instructions (avx512_bf16, amx_bf16 or Arm bf16), so bf16 autocast may be "
             "slower than float32 here; add --set precision=fp32 for a float32 comparison"
@@ -132,17 +142,29 @@ def _header(argv: list[str], load_before: tuple[float, float, float], plan: Comp
     return [
         f"- Command: `switchformer {shlex.join(argv)}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; torch {torch.__version__}; Python {platform.python_version()}; "
-        f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads: {plan.threads} a run, "
+        f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads: {plan.train.threads} a run, "
         f"{plan.parallel_runs} run{'s' if plan.parallel_runs > 1 else ''} at a time",
         f"- Load average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in load_before)}; "
         f"at the end: {', '.join(f'{x:.2f}' for x in load_after)}",
     ]
 
 
+def _summary_rows(plan: ComparePlan, data: DataConfig) -> list[tuple[str, str]]:
+    """What the command is about to train, shown before it starts."""
+    model, train = plan.model, plan.train
+    shape = f"d_model {model.d_model}, d_ff {model.d_ff}, {model.num_layers} layers, vocab {data.vocab_size}"
+    return [
+        ("data", data.source or "built-in corpus (Python standard library)"),
+        ("model", f"{model.architecture.value}, {shape}"),
+        ("budget", f"{train.steps} steps x {data.batch_size} x {data.sequence_length} tokens, lr {train.lr:g}"),
+        ("precision", f"{train.precision.value} on {train.device}"),
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     output: Path = args.output
-    saved = args.replot or (output / "compare.json").is_file()
+    saved = args.replot or (output / PLAN_FILE).is_file()
     base, saved_data = load_plan(output) if saved else (None, None)  # --replot: the folder must exist
     plan = plan_from_args(args, base)
     data = saved_data or data_config_for(plan, args.data, args.text_field)
@@ -156,13 +178,7 @@ def run(args: argparse.Namespace) -> int:
     run_bars = no_callbacks if args.no_progress else RunProgressBars(leave=plan.parallel_runs == 1)
 
     if not args.replot:
-        print_table(f"switchformer compare -> {output}", [
-            ("data", data.source or "built-in corpus (Python standard library)"),
-            ("model", f"{plan.architecture.value}, d_model {plan.d_model}, d_ff {plan.d_ff}, {plan.num_layers} "
-                      f"layers, vocab {plan.vocab_size}"),
-            ("budget", f"{plan.steps} steps x {plan.batch_size} x {plan.sequence_length} tokens, lr {plan.lr:g}"),
-            ("precision", f"{plan.precision.value} on {plan.device}"),
-        ])  # fmt: skip
+        print_table(f"switchformer compare -> {output}", _summary_rows(plan, data))
         warn_if_bf16_is_emulated(plan)
         check_plan(output, plan, data)  # a refused command is not a training session of the folder
         with recorded_session(output, f"switchformer {shlex.join(sys.argv[1:])}"):
@@ -170,16 +186,20 @@ def run(args: argparse.Namespace) -> int:
             for outcome in outcomes:
                 logger.info("%s: %s", outcome.spec.name, outcome.status.value)
             if args.distill:
-                distill_best(output, distill, steps=plan.steps, train_overrides=args.distill_overrides,
-                             callbacks=bars("distill"), threads=student_threads(plan))  # fmt: skip
+                distill_best(
+                    output,
+                    distill,
+                    steps=plan.train.steps,
+                    train_overrides=args.distill_overrides,
+                    callbacks=bars("distill"),
+                    threads=student_threads(plan),
+                )
         header = _header(sys.argv[1:], load_before, plan)
-        (output / HEADER_FILE).write_text(json.dumps(header) + "\n")
+        atomic_write_json(output / HEADER_FILE, header)
         header += history_lines(output)
     else:
-        saved_header = output / HEADER_FILE
-        header = json.loads(saved_header.read_text()) if saved_header.is_file() else []
-        header += history_lines(output)
+        header = (read_json(output / HEADER_FILE) or []) + history_lines(output)
         header.append(f"- Report re-plotted from the run folders on {time.strftime('%Y-%m-%d %H:%M %Z')}")
     report = write_report(output, report_dir=args.report or output, header=header)
-    print_table("comparison report", [("report", str(report)), ("runs", str(output / "runs"))])
+    print_table("comparison report", [("report", str(report)), ("runs", str(output / RUNS_DIR))])
     return 0

@@ -1,23 +1,27 @@
-"""Experiments: the sparse-vs-dense comparison (``switchformer compare``), its report and plots."""
+"""Experiments: the sparse-vs-dense comparison (``switchformer compare``), its report and plots.
 
-from switchformer.experiments.plan import ComparePlan, RunKind, RunSpec, plan_runs
-from switchformer.experiments.report import write_report
-from switchformer.experiments.runner import RunOutcome, RunStatus, data_config_for, load_plan, run_comparison
-from switchformer.experiments.speedup import Curve, TimeToTarget, first_crossing, time_to_target
+Names are imported on first use, so that reading a comparison (``experiments.report``) does not import the training
+machinery the runner needs.
+"""
 
-__all__ = [
-    "ComparePlan",
-    "Curve",
-    "RunKind",
-    "RunOutcome",
-    "RunSpec",
-    "RunStatus",
-    "TimeToTarget",
-    "data_config_for",
-    "first_crossing",
-    "load_plan",
-    "plan_runs",
-    "run_comparison",
-    "time_to_target",
-    "write_report",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULES = {
+    "folder": ("RunKind", "load_plan"),
+    "plan": ("ComparePlan", "RunSpec", "SweepConfig", "data_config_for", "plan_runs"),
+    "report": ("write_report",),
+    "runner": ("RunOutcome", "RunStatus", "run_comparison"),
+    "speedup": ("Curve", "TimeToTarget", "first_crossing", "time_to_target"),
+}
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

@@ -8,18 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from switchformer.distill.config import DistillConfig
-from switchformer.distill.run import DistillResult, distill, read_result
+from switchformer.distill.run import DistillResult, distill
 from switchformer.distill.student import student_config
-from switchformer.experiments.plan import RunKind
+from switchformer.experiments.folder import DISTILL_PREFIX, SPEC_FILE, RunKind, read_json, run_dir
 from switchformer.experiments.results import RunResult, read_results
-from switchformer.experiments.runner import SPEC_FILE, run_dir
 from switchformer.models.config import ModelConfig
+from switchformer.run_folder import CONFIG_FILE, latest_run_checkpoint
 from switchformer.training.callbacks import Callback
-from switchformer.training.checkpoint import CONFIG_FILE, latest_checkpoint
 
 logger = logging.getLogger(__name__)
-
-PREFIX = "distill-"
 
 
 def best_teacher(results: Sequence[RunResult]) -> RunResult:
@@ -44,26 +41,28 @@ def distill_best(
     gives the student and its control that many torch threads unless the overrides name them; a student already
     begun keeps the count it began with (a resumed run must not change it, and the report must say what ran)."""
     teacher = best_teacher(read_results(output))
-    name = PREFIX + teacher.name
-    if threads is not None and "threads" not in {o.split("=", 1)[0].strip() for o in train_overrides}:
-        train_overrides = [*train_overrides, f"threads={_threads_begun_with(run_dir(output, name)) or threads}"]
-    teacher_model = json.loads((teacher.folder / SPEC_FILE).read_text())["model"]
-    student_model = student_config(ModelConfig.from_dict(teacher_model))
-    spec = {"name": name, "kind": RunKind.DISTILLED.value, "seed": teacher.seed, "num_experts": 1,
-            "capacity_factor": None, "teacher": teacher.name, "model": student_model.to_dict()}  # fmt: skip
+    name = DISTILL_PREFIX + teacher.name
     folder = run_dir(output, name)
+    if threads is not None and "threads" not in {o.split("=", 1)[0].strip() for o in train_overrides}:
+        train_overrides = [*train_overrides, f"threads={_threads_begun_with(folder) or threads}"]
+    teacher_spec = read_json(teacher.folder / SPEC_FILE)
+    assert teacher_spec is not None  # read_results reads only runs with a spec
+    spec = {
+        "name": name,
+        "kind": RunKind.DISTILLED.value,
+        "seed": teacher.seed,
+        "num_experts": 1,
+        "capacity_factor": None,
+        "teacher": teacher.name,
+        "model": student_config(ModelConfig.from_dict(teacher_spec["model"])).to_dict(),
+    }
     logger.info("distilling %s into a dense student in %s", teacher.name, folder)
-    return distill(teacher.folder, folder, config, steps=steps, train_overrides=train_overrides,
-                   callbacks=callbacks, spec=spec)  # fmt: skip
+    return distill(
+        teacher.folder, folder, config, steps=steps, train_overrides=train_overrides, callbacks=callbacks, spec=spec
+    )
 
 
 def _threads_begun_with(folder: Path) -> int | None:
     """The torch threads a distillation's student was trained with, None if it has no checkpoint yet."""
-    begun = latest_checkpoint(folder / "checkpoints")
+    begun = latest_run_checkpoint(folder)
     return None if begun is None else int(json.loads((begun / CONFIG_FILE).read_text())["train"]["threads"])
-
-
-def existing_distillations(output: Path) -> list[tuple[Path, DistillResult]]:
-    """Distillation run folders of a comparison with their results (for re-plotting without retraining)."""
-    found = ((folder, read_result(folder)) for folder in sorted((Path(output) / "runs").glob(PREFIX + "*/")))
-    return [(folder, result) for folder, result in found if result is not None]

@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from switchformer.distill.run import CONTROL_DIR, DistillResult
-from switchformer.experiments.plan import RunKind
+from switchformer.experiments.folder import RunKind
 from switchformer.experiments.results import RunResult, dense_noise, expert_sweep, growth_runs
 from switchformer.experiments.speedup import speedup_curve
-from switchformer.training.metrics import read_metrics
+
+if TYPE_CHECKING:
+    from switchformer.distill.run import DistillResult
 
 DISTILL_PLOT = "distill.png"
 _STYLE = {RunKind.DENSE: "-", RunKind.SWITCH: "-", RunKind.TOP2: "--", RunKind.DISTILLED: ":"}
@@ -71,8 +72,8 @@ def _growth(results: Sequence[RunResult], reference: RunResult, path: Path) -> P
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         points = speedup_curve(r.curve, reference.curve)
-        ax.plot([n for n, _ in points], [x for _, x in points], _STYLE[r.kind], marker=".", linewidth=1.4,
-                label=r.label)  # fmt: skip
+        steps, speedups = [n for n, _ in points], [x for _, x in points]
+        ax.plot(steps, speedups, _STYLE[r.kind], marker=".", linewidth=1.4, label=r.label)
     ax.axhline(1.0, color="gray", linestyle=":", linewidth=1, label=f"{reference.name} (1x)")
     ax.set_xlabel("step N")
     ax.set_ylabel(f"{reference.name}'s steps to its loss at N / the run's")
@@ -90,8 +91,8 @@ def _experts(results: Sequence[RunResult], reference: RunResult, path: Path) -> 
     ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
     noise = dense_noise(results)
     if noise is not None:
-        ax.errorbar([1], [reference.final_loss], yerr=[2 * noise], fmt="none", capsize=4, color="black",
-                    label="dense, 2 std over seeds")  # fmt: skip
+        label = "dense, 2 std over seeds"
+        ax.errorbar([1], [reference.final_loss], yerr=[2 * noise], fmt="none", capsize=4, color="black", label=label)
     top2 = [r for r in results if r.kind is RunKind.TOP2]
     for r in top2:
         ax.plot([r.num_experts], [r.final_loss], "s", color="tab:red", label=f"top-2, {r.num_experts} experts")
@@ -151,6 +152,10 @@ def distillation_plot(folder: Path, result: DistillResult, path: Path | None = N
     """The student's validation loss against its control's (same start, no teacher), between the teacher's and the
     dense baseline's losses: where the soft targets help shows as the gap between the two curves. Written to
     ``path`` (default ``folder/distill.png``)."""
+    # Both packages import their trainers; drawing a finished distillation needs neither until here.
+    from switchformer.distill.run import CONTROL_DIR
+    from switchformer.training.metrics import read_metrics
+
     curves = {"student (with teacher)": folder, "control (no teacher)": folder / CONTROL_DIR}
     logged = {label: [r for r in read_metrics(path) if "val_loss" in r] for label, path in curves.items()}
     if not any(logged.values()):
@@ -160,10 +165,9 @@ def distillation_plot(folder: Path, result: DistillResult, path: Path | None = N
     for (label, records), style in zip(logged.items(), ("-", "--"), strict=True):
         if records:
             ax.plot([r["step"] for r in records], [r["val_loss"] for r in records], style, marker=".", label=label)
-    ax.axhline(result.teacher_loss, color="tab:green", linestyle=":",
-               label=f"teacher ({result.teacher_budget} steps)")  # fmt: skip
-    ax.axhline(result.dense_loss, color="gray", linestyle=":",
-               label=f"dense from scratch ({result.baseline_budget} steps)")  # fmt: skip
+    teacher, dense = f"teacher ({result.teacher_budget} steps)", f"dense from scratch ({result.baseline_budget} steps)"
+    ax.axhline(result.teacher_loss, color="tab:green", linestyle=":", label=teacher)
+    ax.axhline(result.dense_loss, color="gray", linestyle=":", label=dense)
     ax.set_xlabel("student step")
     ax.set_ylabel("validation cross-entropy (nats/token)")
     title = f"distillation, teacher weight {result.teacher_weight:g}, init {result.student_init}"

@@ -1,4 +1,4 @@
-"""The comparison report: a table in the spirit of the paper's Table 1, the checks the issue asks for, and plots.
+"""The comparison report: a table in the spirit of the paper's Table 1, the acceptance checks, and plots.
 
 Everything is computed from the run folders (:mod:`switchformer.experiments.results`), so ``write_report`` can be
 called again at any time without retraining.
@@ -7,13 +7,11 @@ called again at any time without retraining.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from switchformer.experiments.distillation import existing_distillations
-from switchformer.experiments.plan import RunKind
+from switchformer.experiments.folder import RunKind, load_plan
 from switchformer.experiments.plots import distillation_plot, write_plots
 from switchformer.experiments.results import (
     RunResult,
@@ -22,9 +20,9 @@ from switchformer.experiments.results import (
     dense_runs,
     expert_sweep,
     growth_runs,
+    read_distillations,
     read_results,
 )
-from switchformer.experiments.runner import load_plan
 from switchformer.experiments.speedup import (
     TimeToTarget,
     mean_curve,
@@ -34,11 +32,11 @@ from switchformer.experiments.speedup import (
     time_to_target,
 )
 from switchformer.moe.config import Gate
-from switchformer.training.config import Precision
+from switchformer.run_folder import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_STEP_SPEEDUP = 1.3  # the issue's acceptance: the best Switch run needs 1.3x fewer steps than dense ...
+REQUIRED_STEP_SPEEDUP = 1.3  # the best Switch run needs 1.3x fewer steps than dense ...
 NOISE_SIGMAS = 2.0  # ... and "does not get worse with more experts" means by no more than 2 seed std devs
 GROWTH_COLUMNS = 6  # evaluation steps in the "speedup as training goes on" table
 
@@ -143,8 +141,18 @@ def verdict(results: Sequence[RunResult]) -> Verdict:
     speedup_ok = bool(best_steps and best_time and best_steps >= REQUIRED_STEP_SPEEDUP and best_time > 1.0)
     sweep = expert_sweep(results, reference).points
     sweep_ok = monotone_within([loss for _, loss in sweep], NOISE_SIGMAS * noise) if noise is not None else None
-    return Verdict(reference.name, reference.final_loss, noise, best.name if best else None, best_steps, best_time,
-                   speedup_ok, sweep, sweep_ok, against_seeds(results, best))  # fmt: skip
+    return Verdict(
+        reference=reference.name,
+        target_loss=reference.final_loss,
+        noise_std=noise,
+        best_by_steps=best.name if best else None,
+        best_step_speedup=best_steps,
+        best_time_speedup=best_time,
+        speedup_ok=speedup_ok,
+        sweep=sweep,
+        sweep_ok=sweep_ok,
+        against_seeds=against_seeds(results, best),
+    )
 
 
 def against_seeds(results: Sequence[RunResult], best: RunResult | None) -> AgainstSeeds | None:
@@ -182,7 +190,7 @@ def table_lines(results: Sequence[RunResult], reference: RunResult) -> list[str]
 
 def growth_lines(results: Sequence[RunResult], reference: RunResult) -> list[str]:
     """How the step speedup develops: at each of a few evaluation steps N, the dense reference's steps to its own
-    loss at N over each run's steps to that loss (the issue's long run asks whether it grows with training).
+    loss at N over each run's steps to that loss: whether the sparse lead grows with training.
 
     Given the whole curves (not cut at the common step), a run added to a finished comparison shows its speedup as
     far as it has got, beside the others' over the whole budget."""
@@ -218,9 +226,12 @@ def _progress_lines(results: Sequence[RunResult]) -> list[str]:
         return []
     common = int(min(r.curve.steps[-1] for r in results))
     behind = ", ".join(f"{r.name} at step {r.steps}" for r in results)
-    return [f"**In progress** ({behind}): losses and speedups are compared at step {common}, the last step "
-            "every run has evaluated; the speedup-by-step table and the loss and speedup plots show each run as far "
-            "as it has trained.", ""]  # fmt: skip
+    return [
+        f"**In progress** ({behind}): losses and speedups are compared at step {common}, the last step every run "
+        "has evaluated; the speedup-by-step table and the loss and speedup plots show each run as far as it has "
+        "trained.",
+        "",
+    ]
 
 
 def _every(n: int) -> str:
@@ -238,26 +249,30 @@ def _settings_lines(output: Path) -> list[str]:
         plan, data = load_plan(output)
     except ValueError:
         return []
+    model, train, routing = plan.model, plan.train, plan.routing
     return [
         f"- Data: {data.source or 'built-in corpus (Python standard library sources)'}; {data.objective.value}, "
-        f"BPE vocabulary {plan.vocab_size}, {plan.batch_size} x {plan.sequence_length} tokens a step",
-        f"- Model: {plan.architecture.value}, d_model {plan.d_model}, d_ff {plan.d_ff} (each expert), "
-        f"{plan.num_layers} layers, {plan.num_heads} heads, "
-        f"Switch layers {_every(plan.sparse_every)}, init scale "
-        f"{plan.init_scale:g}, no dropout",
-        f"- Training: AdamW lr {plan.lr:g}, {plan.schedule.value} schedule, {plan.warmup_steps} warmup steps, "
-        f"{plan.steps} steps, evaluation every {plan.eval_every} steps, {_PRECISION_TEXT[plan.precision]}, "
-        f"device {plan.device}, torch threads: {plan.threads} a run, {_at_once(plan.parallel_runs)}; "
-        f"load-balancing coefficient {plan.load_balancing_loss_coef:g}, eval capacity factor "
-        f"{plan.eval_capacity_factor:g} (x2 for top-2)",
-        f"- Switch gate: {_GATE_TEXT[plan.gate]}; top-2 renormalises its two gates to sum to 1",
+        f"BPE vocabulary {data.vocab_size}, {data.batch_size} x {data.sequence_length} tokens a step",
+        f"- Model: {model.architecture.value}, d_model {model.d_model}, d_ff {model.d_ff} (each expert), "
+        f"{model.num_layers} layers, {model.num_heads} heads, Switch layers {_every(model.sparse_every)}, init scale "
+        f"{model.init_scale:g}, {_dropout(model.dropout)}",
+        f"- Training: AdamW lr {train.lr:g}, {train.schedule.value} schedule, {train.warmup_steps} warmup steps, "
+        f"{train.steps} steps, evaluation every {train.eval_every} steps, {_PRECISION_TEXT[train.precision.value]}, "
+        f"device {train.device}, torch threads: {train.threads} a run, {_at_once(plan.parallel_runs)}; "
+        f"load-balancing coefficient {routing.load_balancing_loss_coef:g}, eval capacity factor "
+        f"{routing.eval_capacity_factor:g} (x2 for top-2)",
+        f"- Switch gate: {_GATE_TEXT[routing.gate]}; top-2 renormalises its two gates to sum to 1",
     ]
 
 
+def _dropout(rate: float) -> str:
+    return "no dropout" if rate == 0 else f"dropout {rate:g}"
+
+
 _PRECISION_TEXT = {
-    Precision.FP32: "float32",
-    Precision.BF16: "bf16 autocast (router in float32)",
-    Precision.AUTO: "bf16 autocast on CUDA, float32 on CPU",
+    "fp32": "float32",
+    "bf16": "bf16 autocast (router in float32)",
+    "auto": "bf16 autocast on CUDA, float32 on CPU",
 }
 
 _GATE_TEXT = {
@@ -269,7 +284,9 @@ _GATE_TEXT = {
 def _machine_lines(results: Sequence[RunResult]) -> list[str]:
     """How busy and how steady the machine was: the load at the end of each run, and the timing noise."""
     loads = ", ".join(f"{r.name} {r.load_average:.2f}" for r in results if r.load_average is not None)
-    lines = [f"Machine load (5-minute load average at the end of each run; 2 cores): {loads}."] if loads else []
+    cores = {r.cores for r in results if r.load_average is not None}
+    on = f"; {cores.pop()} cores" if len(cores) == 1 and None not in cores else ""
+    lines = [f"Machine load (5-minute load average at the end of each run{on}): {loads}."] if loads else []
     lines += _throughput_noise_lines(results)
     return [part for line in lines for part in (line, "")]  # one paragraph each
 
@@ -290,12 +307,23 @@ def _throughput_noise_lines(results: Sequence[RunResult]) -> list[str]:
 def distillation_lines(output: Path, report_dir: Path) -> list[str]:
     """The distilled students' results, each with its curve against its no-teacher control (``distill-NAME.png``)."""
     lines: list[str] = []
-    for folder, result in existing_distillations(output):
+    for folder, result in read_distillations(output):
         lines += result.lines()
         plot = distillation_plot(folder, result, report_dir / f"{folder.name}.png")
         if plot is not None:
             lines += ["", f"![{folder.name}]({plot.name})"]
     return lines
+
+
+def _result_row(r: RunResult) -> dict[str, float]:
+    return {
+        "final_val_loss": r.final_loss,
+        "steps": r.steps,
+        "train_seconds": r.train_seconds,
+        "tokens_per_second": r.tokens_per_second,
+        "params_total": r.params_total,
+        "params_active": r.params_active,
+    }
 
 
 def write_report(output: Path, *, report_dir: Path | None = None, header: Sequence[str] = ()) -> Path:
@@ -335,12 +363,10 @@ def write_report(output: Path, *, report_dir: Path | None = None, header: Sequen
     if distillation:
         lines += ["## Distillation", "", *distillation, ""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    path = report_dir / "report.md"
-    path.write_text("\n".join(lines))
-    rows = {r.name: {"final_val_loss": r.final_loss, "steps": r.steps, "train_seconds": r.train_seconds,
-                     "tokens_per_second": r.tokens_per_second, "params_total": r.params_total,
-                     "params_active": r.params_active, **dataclasses.asdict(speedups(results, reference)[r.name])}
-            for r in results}  # fmt: skip
-    (report_dir / "results.json").write_text(json.dumps({"runs": rows, "checks": dataclasses.asdict(check)}, indent=2))
+    path = atomic_write_text(report_dir / "report.md", "\n".join(lines))
+    table = speedups(results, reference)
+    rows = {r.name: {**_result_row(r), **dataclasses.asdict(table[r.name])} for r in results}
+    checks = dataclasses.asdict(check)
+    atomic_write_json(report_dir / "results.json", {"runs": rows, "checks": checks}, sort_keys=False)
     logger.info("report written to %s", path)
     return path

@@ -7,17 +7,18 @@ retraining, and a comparison still running can be inspected.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from switchformer.experiments.plan import RunKind
-from switchformer.experiments.runner import MACHINE_FILE, SPEC_FILE
+from switchformer.experiments.folder import DISTILL_PREFIX, MACHINE_FILE, SPEC_FILE, RunKind, read_json, run_folders
 from switchformer.experiments.speedup import Curve, seed_noise
 from switchformer.models.config import ModelConfig
 from switchformer.models.flops import count_parameters
-from switchformer.training.metrics import read_metrics
+from switchformer.run_folder import read_summary
+
+if TYPE_CHECKING:
+    from switchformer.distill.run import DistillResult
 
 _KIND_ORDER = {RunKind.DENSE: 0, RunKind.SWITCH: 1, RunKind.TOP2: 2, RunKind.DISTILLED: 3}
 
@@ -40,8 +41,9 @@ class RunResult:
     params_active: int
     load: dict[str, list[float]]  # Switch layer -> share of tokens per expert over the last logging interval
     dropped_fraction: float | None  # mean over Switch layers, last logging interval
-    load_average: float | None  # 5-minute load average at the end of the run (2 = both cores busy)
+    load_average: float | None  # 5-minute load average at the end of the run (= cores: every core busy)
     folder: Path
+    cores: int | None = None  # of the machine that trained the run (None: not recorded)
 
     @property
     def final_loss(self) -> float:
@@ -65,10 +67,12 @@ class RunResult:
 
 def read_run(folder: Path) -> RunResult | None:
     """The result of one run folder, or None if it has no spec or no evaluation yet."""
-    spec_path = folder / SPEC_FILE
-    if not spec_path.is_file():
+    # switchformer.training imports the trainer, which reading a folder does not need until it reads one.
+    from switchformer.training.metrics import read_metrics
+
+    spec = read_json(folder / SPEC_FILE)
+    if spec is None:
         return None
-    spec = json.loads(spec_path.read_text())
     records = read_metrics(folder)
     evaluated = [r for r in records if "val_loss" in r]
     if not evaluated:
@@ -82,6 +86,7 @@ def read_run(folder: Path) -> RunResult | None:
     )
     last = records[-1]
     routing: dict[str, Any] = next((r["routing"] for r in reversed(records) if "routing" in r), {})
+    machine = read_json(folder / MACHINE_FILE) or {}
     return RunResult(
         name=spec["name"],
         kind=RunKind(spec["kind"]),
@@ -97,20 +102,16 @@ def read_run(folder: Path) -> RunResult | None:
         params_active=active,
         load={layer: stats["load"] for layer, stats in routing.items()},
         dropped_fraction=(sum(s["dropped_fraction"] for s in routing.values()) / len(routing)) if routing else None,
-        load_average=_load_average(folder),
+        load_average=float(machine["load_end"][1]) if machine else None,
         folder=folder,
+        cores=machine.get("cpu_count"),
     )
 
 
-def _load_average(folder: Path) -> float | None:
-    path = folder / MACHINE_FILE
-    return float(json.loads(path.read_text())["load_end"][1]) if path.is_file() else None
-
-
 def _tokens_per_second(folder: Path, records: list[dict[str, Any]]) -> float:
-    summary = folder / "summary.json"
-    if summary.is_file():
-        return float(json.loads(summary.read_text())["tokens_per_second"])
+    summary = read_summary(folder)
+    if summary is not None:
+        return float(summary["tokens_per_second"])
     rates = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
     return sum(rates) / len(rates) if rates else 0.0
 
@@ -157,8 +158,7 @@ def read_results(output: Path, *, common_step: bool = True) -> list[RunResult]:
     With ``common_step``, curves are cut at the last step every run has reached, so a comparison still in
     progress compares all runs at the same step.
     """
-    folders = sorted((Path(output) / "runs").glob("*/"))
-    results = [r for r in (read_run(f) for f in folders) if r is not None]
+    results = [r for r in (read_run(f) for f in run_folders(output)) if r is not None]
     results.sort(key=lambda r: (_KIND_ORDER[r.kind], r.num_experts, r.capacity_factor or 0.0, r.seed))
     return at_common_step(results) if common_step else results
 
@@ -169,3 +169,11 @@ def at_common_step(results: Sequence[RunResult]) -> list[RunResult]:
         return []
     last = min(r.curve.steps[-1] for r in results)
     return [r.up_to(last) for r in results]
+
+
+def read_distillations(output: Path) -> list[tuple[Path, DistillResult]]:
+    """Distillation run folders of a comparison with their results (for re-plotting without retraining)."""
+    from switchformer.distill.run import read_result  # the distill package imports its trainer
+
+    found = ((folder, read_result(folder)) for folder in run_folders(output, DISTILL_PREFIX))
+    return [(folder, result) for folder, result in found if result is not None]

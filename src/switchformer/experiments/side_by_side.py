@@ -1,9 +1,9 @@
 """Train a comparison's runs side by side, each in its own process (``ComparePlan.parallel_runs``).
 
-The comparison's models are small, so a second torch thread shares little of a step's work: on 2 cores two
-one-thread runs train 1.19x the tokens of one two-thread run. Each run gets a fresh *spawned* interpreter (its own
-threads, memory and random state; fork would copy the parent's torch thread pool), and the runs start in the plan's
-order, each in the lowest free slot (the line of its progress bar).
+The comparison's models are small, so a second torch thread shares little of a step's work: one-thread runs side
+by side train more tokens than one run with the threads they share (docs/results/compare-side-by-side/). Each run
+gets a fresh *spawned* interpreter (its own threads, memory and random state; fork would copy the parent's torch
+thread pool), and the runs start in the plan's order, each in the lowest free slot (the line of its progress bar).
 
 Stopping is shared: when a run fails or the parent is interrupted, a shared event asks every run still training
 to stop after its current step, with a checkpoint, so a rerun resumes them; a run whose parent process died stops
@@ -11,10 +11,7 @@ the same way, so no orphan keeps writing into the folder, and a first Ctrl-C in 
 process) does too (a second one interrupts at once). The run's own error is raised in the parent, so the command
 line reports it as it would with one run at a time.
 
-The runs' log records and progress bars go through the parent: each run sends them over its own pipe, and the
-parent emits the records through its own loggers and handlers (so a library user's handlers see them) and draws
-the bars, one line per slot, printing log lines above them rather than into them. (What a run writes to stderr
-itself, such as Python warnings or the messages of torch's own loggers, still goes straight to the terminal.)
+The runs' log records and progress bars go through the parent (:mod:`.console`).
 """
 
 from __future__ import annotations
@@ -22,27 +19,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
 import multiprocessing
 import pickle
 import signal
-import sys
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from logging.handlers import QueueHandler
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from switchformer.data import DataConfig
-from switchformer.experiments.plan import ComparePlan, RunSpec
-from switchformer.training.callbacks import Callback, ProgressBar
+from switchformer.experiments.console import (
+    BarInParent,
+    RunConsole,
+    ToParent,
+    bars_drawn_by,
+    forward_logs,
+    log_lines_above_the_bars,
+)
+from switchformer.experiments.plan import RunSpec
+from switchformer.training.callbacks import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +68,8 @@ def no_callbacks(spec: RunSpec, place: RunPlace) -> Sequence[Callback]:
     return ()
 
 
-# train_run(spec, plan, data, output, callbacks=...) -> RunOutcome; passed in so this module does not import the runner
-TrainRun = Callable[..., Any]
+# train(spec, callbacks=...) -> the run's outcome; passed in so this module does not import the runner
+TrainOne = Callable[..., Any]
 RunEnded = Callable[[Any, float, int], None]  # (outcome, seconds, runs left) after each run, in the parent
 
 
@@ -126,6 +123,16 @@ def check_picklable(callbacks: CallbackFactory) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Work:
+    """What every run's process is handed besides its spec and place (pickled)."""
+
+    train: TrainOne
+    callbacks: CallbackFactory
+    level: int  # the parent's logging level: the run sends records from there on
+    stop: Any  # an Event shared by every run: set, each run stops after its current step
+
+
 @dataclasses.dataclass
 class _Running:
     index: int
@@ -136,7 +143,7 @@ class _Running:
     started: float
     final: tuple | None = None  # ("done", outcome) or ("failed", error, traceback text)
     hung_up: bool = False  # the pipe ended without a result: the process died
-    bars: dict[int, Any] = dataclasses.field(default_factory=dict)  # its progress bars, drawn here
+    console: RunConsole = dataclasses.field(default_factory=RunConsole)  # its log records and bars, shown here
 
     @property
     def over(self) -> bool:
@@ -144,28 +151,32 @@ class _Running:
 
 
 def train_side_by_side(
-    specs: Sequence[RunSpec], plan: ComparePlan, data: DataConfig, output: Path, *,
-    callbacks: CallbackFactory, train_run: TrainRun, is_finished: Callable[[RunSpec], bool], on_run_end: RunEnded,
-) -> list[Any]:  # fmt: skip
-    """Train ``specs`` ``plan.parallel_runs`` at a time, each with ``train_run`` in a fresh process; finished runs
-    are handed to ``train_run`` in this process (it skips them). Returns the outcomes in the plan's order."""
+    specs: Sequence[RunSpec],
+    train: TrainOne,
+    at_once: int,
+    callbacks: CallbackFactory,
+    *,
+    is_finished: Callable[[RunSpec], bool],
+    on_run_end: RunEnded,
+) -> list[Any]:
+    """Train ``specs`` ``at_once`` at a time, each with ``train`` in a fresh process; finished runs are handed to
+    ``train`` in this process (it skips them). Returns the outcomes in the plan's order."""
     context = multiprocessing.get_context("spawn")
-    shared = {"level": logging.getLogger().getEffectiveLevel(), "stop": context.Event()}
+    work = _Work(train, callbacks, logging.getLogger().getEffectiveLevel(), context.Event())
     waiting = list(enumerate(specs, 1))
-    free_slots = list(range(plan.parallel_runs))
+    free_slots = list(range(at_once))
     running: list[_Running] = []
     outcomes: dict[int, Any] = {}
-    with _log_lines_above_the_bars():
+    with log_lines_above_the_bars():
         try:
             while waiting or running:
                 while waiting and free_slots:
                     index, spec = waiting.pop(0)
                     if is_finished(spec):
-                        outcomes[index] = train_run(spec, plan, data, output)
+                        outcomes[index] = train(spec)
                         on_run_end(outcomes[index], 0.0, len(waiting) + len(running))
                         continue
-                    place = RunPlace(index, len(specs), free_slots.pop(0))
-                    running.append(_start(context, shared, train_run, (spec, plan, data, output), callbacks, place))
+                    running.append(_start(context, work, spec, RunPlace(index, len(specs), free_slots.pop(0))))
                 if not running:
                     continue
                 wait([run.channel for run in running] + [run.process.sentinel for run in running])
@@ -179,45 +190,11 @@ def train_side_by_side(
                     left = len(running) + sum(not is_finished(spec) for _, spec in waiting)
                     on_run_end(outcomes[run.index], time.monotonic() - run.started, left)
         except BaseException as error:
-            shared["stop"].set()
+            work.stop.set()
             with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C while they stop must not hide the first
                 _wait_until_stopped(running, type(error).__name__)
             raise
     return [outcomes[index] for index in sorted(outcomes)]
-
-
-class _AboveTheBars(logging.Handler):
-    """Stands in for a console handler while bars are drawn: the same level, filters and format, written with
-    ``tqdm.write``, which lifts the bars off the line first and draws them again below."""
-
-    def __init__(self, console: logging.StreamHandler) -> None:
-        super().__init__(console.level)
-        self.stream = console.stream
-        self.filters = list(console.filters)
-        self.setFormatter(console.formatter)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:
-            self.handleError(record)
-
-
-@contextlib.contextmanager
-def _log_lines_above_the_bars() -> Iterator[None]:
-    """While bars are drawn here, the root logger's console handlers (to stdout or stderr) write through tqdm;
-    every other handler is left as it is, and nothing is added where there is none."""
-    root = logging.getLogger()
-    saved = list(root.handlers)
-
-    def is_console(handler: logging.Handler) -> bool:
-        return isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)
-
-    root.handlers = [_AboveTheBars(h) if is_console(h) else h for h in saved]  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        root.handlers = saved
 
 
 def _wait_until_stopped(running: Sequence[_Running], why: str, limit_s: float = 300.0) -> None:
@@ -241,18 +218,12 @@ def _wait_until_stopped(running: Sequence[_Running], why: str, limit_s: float = 
             logger.warning("compare: %s did not stop within %.0f s; terminating it", run.spec.name, limit_s)
             run.process.terminate()
             run.process.join()
-        _close_bars(run)
+        run.console.close()
 
 
-def _start(
-    context: Any, shared: dict[str, Any], train_run: TrainRun, args: tuple, callbacks: CallbackFactory,
-    place: RunPlace,
-) -> _Running:  # fmt: skip
+def _start(context: Any, work: _Work, spec: RunSpec, place: RunPlace) -> _Running:
     receive, send = context.Pipe(duplex=False)
-    spec = args[0]
-    process = context.Process(
-        target=_run_in_process, args=(send, shared, train_run, args, callbacks, place), name=f"compare-{spec.name}"
-    )
+    process = context.Process(target=_run_in_process, args=(send, work, spec, place), name=f"compare-{spec.name}")
     process.start()
     send.close()  # the child holds the sending end; the parent sees end-of-file if the child dies
     return _Running(place.index, spec, place.slot, process, receive, time.monotonic())
@@ -277,59 +248,17 @@ def _receive(run: _Running, most: int = 1000) -> None:
             run.final = message
             continue
         try:
-            _show(run, message)
+            run.console.show(message)
         except Exception as error:
             logger.warning("compare: could not show a message from %s: %r", run.spec.name, error)
     if not run.over and not run.process.is_alive() and not run.channel.poll():
         run.hung_up = True  # dead, all it sent read, yet no end of file: a process it started holds the pipe
 
 
-def _show(run: _Running, message: tuple) -> None:
-    if message[0] == "log":
-        record = message[1]
-        emitter = logging.getLogger(record.name)
-        if emitter.isEnabledFor(record.levelno):  # this process's levels, which may be finer than the run's
-            emitter.handle(record)
-    else:
-        _draw(run, *message[1:])
-
-
-def _draw(run: _Running, bar_id: int, action: str, payload: Any) -> None:
-    if action == "open":
-        run.bars[bar_id] = tqdm(**payload)
-        return
-    bar = run.bars.get(bar_id)
-    if bar is None:  # closed already (tqdm allows closing twice)
-        return
-    if action == "update":
-        steps, postfix = payload
-        if postfix:
-            bar.set_postfix(postfix, refresh=False)
-        bar.update(steps)
-    else:
-        _close_bar(run.bars.pop(bar_id))
-
-
-def _close_bar(bar: Any) -> None:
-    """Close a bar and put the cursor back at the start of the line: tqdm clears a bar below the first line and
-    moves back up, but leaves the cursor at the end of that cleared line, where the next log line would begin."""
-    bar.close()
-    stream = getattr(bar, "fp", None)
-    if stream is not None and not bar.leave:
-        stream.write("\r")
-
-
-def _close_bars(run: _Running) -> None:
-    """Close what a run left open (it failed or was stopped), so its slot's line is free."""
-    for bar in run.bars.values():
-        _close_bar(bar)
-    run.bars.clear()
-
-
 def _result(run: _Running) -> Any:
     """The run's outcome, or its error raised here (the error object the run raised, if it could travel)."""
     run.process.join()
-    _close_bars(run)
+    run.console.close()
     if run.final is None:
         code = run.process.exitcode
         if code == -signal.SIGKILL:
@@ -351,82 +280,19 @@ def _result(run: _Running) -> Any:
     return run.final[1]
 
 
-class _ToParent:
-    """A run's end of its pipe. Sends whole messages one at a time (any thread of the run may log), and serves as
-    the queue of a :class:`logging.handlers.QueueHandler`, which makes records safe to pickle."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-        self.lock = threading.RLock()  # a record logged while a message is being pickled must not deadlock
-        self.parent_gone = False
-
-    def send(self, message: tuple) -> None:
-        """Send, or drop the message once the parent is gone: the run must still reach its next step's check
-        (:class:`StopWhenAsked`) and stop there with a checkpoint rather than die on a broken pipe."""
-        with self.lock:
-            if self.parent_gone:
-                return
-            try:
-                self.connection.send(message)
-            except OSError:  # BrokenPipeError and kin: nobody reads this pipe any more
-                self.parent_gone = True
-
-    def close(self) -> None:
-        with self.lock:
-            self.connection.close()
-
-    def put_nowait(self, record: logging.LogRecord) -> None:
-        self.send(("log", record))
-
-
-class _BarInParent:
-    """What :class:`ProgressBar` uses of a tqdm bar, drawn by the parent process. Figures travel at most every
-    ``interval`` seconds: a tiny model's steps take milliseconds."""
-
-    _ids = itertools.count()
-
-    def __init__(self, channel: _ToParent, interval: float = 0.1, **tqdm_kwargs: Any) -> None:
-        self.channel, self.interval = channel, interval
-        self.id = next(self._ids)
-        self.steps, self.postfix, self.sent_at = 0, None, time.monotonic()
-        channel.send(("bar", self.id, "open", tqdm_kwargs))
-
-    def set_postfix(self, postfix: dict[str, Any], refresh: bool = True) -> None:
-        self.postfix = dict(postfix)
-
-    def update(self, steps: int = 1) -> None:
-        self.steps += steps
-        if time.monotonic() - self.sent_at >= self.interval:
-            self._send()
-
-    def _send(self) -> None:
-        self.channel.send(("bar", self.id, "update", (self.steps, self.postfix)))
-        self.steps, self.sent_at = 0, time.monotonic()
-
-    def close(self) -> None:
-        self._send()
-        self.channel.send(("bar", self.id, "close", None))
-
-
-def _run_in_process(
-    connection: Connection, shared: dict[str, Any], train_run: TrainRun, args: tuple, callbacks: CallbackFactory,
-    place: RunPlace,
-) -> None:  # fmt: skip
+def _run_in_process(connection: Connection, work: _Work, spec: RunSpec, place: RunPlace) -> None:
     """A run's process: logs and bars go to the parent; flushed denormals; the shared stop."""
     from switchformer.training.denormals import flushed_denormals
 
     _stop_at_the_next_step_on_ctrl_c()
-    parent = _ToParent(connection)
-    root = logging.getLogger()
-    root.handlers = [QueueHandler(parent)]  # type: ignore[arg-type]  # a queue in all that QueueHandler uses
-    root.setLevel(shared["level"])
-    ProgressBar.make_bar = functools.partial(_BarInParent, parent)
+    parent = ToParent(connection)
+    forward_logs(parent, work.level)
     try:
-        if shared["stop"].is_set():  # the comparison stopped while this process started: do not begin
+        if work.stop.is_set():  # the comparison stopped while this process started: do not begin
             return
         with flushed_denormals():  # before the run starts torch's thread pool, as the command line does
-            own = list(callbacks(args[0], place))
-            outcome = train_run(*args, callbacks=[*own, StopWhenAsked(shared["stop"])])
+            own = bars_drawn_by(functools.partial(BarInParent, parent), work.callbacks(spec, place))
+            outcome = work.train(spec, callbacks=[*own, StopWhenAsked(work.stop)])
         if _interrupted:
             raise KeyboardInterrupt  # stopped at a checkpoint by Ctrl-C: the parent reports the interruption
         parent.send(("done", outcome))
