@@ -1,5 +1,6 @@
 """``switchformer train``: the main job. With no arguments it pre-trains a small Switch Transformer with span
-corruption on the built-in corpus (the interpreter's standard-library sources) in about ten minutes on 2 cores.
+corruption on the built-in corpus (the interpreter's standard-library sources), in minutes on a CPU (figures in
+docs/training.md).
 """
 
 from __future__ import annotations

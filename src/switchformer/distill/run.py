@@ -56,8 +56,8 @@ class DistillResult:
     student_init: str  # 'mean', 'expert:N' or 'random'
     control_loss: float | None = None  # same init and steps, teacher weight 0; None when not trained
     soft_target_share: float | None = None  # (control - student) / (dense - teacher)
-    # Steps the teacher and the dense baseline trained; None in results written before they were recorded, when
-    # both were the student's steps. A student may train for less than its teacher (--steps).
+    # Steps the teacher and the dense baseline trained; None in a result file that lacks them, where both are the
+    # student's steps. A student may train for less than its teacher (--steps).
     teacher_steps: int | None = None
     baseline_steps: int | None = None
     # The student's (and its control's) training settings changed from the teacher's, as FIELD=VALUE; the

@@ -6,9 +6,9 @@ loss and its gradient (softmax minus one-hot), and the gradient is multiplied st
 and the weight's gradients, so backward has nothing left to do but scale them and no block outlives its turn.
 The same idea as Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy, in plain PyTorch: no
 kernel, so it runs on every device and under bf16 autocast (the matmuls autocast; the softmax is float32).
-``bench/bench_output_layer.py`` measures it: on 2 CPU cores, 4096 tokens x d_model 512 x vocabulary 32128,
-0.44 GB peak instead of 1.5 GB at about the same speed; on the comparison's small vocabulary (4096) the blocks
-are the whole batch and it is the unfused computation.
+It saves memory at about the same speed (measured by ``bench/bench_output_layer.py``, figures in
+docs/performance.md). On a small vocabulary (the comparison's 4096) one block is the whole batch, which is the
+unfused computation.
 
 The price is that the gradient is computed in the forward pass, so use it where the loss will be differentiated
 (training) or under ``torch.no_grad`` (evaluation: then only the loss is computed).
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-# Logits in one block: 128 MiB of float32. Smaller blocks save little more memory and cost speed (bench: 65 rows
-# of a 32k vocabulary ran 0.74x the unfused speed, 1024 rows 1.08x).
+# Logits in one block: 128 MiB of float32. Smaller blocks save little more memory and cost speed
+# (``bench/bench_output_layer.py --chunks`` compares block sizes).
 _CHUNK_ELEMENTS = 2**25
 
 
