@@ -34,9 +34,13 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def linear_cross_entropy(
-    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, *, ignore_index: int = -100,
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    labels_N: torch.Tensor,
+    *,
+    ignore_index: int = -100,
     chunk_size: int | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Sum over rows with ``labels != ignore_index`` of the cross-entropy of ``hidden @ weight.T`` (float32).
 
     Equal to ``F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum", ignore_index=...)``
@@ -55,9 +59,13 @@ def linear_cross_entropy(
 
 
 def _chunked_loss(
-    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, ignore_index: int, rows: int,
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    labels_N: torch.Tensor,
+    ignore_index: int,
+    rows: int,
     grads: tuple[torch.Tensor | None, torch.Tensor | None] | None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """The summed loss; with ``grads = (d_hidden, d_weight)`` (buffers of the loss's dtype, either may be None)
     also fills them with the loss's gradient."""
     total = torch.zeros((), dtype=_loss_dtype(hidden_ND.dtype), device=hidden_ND.device)

@@ -8,7 +8,7 @@ run updates exactly as one process does. Each of the two kinds of norm travels i
 parameter group's expert weights: two small all-reduces per parameter group and step, whatever the number of
 expert weights, and none for a group without any. The factored second-moment statistics are per expert already
 (their leading ``E`` dimension is a batch dimension), and the optimizer's state is torch's, so checkpoints gather
-and load as before.
+and load as torch's Adafactor checkpoints do.
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ class ShardedAdafactor(torch.optim.Adafactor):
 
     checkpoint_kind = "Adafactor"  # its state is torch's: checkpoints resume with either (training.optim)
 
-    def __init__(
-        self, params: Any, *, sharded: list[Tensor], group: dist.ProcessGroup | None, **kwargs: Any
-    ) -> None:  # fmt: skip
+    def __init__(self, params: Any, *, sharded: list[Tensor], group: dist.ProcessGroup | None, **kwargs: Any) -> None:
         super().__init__(params, **{**kwargs, "foreach": False})  # the single-tensor algorithm is the one mirrored
         self.sharded_ids = {id(p) for p in sharded}
         self.group = group
@@ -72,9 +70,15 @@ class ShardedAdafactor(torch.optim.Adafactor):
         return loss
 
     def _step_group(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor | None],
-        col_vars: list[Tensor | None], variances: list[Tensor | None], steps: list[Tensor],
-    ) -> None:  # fmt: skip
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        row_vars: list[Tensor | None],
+        col_vars: list[Tensor | None],
+        variances: list[Tensor | None],
+        steps: list[Tensor],
+    ) -> None:
         """torch's ``_single_tensor_adafactor``, each parameter's operations in torch's order. A parameter held
         whole steps at once. An expert slice needs the norms of its whole weight and of its whole update: the
         first travel for all slices before the loop, the second after it, so a slice's update is computed once for
@@ -129,9 +133,15 @@ def _update(
 
 
 def _apply(
-    param: Tensor, update: Tensor, alpha: float, update_norm: float, numel: int, lr: float, weight_decay: float,
+    param: Tensor,
+    update: Tensor,
+    alpha: float,
+    update_norm: float,
+    numel: int,
+    lr: float,
+    weight_decay: float,
     d: float,
-) -> None:  # fmt: skip
+) -> None:
     """Weight decay, then the update clipped by its root mean square (torch's order; neither step reads the other's
     result, so decaying after the statistics changes no number)."""
     if weight_decay != 0:

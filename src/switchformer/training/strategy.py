@@ -67,9 +67,14 @@ class SingleProcess:
         return self.full_model_state(model), optimizer.state_dict()
 
     def load_full_state(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict | None, *,
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_state: dict,
+        optimizer_state: dict | None,
+        *,
         source: Any,
-    ) -> None:  # fmt: skip
+    ) -> None:
         load_model_state(model, model_state, source=source)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
@@ -155,9 +160,14 @@ class DistributedStrategy(SingleProcess):
         return self.full_model_state(model), gather_full_optimizer_state(optimizer, model, self.layout)
 
     def load_full_state(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict | None, *,
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_state: dict,
+        optimizer_state: dict | None,
+        *,
         source: Any,
-    ) -> None:  # fmt: skip
+    ) -> None:
         from switchformer.parallel import load_full_optimizer_state, load_full_state_dict
 
         load_full_state_dict(model, model_state, self.layout)

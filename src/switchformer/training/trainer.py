@@ -365,8 +365,8 @@ class Trainer:
             # Under parallelism each rank scores its slice; a batch that does not split evenly is scored whole
             # by every rank (identical results), so all ranks still run the same collectives.
             sliced = rows % self.strategy.world_size == 0
-            part = evaluate_model(self.model, [self.strategy.local_batch(batch) if sliced else batch],
-                                  device=self.device, amp_dtype=self.amp_dtype)  # fmt: skip
+            local = self.strategy.local_batch(batch) if sliced else batch
+            part = evaluate_model(self.model, [local], device=self.device, amp_dtype=self.amp_dtype)
             scored = [part["val_loss"] * part["val_tokens"], float(part["val_tokens"])]
             if sliced:
                 scored = self.strategy.sum(scored)
