@@ -1,7 +1,7 @@
 """Named model configurations: the paper's released shapes, their dense twins, and CPU-sized ones.
 
-Shapes of the released models come from the T5X gin files and the Hugging Face configs (see PAPER.md). Each
-Switch preset's FLOP-matched dense baseline is the same shape with ``moe=None``
+Shapes of the released models come from the T5X gin files and the Hugging Face configs (table in
+docs/model.md). Each Switch preset's FLOP-matched dense baseline is the same shape with ``moe=None``
 (``get_preset("switch-base-128").dense()`` equals ``get_preset("t5-base")`` up to the init scale).
 """
 
@@ -74,7 +74,7 @@ def switch_c_dense() -> ModelConfig:
 
 
 def tiny(architecture: Architecture = Architecture.ENCODER_DECODER) -> ModelConfig:
-    """CPU-sized: trains in minutes on two cores. No dropout: short pre-training runs learn faster without it."""
+    """CPU-sized: trains in minutes on a CPU. No dropout: short pre-training runs learn faster without it."""
     return ModelConfig(
         architecture=architecture, d_model=256, d_ff=1024, num_layers=4, num_heads=4, vocab_size=8192, dropout=0.0
     )

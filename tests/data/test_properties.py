@@ -67,9 +67,13 @@ def test_span_corruption_loses_nothing(seed, length, density, mean):
     sentinels = np.arange(10_000, 9_000, -1)
     tokens = np.random.default_rng(seed).integers(2, 5000, length)
     out = span_corrupt(
-        tokens, rng=np.random.default_rng(seed), sentinel_ids=sentinels, eos_id=1, noise_density=density,
+        tokens,
+        rng=np.random.default_rng(seed),
+        sentinel_ids=sentinels,
+        eos_id=1,
+        noise_density=density,
         mean_noise_span_length=mean,
-    )  # fmt: skip
+    )
     assert reconstruct(out.inputs, out.targets, sentinels) == tokens.tolist()
 
 

@@ -60,9 +60,13 @@ def test_full_chunks_give_exactly_the_computed_lengths(inputs_length, density, m
     rng = np.random.default_rng(inputs_length)
     for _ in range(5):
         out = span_corrupt(
-            rng.integers(10, 800, tokens_length), rng=rng, sentinel_ids=np.arange(5000, 4000, -1), eos_id=EOS,
-            noise_density=density, mean_noise_span_length=mean,
-        )  # fmt: skip
+            rng.integers(10, 800, tokens_length),
+            rng=rng,
+            sentinel_ids=np.arange(5000, 4000, -1),
+            eos_id=EOS,
+            noise_density=density,
+            mean_noise_span_length=mean,
+        )
         assert len(out.inputs) == inputs_length
         assert len(out.targets) == targets_length
 

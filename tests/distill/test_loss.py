@@ -57,10 +57,15 @@ def test_distillation_trainer_is_micro_batch_invariant_and_weight_zero_is_plain_
     results = []
     for parts, weight in ((1, 0.25), (4, 0.25), (1, 0.0)):
         trainer = DistillationTrainer(
-            teacher_config.dense(), train_config(micro_batches=parts), train_batches=CyclingBatches([batch]),
-            validation=[batch], run_dir=tmp_path / f"{parts}-{weight}", tensorboard=False, teacher=teacher,
+            teacher_config.dense(),
+            train_config(micro_batches=parts),
+            train_batches=CyclingBatches([batch]),
+            validation=[batch],
+            run_dir=tmp_path / f"{parts}-{weight}",
+            tensorboard=False,
+            teacher=teacher,
             teacher_weight=weight,
-        )  # fmt: skip
+        )
         figures = trainer.accumulate_gradients(batch)
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
         results.append((figures, grads, trainer))

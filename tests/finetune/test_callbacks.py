@@ -17,8 +17,9 @@ def test_exact_match_is_decoded_in_shares_and_summed_over_the_ranks(monkeypatch)
 
     monkeypatch.setattr(callbacks, "exact_match", fake_exact_match)
     # Rank 1 of 2; the other rank decoded 8 examples and got 3 right.
-    strategy = types.SimpleNamespace(replica=1, replicas=2, sum=lambda values: [values[0] + 3, values[1] + 8],
-                                     agree_to_stop=bool)  # fmt: skip
+    strategy = types.SimpleNamespace(
+        replica=1, replicas=2, sum=lambda values: [values[0] + 3, values[1] + 8], agree_to_stop=bool
+    )
     trainer = types.SimpleNamespace(strategy=strategy, model=None, device="cpu")
     evaluator = callbacks.ExactMatchEvaluator(list(range(15)), tokenizer=None, batch_size=4, max_new_tokens=2)
     assert evaluator.measure(trainer) == (2 + 3) / (7 + 8)
@@ -49,8 +50,14 @@ def test_the_ranks_of_an_expert_parallel_replica_decode_the_same_examples(monkey
     monkeypatch.setattr(callbacks, "exact_match", fake_exact_match)
     # Rank 1 of 2 in one expert-parallel group: one replica, so this rank decodes every example, as rank 0 does;
     # the sum over both ranks counts each example twice, in the right answers and the total alike.
-    strategy = types.SimpleNamespace(rank=1, world_size=2, replica=0, replicas=1, agree_to_stop=bool,
-                                     sum=lambda values: [2 * value for value in values])  # fmt: skip
+    strategy = types.SimpleNamespace(
+        rank=1,
+        world_size=2,
+        replica=0,
+        replicas=1,
+        agree_to_stop=bool,
+        sum=lambda values: [2 * value for value in values],
+    )
     trainer = types.SimpleNamespace(strategy=strategy, model=None, device="cpu")
     evaluator = callbacks.ExactMatchEvaluator(list(range(5)), tokenizer=None, batch_size=4, max_new_tokens=2)
     assert evaluator.measure(trainer) == 0.4 and decoded == [[0, 1, 2, 3, 4]]

@@ -23,8 +23,15 @@ def test_finetune_from_a_hugging_face_folder(tmp_path):
     tiny_hf(vocab_size=len(TOKENS), pad_token_id=0, eos_token_id=1).save_pretrained(hf_dir)
     word_tokenizer().save(str(hf_dir / "tokenizer.json"))
     train, validation = write_task(tmp_path / "task", train=64, validation=16)
-    result = finetune(hf_dir, train=train, validation=validation, run_dir=tmp_path / "run", config=task_config(),
-                      train_config=train_config(steps=20, eval_every=10), tensorboard=False)  # fmt: skip
+    result = finetune(
+        hf_dir,
+        train=train,
+        validation=validation,
+        run_dir=tmp_path / "run",
+        config=task_config(),
+        train_config=train_config(steps=20, eval_every=10),
+        tensorboard=False,
+    )
     assert result.summary["steps"] == 20
     assert result.best["val_loss"] < result.before["val_loss"]
     model = from_pretrained(result.best_dir)

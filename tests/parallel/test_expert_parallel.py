@@ -1,4 +1,8 @@
-"""Expert parallelism on 2 and 4 gloo processes against the single-process model (CONVENTIONS rule 11)."""
+"""Expert parallelism on 2 and 4 gloo processes against the single-process model.
+
+The rule these tests hold parallel code to: a run over several ranks computes what one process computes on the same
+global batch (losses, gradients, updates), checked on real processes rather than on mocks.
+"""
 
 from __future__ import annotations
 

@@ -26,17 +26,23 @@ class RecordedBar:
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_the_bar_shows_loss_speed_and_for_a_sparse_model_balance_expert_load_and_drops(toy, tmp_path, monkeypatch,
-                                                                                      sparse):  # fmt: skip
+def test_the_bar_shows_loss_speed_and_for_a_sparse_model_balance_expert_load_and_drops(
+    toy, tmp_path, monkeypatch, sparse
+):
     tiny_model, batches, train_config = toy
     made = []
     monkeypatch.setattr(ProgressBar, "make_bar", lambda **kwargs: made.append(RecordedBar(**kwargs)) or made[-1])
     model = tiny_model() if sparse else tiny_model().replace(moe=None)
     data = batches(count=4)
     trainer = Trainer(
-        model, train_config(steps=10, log_every=5, eval_every=10), train_batches=CyclingBatches(data[:-1]),
-        validation=data[-1:], run_dir=tmp_path, callbacks=[ProgressBar(desc="run")], tensorboard=False,
-    )  # fmt: skip
+        model,
+        train_config(steps=10, log_every=5, eval_every=10),
+        train_batches=CyclingBatches(data[:-1]),
+        validation=data[-1:],
+        run_dir=tmp_path,
+        callbacks=[ProgressBar(desc="run")],
+        tensorboard=False,
+    )
     trainer.train()
     [bar] = made
     assert (bar.kwargs["desc"], bar.kwargs["total"], bar.steps, bar.closed) == ("run", 10, 10, True)

@@ -69,10 +69,14 @@ def test_a_state_saved_by_the_unfused_optimizer_resumes_in_the_fused_one():
     config = TrainConfig(lr=1e-2, weight_decay=0.1)
     reference, resumed = _model(), _model()
     old = torch.optim.AdamW(
-        [{"params": [p for p in reference.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-         {"params": [p for p in reference.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-        lr=1e-2, betas=config.betas, foreach=False,
-    )  # fmt: skip
+        [
+            {"params": [p for p in reference.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in reference.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        betas=config.betas,
+        foreach=False,
+    )
     for step in range(3):
         _set_gradients(reference, step)
         old.step()

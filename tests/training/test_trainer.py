@@ -48,8 +48,13 @@ def test_loss_and_gradients_do_not_depend_on_how_the_batch_is_split(toy, tmp_pat
     batch["labels"][0, 5:] = -100  # uneven label counts across micro-batches: the classic accumulation bug
     results = []
     for parts in (1, micro_batches):
-        trainer = _trainer(toy, tmp_path / str(parts), arch, train_changes={"micro_batches": parts},
-                           model_changes={"z_loss_coef": 1e-3})  # fmt: skip
+        trainer = _trainer(
+            toy,
+            tmp_path / str(parts),
+            arch,
+            train_changes={"micro_batches": parts},
+            model_changes={"z_loss_coef": 1e-3},
+        )
         figures = trainer.accumulate_gradients(batch)
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
         results.append((figures, grads))
@@ -165,16 +170,18 @@ def test_train_config_validation_names_the_field():
 
 @pytest.mark.parametrize("arch", ["decoder-only", "encoder-decoder"])
 @pytest.mark.parametrize(
-    "option", [{"chunked_loss": True}, {"activation_checkpointing": 1}, {"compile": "aot_eager"}],
+    "option",
+    [{"chunked_loss": True}, {"activation_checkpointing": 1}, {"compile": "aot_eager"}],
     ids=["chunked-loss", "activation-checkpointing", "compiled-blocks"],
-)  # fmt: skip
+)
 def test_options_that_change_how_a_step_runs_train_like_the_default(toy, tmp_path, arch, option):
     """The chunked loss (no logits in memory), recomputed blocks and compiled blocks: the same losses, with jitter
     noise drawn (``aot_eager`` traces the same graphs as inductor without generating code)."""
     logs = []
     for name, changes in (("default", {}), ("option", option)):
-        trainer = _trainer(toy, tmp_path / name, arch, train_changes={"steps": 5, **changes},
-                           model_changes={"router_jitter": 0.05})  # fmt: skip
+        trainer = _trainer(
+            toy, tmp_path / name, arch, train_changes={"steps": 5, **changes}, model_changes={"router_jitter": 0.05}
+        )
         stacks = [m for m in trainer.model.modules() if isinstance(m, TransformerStack)]
         assert stacks and all(s.checkpoint_every == changes.get("activation_checkpointing", 0) for s in stacks)
         assert all((s.compiled_blocks is not None) == ("compile" in changes) for s in stacks)
@@ -230,9 +237,16 @@ def test_a_rank_other_than_the_main_one_keeps_only_the_callbacks_that_run_on_eve
     printer, decider = Printer(), Decider()
 
     def trainer(strategy):
-        return Trainer(tiny_model(), train_config(), train_batches=CyclingBatches(data[:1]), validation=data[1:],
-                       run_dir=tmp_path, callbacks=[printer, decider], tensorboard=False,
-                       strategy=strategy)  # fmt: skip
+        return Trainer(
+            tiny_model(),
+            train_config(),
+            train_batches=CyclingBatches(data[:1]),
+            validation=data[1:],
+            run_dir=tmp_path,
+            callbacks=[printer, decider],
+            tensorboard=False,
+            strategy=strategy,
+        )
 
     main_callbacks = trainer(SingleProcess()).callbacks
     assert main_callbacks[:2] == [printer, decider] and len(main_callbacks) == 3  # and the collapse warning

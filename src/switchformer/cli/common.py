@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from switchformer.config import ConfigError
 from switchformer.models.config import ModelConfig
@@ -21,14 +22,23 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_preset: str 
         default=default_preset,
         help=f"named model config ({', '.join(preset_names())})",
     )
-    parser.add_argument(
+    add_override_argument(
+        parser,
         "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override any model config field, e.g. --set moe.capacity_factor=1.0 --set d_model=512 (repeatable)",
+        "overrides",
+        "override any model config field, e.g. --set moe.capacity_factor=1.0 --set d_model=512 (repeatable)",
     )
+
+
+def add_override_argument(group: argparse._ActionsContainer, flag: str, dest: str, help_text: str) -> None:
+    """A repeatable ``FLAG FIELD=VALUE`` option, collected as a list of strings in ``dest`` (``Config.with_overrides``
+    parses them)."""
+    group.add_argument(flag, dest=dest, action="append", default=[], metavar="FIELD=VALUE", help=help_text)
+
+
+def given_fields(args: argparse.Namespace, fields: Iterable[str]) -> dict[str, Any]:
+    """The values of the options named like config ``fields`` that the command line set (those not None)."""
+    return {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
 
 
 def model_config_from_args(preset: str, overrides: list[str]) -> ModelConfig:
@@ -48,14 +58,30 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     Console().print(table)
 
 
+# TrainConfig fields that train and finetune set from the option of the same name (--warmup-steps: warmup_steps)
+TRAIN_FIELDS = ("steps", "lr", "optimizer", "schedule", "warmup_steps", "micro_batches", "precision", "device")
+INTERVAL_FIELDS = ("eval_every", "log_every", "checkpoint_every")
+STEP_FIELDS = ("activation_checkpointing", "compile")  # set by add_step_arguments' options
+
+
 def add_step_arguments(group: argparse._ActionsContainer) -> None:
     """How each training step runs, without changing what it computes: memory and compilation."""
-    group.add_argument("--activation-checkpointing", type=int, metavar="N",
-                       help="recompute every N-th block's activations in the backward pass (1 = every block): "
-                       "less memory, about one more forward pass of compute")  # fmt: skip
-    group.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", type=compile_backend,
-                       help="torch.compile each transformer block for training (default backend: inductor; on CPU "
-                       "it needs a C++ compiler); evaluation and decoding stay eager")  # fmt: skip
+    group.add_argument(
+        "--activation-checkpointing",
+        type=int,
+        metavar="N",
+        help="recompute every N-th block's activations in the backward pass (1 = every block): less memory, "
+        "about one more forward pass of compute",
+    )
+    group.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        type=compile_backend,
+        help="torch.compile each transformer block for training (default backend: inductor; on CPU it needs a C++ "
+        "compiler); evaluation and decoding stay eager",
+    )
 
 
 def compile_backend(name: str) -> str:

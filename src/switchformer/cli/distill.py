@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from switchformer.cli.common import print_table, require_output_under_torchrun, torchrun_job
+from switchformer.cli.common import add_override_argument, print_table, require_output_under_torchrun, torchrun_job
 from switchformer.distill.config import DistillConfig
 from switchformer.distill.run import distill, format_share
 from switchformer.distill.student import ExpertInit
@@ -26,26 +26,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("teacher", type=Path, help="Switch run folder (its latest checkpoint) or checkpoint folder")
     parser.add_argument("--output", type=Path, help="student run folder (default runs/distill-TIMESTAMP); resumable")
     parser.add_argument("--steps", type=int, help="student steps (default: as many as the teacher trained)")
-    parser.add_argument("--teacher-weight", type=float, default=0.25,
-                        help="share of the loss against the teacher's probabilities (paper: 0.25)")  # fmt: skip
-    parser.add_argument("--init", default="mean",
-                        help="student FFN init from each Switch layer: 'mean' of the experts, 'expert:N' (one "
-                        "expert), or 'random' (no weight transfer at all)")  # fmt: skip
-    parser.add_argument("--baseline", type=Path, help="dense run folder trained with the same budget "
-                        "(default: the comparison's dense run, else one is trained from scratch)")  # fmt: skip
-    parser.add_argument("--no-control", action="store_true",
-                        help="skip the control run (the same student trained without the teacher), which shows "
-                        "how much of the student's gain the teacher's soft targets account for")  # fmt: skip
+    parser.add_argument(
+        "--teacher-weight",
+        type=float,
+        default=0.25,
+        help="share of the loss against the teacher's probabilities (paper: 0.25)",
+    )
+    parser.add_argument(
+        "--init",
+        default="mean",
+        help="student FFN init from each Switch layer: 'mean' of the experts, 'expert:N' (one expert), or 'random' "
+        "(no weight transfer at all)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="dense run folder trained with the same budget (default: the comparison's dense run, else one is trained "
+        "from scratch)",
+    )
+    parser.add_argument(
+        "--no-control",
+        action="store_true",
+        help="skip the control run (the same student trained without the teacher), which shows how much of the "
+        "student's gain the teacher's soft targets account for",
+    )
     student = parser.add_argument_group(
-        "student training", "the student and its control train with the teacher's settings unless changed here; "
-        "the dense baseline always keeps them (it trains from scratch)")  # fmt: skip
+        "student training",
+        "the student and its control train with the teacher's settings unless changed here; the dense baseline always "
+        "keeps them (it trains from scratch)",
+    )
     student.add_argument("--lr", type=float, help="peak learning rate (default: the teacher's)")
-    student.add_argument("--warmup-steps", type=int,
-                         help="warmup steps (default: the teacher's). The inverse-sqrt schedule with 0 decays from "
-                         "the first step; to hold --lr (e.g. the teacher's final rate) add --train-set "
-                         "schedule=constant")  # fmt: skip
-    student.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="FIELD=VALUE",
-                         help="override any other TrainConfig field, e.g. --train-set schedule=constant")  # fmt: skip
+    student.add_argument(
+        "--warmup-steps",
+        type=int,
+        help="warmup steps (default: the teacher's). The inverse-sqrt schedule with 0 decays from the first step; to "
+        "hold --lr (e.g. the teacher's final rate) add --train-set schedule=constant",
+    )
+    add_override_argument(
+        student,
+        "--train-set",
+        "train_overrides",
+        "override any other TrainConfig field, e.g. --train-set schedule=constant",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.set_defaults(run=run)
 
@@ -75,9 +97,17 @@ def run(args: argparse.Namespace) -> int:
     with torchrun_job("distill") as strategy:
         output = args.output or Path("runs") / f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
         callbacks = [] if args.no_progress else [ProgressBar(desc="student")]
-        result = distill(args.teacher, output, config, steps=args.steps, baseline=args.baseline,
-                         control=not args.no_control, train_overrides=train_overrides(args),
-                         callbacks=callbacks, strategy=strategy)  # fmt: skip
+        result = distill(
+            args.teacher,
+            output,
+            config,
+            steps=args.steps,
+            baseline=args.baseline,
+            control=not args.no_control,
+            train_overrides=train_overrides(args),
+            callbacks=callbacks,
+            strategy=strategy,
+        )
     if strategy is not None and not strategy.is_main:
         return 0  # the main rank reports
     rows = [

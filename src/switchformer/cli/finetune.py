@@ -16,8 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from switchformer.cli.common import (
+    INTERVAL_FIELDS,
+    STEP_FIELDS,
+    TRAIN_FIELDS,
+    add_override_argument,
     add_parallel_arguments,
     add_step_arguments,
+    given_fields,
     parallel_dims,
     print_table,
     require_output_under_torchrun,
@@ -29,8 +34,20 @@ from switchformer.training.callbacks import ProgressBar
 from switchformer.training.checkpoint import latest_checkpoint, load_checkpoint
 from switchformer.training.config import TrainConfig
 
-DEFAULT_TRAIN = {"steps": 1000, "lr": 3e-4, "schedule": "constant", "warmup_steps": 10, "eval_every": 100,
-                 "log_every": 10, "checkpoint_every": 100, "keep_checkpoints": 1}  # fmt: skip
+DEFAULT_TRAIN = {
+    "steps": 1000,
+    "lr": 3e-4,
+    "schedule": "constant",
+    "warmup_steps": 10,
+    "eval_every": 100,
+    "log_every": 10,
+    "checkpoint_every": 100,
+    "keep_checkpoints": 1,
+}
+# FinetuneConfig fields set from the option of the same name (--max-input-length: max_input_length)
+TASK_FIELDS = ("input_field", "target_field", "batch_size", "max_input_length", "max_target_length")
+DROPOUT_FIELDS = ("dropout", "expert_dropout")
+EVALUATION_FIELDS = ("metric", "eval_examples")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,9 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--validation", type=Path, required=True, help="JSON-lines file of validation pairs")
     parser.add_argument("--tokenizer", help="tokenizer.json or SentencePiece .model (default: the checkpoint's)")
     parser.add_argument("--output", type=Path, help="run folder (default runs/finetune-TIMESTAMP)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --output from its last checkpoint and saved settings (CHECKPOINT "
-                        "is then not read)")  # fmt: skip
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output from its last checkpoint and saved settings (CHECKPOINT is then not read)",
+    )
     task = parser.add_argument_group("task")
     task.add_argument("--input-field", help="JSON field of the input text (default 'input')")
     task.add_argument("--target-field", help="JSON field of the target text (default 'target')")
@@ -57,11 +76,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--patience", type=int, help="stop after N evaluations without improvement; 0 = never (default 3)"
     )
     task.add_argument("--eval-examples", type=int, help="exact match on the first N validation pairs (default all)")
-    task.add_argument("--finetune-set", dest="finetune_overrides", action="append", default=[], metavar="FIELD=VALUE",
-                      help="override any FinetuneConfig field (repeatable)")  # fmt: skip
-    task.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                      help="override model config fields that keep the weights' shapes, e.g. "
-                      "--set moe.capacity_factor=1.0 (repeatable)")  # fmt: skip
+    add_override_argument(
+        task, "--finetune-set", "finetune_overrides", "override any FinetuneConfig field (repeatable)"
+    )
+    add_override_argument(
+        task,
+        "--set",
+        "overrides",
+        "override model config fields that keep the weights' shapes, e.g. --set moe.capacity_factor=1.0 (repeatable)",
+    )
     train = parser.add_argument_group("training")
     train.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
     train.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
@@ -76,21 +99,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     train.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     train.add_argument("--seed", type=int, help="seed of dropout, jitter and the data order (default 0)")
-    train.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="FIELD=VALUE",
-                       help="override any TrainConfig field (repeatable)")  # fmt: skip
+    add_override_argument(train, "--train-set", "train_overrides", "override any TrainConfig field (repeatable)")
     add_parallel_arguments(train)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.set_defaults(run=run)
 
 
-def _changes(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-
 def _configs(args: argparse.Namespace, saved: dict[str, Any] | None) -> tuple[FinetuneConfig, TrainConfig]:
     task = FinetuneConfig.from_dict(saved["finetune"]) if saved else FinetuneConfig()
-    changes = _changes(args, ["input_field", "target_field", "batch_size", "max_input_length", "max_target_length",
-                              "dropout", "expert_dropout", "metric", "eval_examples"])  # fmt: skip
+    changes = given_fields(args, (*TASK_FIELDS, *DROPOUT_FIELDS, *EVALUATION_FIELDS))
     if args.skip_bad_rows:
         changes["bad_rows"] = BadRowPolicy.SKIP
     if args.patience is not None:
@@ -99,9 +116,7 @@ def _configs(args: argparse.Namespace, saved: dict[str, Any] | None) -> tuple[Fi
         changes["shuffle_seed"] = args.seed
     task = task.replace(**changes).with_overrides(args.finetune_overrides)
     train = TrainConfig.from_dict(saved["train"]) if saved else TrainConfig(**DEFAULT_TRAIN)
-    changes = _changes(args, ["steps", "lr", "warmup_steps", "eval_every", "log_every", "checkpoint_every",
-                              "micro_batches", "optimizer", "schedule", "precision", "device", "seed",
-                              "activation_checkpointing", "compile"])  # fmt: skip
+    changes = given_fields(args, (*TRAIN_FIELDS, *INTERVAL_FIELDS, "seed", *STEP_FIELDS))
     return task, train.replace(**changes).with_overrides(args.train_overrides)
 
 
@@ -118,10 +133,18 @@ def run(args: argparse.Namespace) -> int:
         if main_rank:
             _print_start(args, run_dir, latest, task, train)
         result = finetune(
-            args.checkpoint, train=args.train, validation=args.validation, run_dir=run_dir, config=task,
-            train_config=train, tokenizer=args.tokenizer, overrides=args.overrides, resume=args.resume,
-            callbacks=[] if args.no_progress else [ProgressBar()], strategy=strategy,
-        )  # fmt: skip
+            args.checkpoint,
+            train=args.train,
+            validation=args.validation,
+            run_dir=run_dir,
+            config=task,
+            train_config=train,
+            tokenizer=args.tokenizer,
+            overrides=args.overrides,
+            resume=args.resume,
+            callbacks=[] if args.no_progress else [ProgressBar()],
+            strategy=strategy,
+        )
     if main_rank:
         print_table("fine-tuning summary", _summary_rows(result, task.metric))
     return 0
@@ -130,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_start(
     args: argparse.Namespace, run_dir: Path, latest: Path | None, task: FinetuneConfig, train: TrainConfig
 ) -> None:
+    schedule = f"{train.steps} steps of {task.batch_size} pairs, lr {train.lr:g}, evaluation every {train.eval_every}"
     print_table(
         f"switchformer finetune -> {run_dir}",
         [
@@ -137,10 +161,9 @@ def _print_start(
             ("data", f"train {args.train}, validation {args.validation}"),
             ("fields", f"{task.input_field!r} -> {task.target_field!r}"),
             ("dropout", f"{task.dropout} outside experts, {task.expert_dropout} inside"),
-            ("schedule", f"{train.steps} steps of {task.batch_size} pairs, lr {train.lr:g}, "
-                         f"evaluation every {train.eval_every}"),
+            ("schedule", schedule),
         ],
-    )  # fmt: skip
+    )
 
 
 def _figures(record: dict[str, Any] | None) -> str:
@@ -151,10 +174,16 @@ def _figures(record: dict[str, Any] | None) -> str:
 
 def _summary_rows(result: FinetuneResult, metric: Metric) -> list[tuple[str, str]]:
     steps = f"{result.summary['steps']}" + (" (stopped early)" if result.stopped_early else "")
-    rows = [("steps", steps), ("before", _figures(result.before)), (f"best by {metric.value}", _figures(result.best)),
-            ("last", _figures(result.last))]  # fmt: skip
+    rows = [
+        ("steps", steps),
+        ("before", _figures(result.before)),
+        (f"best by {metric.value}", _figures(result.best)),
+        ("last", _figures(result.last)),
+    ]
     for path, bad in result.skipped.items():
         rows.append((f"skipped rows of {Path(path).name}", ", ".join(f"line {b.line} ({b.reason})" for b in bad)))
-    rows += [("best model", str(result.best_dir) if result.best_dir else "-"),
-             ("evaluations", str(result.run_dir / "eval.jsonl"))]  # fmt: skip
+    rows += [
+        ("best model", str(result.best_dir) if result.best_dir else "-"),
+        ("evaluations", str(result.run_dir / "eval.jsonl")),
+    ]
     return rows

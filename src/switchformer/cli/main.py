@@ -51,8 +51,9 @@ def _run(argv: Sequence[str] | None) -> int:
         return 1
     except KeyboardInterrupt:
         how = "rerun the same command" if args.command == "compare" else "continue with --resume --output RUN_DIR"
-        print(f"switchformer {args.command}: interrupted; the last complete checkpoint is kept ({how})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"switchformer {args.command}: interrupted; the last complete checkpoint is kept ({how})", file=sys.stderr
+        )
         return 130
 
 

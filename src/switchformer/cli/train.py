@@ -1,5 +1,6 @@
 """``switchformer train``: the main job. With no arguments it pre-trains a small Switch Transformer with span
-corruption on the built-in corpus (the interpreter's standard-library sources) in about ten minutes on 2 cores.
+corruption on the built-in corpus (the interpreter's standard-library sources), in minutes on a CPU (figures in
+docs/training.md).
 """
 
 from __future__ import annotations
@@ -10,9 +11,14 @@ import time
 from pathlib import Path
 
 from switchformer.cli.common import (
+    INTERVAL_FIELDS,
+    STEP_FIELDS,
+    TRAIN_FIELDS,
     add_model_arguments,
+    add_override_argument,
     add_parallel_arguments,
     add_step_arguments,
+    given_fields,
     model_config_from_args,
     parallel_dims,
     print_table,
@@ -47,15 +53,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="override the preset's architecture (decoder-only trains with next-token prediction)",
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--data", help="text file, folder, .jsonl, .parquet or a Hugging Face dataset name "
-                      "(default: the built-in corpus of standard-library sources)")  # fmt: skip
+    data.add_argument(
+        "--data",
+        help="text file, folder, .jsonl, .parquet or a Hugging Face dataset name (default: the built-in corpus of "
+        "standard-library sources)",
+    )
     data.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
     data.add_argument("--tokenizer", help="tokenizer.json, SentencePiece .model or hub name (default: train one)")
     data.add_argument("--vocab-size", type=int, default=8192, help="size of a trained tokenizer's vocabulary")
     data.add_argument("--seq-len", type=int, default=256, help="encoder input length (or LM context length)")
     data.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (global batch)")
-    data.add_argument("--data-set", dest="data_overrides", action="append", default=[], metavar="FIELD=VALUE",
-                      help="override any DataConfig field (repeatable)")  # fmt: skip
+    add_override_argument(data, "--data-set", "data_overrides", "override any DataConfig field (repeatable)")
     train = parser.add_argument_group("training")
     train.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
     train.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
@@ -70,8 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--eval-every", type=int)
     train.add_argument("--log-every", type=int)
     train.add_argument("--checkpoint-every", type=int)
-    train.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="FIELD=VALUE",
-                       help="override any TrainConfig field (repeatable)")  # fmt: skip
+    add_override_argument(train, "--train-set", "train_overrides", "override any TrainConfig field (repeatable)")
     add_parallel_arguments(train)
     train.add_argument(
         "--async-checkpoint",
@@ -88,9 +95,7 @@ def _train_config(args: argparse.Namespace, saved: TrainConfig | None) -> TrainC
     base = saved or TrainConfig(
         steps=DEFAULT_STEPS, schedule="cosine", warmup_steps=50, eval_every=50, log_every=10, checkpoint_every=100
     )
-    names = ["steps", "lr", "optimizer", "schedule", "warmup_steps", "micro_batches", "precision", "device",
-             "eval_every", "log_every", "checkpoint_every", "activation_checkpointing", "compile"]  # fmt: skip
-    changes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    changes = given_fields(args, (*TRAIN_FIELDS, *INTERVAL_FIELDS, *STEP_FIELDS))
     if args.async_checkpoint:
         changes["async_checkpoint"] = True
     if saved is None:
@@ -106,9 +111,15 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def _data_config(args: argparse.Namespace, model_config: ModelConfig) -> DataConfig:
-    fields = {"source": args.data, "text_field": args.text_field, "tokenizer": args.tokenizer,
-              "vocab_size": args.vocab_size, "sequence_length": args.seq_len, "batch_size": args.batch_size,
-              "seed": args.seed}  # fmt: skip
+    fields = {
+        "source": args.data,
+        "text_field": args.text_field,
+        "tokenizer": args.tokenizer,
+        "vocab_size": args.vocab_size,
+        "sequence_length": args.seq_len,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
     return default_data_config(model_config, **fields).with_overrides(args.data_overrides)
 
 
@@ -133,14 +144,20 @@ def _run(args: argparse.Namespace, strategy: DistributedStrategy | None) -> int:
     callbacks = [] if args.no_progress or not main_rank else [ProgressBar()]
     preset = args.preset if not saved else None
     summary = pretrain(
-        model_config, train_config, data_config, run_dir, resume=args.resume, callbacks=callbacks, strategy=strategy,
+        model_config,
+        train_config,
+        data_config,
+        run_dir,
+        resume=args.resume,
+        callbacks=callbacks,
+        strategy=strategy,
         on_ready=lambda configs, data: _announce(run_dir, configs, data, preset, strategy),
-    )  # fmt: skip
+    )
     if main_rank:
         plot = plot_run(run_dir)
         rows = summary_rows(summary, read_metrics(run_dir))
-        rows += [("metrics", str(run_dir / METRICS_FILE)),
-                 ("TensorBoard", f"tensorboard --logdir {run_dir / TENSORBOARD_DIR}")]  # fmt: skip
+        rows.append(("metrics", str(run_dir / METRICS_FILE)))
+        rows.append(("TensorBoard", f"tensorboard --logdir {run_dir / TENSORBOARD_DIR}"))
         if plot:
             rows.append(("plot", str(plot)))
         print_table("training summary", rows)

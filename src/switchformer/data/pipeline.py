@@ -2,8 +2,8 @@
 
 ``prepare_data`` reads the corpus, splits it by document, trains (or loads) the tokenizer, tokenises and packs both
 splits, and caches the tokenizer and token arrays under ``cache_dir/data-<key>/``. The key hashes the split text
-and the tokenizer settings, so a rerun with the same data starts in about a second, while edited data or
-settings never reuse a stale cache.
+and the tokenizer settings, so a rerun with the same data skips the tokenising, while edited data or settings
+never reuse a stale cache.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from switchformer.run_folder import atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-# The built-in corpus is capped so that preparing it (reading, training the tokenizer, tokenising) stays a few
-# seconds on 2 CPU cores. 16 MiB covers all of CPython 3.11's non-test standard library (about 12 MB, 3.2M tokens).
+# The built-in corpus is capped so that preparing it (reading, training the tokenizer, tokenising) stays quick on
+# a small CPU. 16 MiB covers all of CPython 3.11's non-test standard library (about 12 MB, 3.2M tokens).
 BUILTIN_CORPUS_BYTES = 16 * 2**20
 CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
 _ENCODE_GROUP = 256  # documents per encode_batch call: parallel inside tokenizers, bounded memory outside

@@ -15,6 +15,7 @@ that the soft targets themselves account for.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -56,8 +57,8 @@ class DistillResult:
     student_init: str  # 'mean', 'expert:N' or 'random'
     control_loss: float | None = None  # same init and steps, teacher weight 0; None when not trained
     soft_target_share: float | None = None  # (control - student) / (dense - teacher)
-    # Steps the teacher and the dense baseline trained; None in results written before they were recorded, when
-    # both were the student's steps. A student may train for less than its teacher (--steps).
+    # Steps the teacher and the dense baseline trained; None in a result file that lacks them, where both are the
+    # student's steps. A student may train for less than its teacher (--steps).
     teacher_steps: int | None = None
     baseline_steps: int | None = None
     # The student's (and its control's) training settings changed from the teacher's, as FIELD=VALUE; the
@@ -139,8 +140,9 @@ def load_trained(path: Path) -> LoadedModel:
     model_config = ModelConfig.from_dict(checkpoint.config["model"])
     model = build_model(model_config)
     load_model_state(model, checkpoint.model_state, source=checkpoint_path)
-    return LoadedModel(checkpoint_path, model, model_config, TrainConfig.from_dict(checkpoint.config["train"]),
-                       DataConfig.from_dict(checkpoint.config["data"]), checkpoint.step)  # fmt: skip
+    train_config = TrainConfig.from_dict(checkpoint.config["train"])
+    data_config = DataConfig.from_dict(checkpoint.config["data"])
+    return LoadedModel(checkpoint_path, model, model_config, train_config, data_config, checkpoint.step)
 
 
 def data_cache_of(checkpoint: Path) -> Path | None:
@@ -202,27 +204,34 @@ def distill(
     data = prepare_data_in_turn(teacher.data_config, cache, strategy)
 
     student_model_config = student_config(teacher.model_config)
+    student_configs = RunConfigs(student_model_config, student_train, teacher.data_config)  # the control's too
+    initial_student = functools.partial(
+        _initial_student, student_model_config, student_train.seed, teacher.model, config
+    )
     options = JobOptions(callbacks=callbacks, strategy=strategy, tensorboard=False)
     if finished_steps(output) < train_config.steps:
-        # a resumed run loads its checkpoint over this
-        student = _initial_student(student_model_config, student_train.seed, teacher.model, config)
+        # a resumed run loads its checkpoint over the initial student
+        resume = latest_run_checkpoint(output) is not None
         train_prepared(
-            RunConfigs(student_model_config, student_train, teacher.data_config), data, output,
-            resume=latest_run_checkpoint(output) is not None, options=options, model=student,
+            student_configs,
+            data,
+            output,
+            resume=resume,
+            options=options,
+            model=initial_student(),
             extra_config={"distill": config.to_dict(), "teacher": str(teacher.path)},
-            trainer_class=DistillationTrainer, teacher=teacher.model, teacher_weight=config.teacher_weight,
-        ).train()  # fmt: skip
+            trainer_class=DistillationTrainer,
+            teacher=teacher.model,
+            teacher_weight=config.teacher_weight,
+        ).train()
         strategy.barrier()  # the main rank's last checkpoint and summary are written before anyone reads them
     baseline_path = baseline or comparison_baseline(teacher.path, train_config.seed)
     if baseline_path is None:
-        baseline_path = _train_dense(RunConfigs(student_model_config, train_config, teacher.data_config), cache,
-                                     output / "dense-baseline", options)  # fmt: skip
+        dense_configs = RunConfigs(student_model_config, train_config, teacher.data_config)
+        baseline_path = _train_dense(dense_configs, cache, output / "dense-baseline", options)
     paths = {"teacher": teacher.path, "student": output, "dense": Path(baseline_path)}
     if control and config.init_from_teacher:  # a random-init control would be the baseline again
-        paths["control"] = _train_dense(
-            RunConfigs(student_model_config, student_train, teacher.data_config), cache, output / CONTROL_DIR,
-            options, initial=lambda: _initial_student(student_model_config, student_train.seed, teacher.model, config),
-        )  # fmt: skip
+        paths["control"] = _train_dense(student_configs, cache, output / CONTROL_DIR, options, initial=initial_student)
     if not strategy.is_main:
         strategy.barrier()  # the main rank measures and writes the result
         result = read_result(output)
@@ -231,17 +240,27 @@ def distill(
     paths = {name: resolve_checkpoint(path) for name, path in paths.items()}
     trained = {name: load_trained(path) for name, path in paths.items()}
     losses = {name: _validation_loss(loaded.model, data) for name, loaded in trained.items()}
+    dense_loss, teacher_loss, student_loss = losses["dense"], losses["teacher"], losses["student"]
     control_loss = losses.get("control")
+    soft_share = None
+    if control_loss is not None:
+        soft_share = soft_target_share(dense_loss, teacher_loss, control_loss, student_loss)
     result = DistillResult(
-        teacher=str(teacher.path), baseline=str(resolve_checkpoint(baseline_path)), steps=train_config.steps,
-        teacher_loss=losses["teacher"], student_loss=losses["student"], dense_loss=losses["dense"],
-        retained=retained_share(losses["dense"], losses["student"], losses["teacher"]),
-        teacher_weight=config.teacher_weight, student_init=config.describe_init(), control_loss=control_loss,
-        soft_target_share=None if control_loss is None else soft_target_share(
-            losses["dense"], losses["teacher"], control_loss, losses["student"]),
-        teacher_steps=trained["teacher"].step, baseline_steps=trained["dense"].step,
+        teacher=str(teacher.path),
+        baseline=str(resolve_checkpoint(baseline_path)),
+        steps=train_config.steps,
+        teacher_loss=teacher_loss,
+        student_loss=student_loss,
+        dense_loss=dense_loss,
+        retained=retained_share(dense_loss, student_loss, teacher_loss),
+        teacher_weight=config.teacher_weight,
+        student_init=config.describe_init(),
+        control_loss=control_loss,
+        soft_target_share=soft_share,
+        teacher_steps=trained["teacher"].step,
+        baseline_steps=trained["dense"].step,
         student_overrides=list(train_overrides),
-    )  # fmt: skip
+    )
     atomic_write_json(output / RESULT_FILE, dataclasses.asdict(result), sort_keys=False)
     strategy.barrier()
     return result
@@ -259,17 +278,20 @@ def _initial_student(
 
 
 def _train_dense(
-    configs: RunConfigs, cache: Path, folder: Path, options: JobOptions,
+    configs: RunConfigs,
+    cache: Path,
+    folder: Path,
+    options: JobOptions,
     initial: Callable[[], SwitchModelBase] | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """A dense model with the student's budget and plain cross-entropy, from scratch or from the model ``initial``
     builds (skipped if already trained in ``folder``; resumed if interrupted). Fresh data: the student's batches
     in order."""
     if finished_steps(folder) < configs.train.steps:
         data = prepare_data_in_turn(configs.data, cache, options.strategy)
         model = initial() if initial is not None else None
-        train_prepared(configs, data, folder, resume=latest_run_checkpoint(folder) is not None, options=options,
-                       model=model).train()  # fmt: skip
+        resume = latest_run_checkpoint(folder) is not None
+        train_prepared(configs, data, folder, resume=resume, options=options, model=model).train()
         (options.strategy or SingleProcess()).barrier()
     return folder
 

@@ -85,6 +85,10 @@ def init_student_from_teacher(
     )
     logger.info(
         "student init: %d tensors copied, %d from experts (%s), %d teacher tensors dropped, %d left random",
-        len(copied), len(from_experts), how.value, len(result.dropped), len(result.random),
-    )  # fmt: skip
+        len(copied),
+        len(from_experts),
+        how.value,
+        len(result.dropped),
+        len(result.random),
+    )
     return result

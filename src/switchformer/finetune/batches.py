@@ -56,8 +56,12 @@ def encode_pairs(pairs: Sequence[TextPair], tokenizer: SwitchTokenizer, config: 
     if cut_inputs or cut_targets:
         logger.warning(
             "cut %d of %d inputs to max_input_length=%d and %d targets to max_target_length=%d tokens",
-            cut_inputs, len(pairs), config.max_input_length, cut_targets, config.max_target_length,
-        )  # fmt: skip
+            cut_inputs,
+            len(pairs),
+            config.max_input_length,
+            cut_targets,
+            config.max_target_length,
+        )
     return examples
 
 

@@ -76,9 +76,15 @@ class ExactMatchEvaluator(Callback):
         """
         strategy = trainer.strategy
         share = self.examples[strategy.replica :: strategy.replicas]
-        result = exact_match(trainer.model, share, self.tokenizer, batch_size=self.batch_size,
-                             max_new_tokens=self.max_new_tokens, device=trainer.device,
-                             stop_together=strategy.agree_to_stop)  # fmt: skip
+        result = exact_match(
+            trainer.model,
+            share,
+            self.tokenizer,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            device=trainer.device,
+            stop_together=strategy.agree_to_stop,
+        )
         correct, total = strategy.sum([float(result.correct), float(result.total)])
         return correct / max(total, 1.0)
 
@@ -101,8 +107,12 @@ class ExactMatchEvaluator(Callback):
             return
         with (trainer.run_dir / EVAL_LOG).open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        logger.info("step %d: val_loss %.4f, exact match %.1f%%", record["step"], record["val_loss"],
-                    100 * record["exact_match"])  # fmt: skip
+        logger.info(
+            "step %d: val_loss %.4f, exact match %.1f%%",
+            record["step"],
+            record["val_loss"],
+            100 * record["exact_match"],
+        )
 
 
 @dataclasses.dataclass
@@ -163,8 +173,14 @@ class EarlyStopping(Callback):
         if self.tracker.since_best >= self.patience:
             self.stopped_at = record["step"]
             trainer.should_stop = True
-            logger.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %s)",
-                        record["step"], name, self.patience, self.tracker.best, self.tracker.best_step)  # fmt: skip
+            logger.info(
+                "early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %s)",
+                record["step"],
+                name,
+                self.patience,
+                self.tracker.best,
+                self.tracker.best_step,
+            )
 
 
 class BestCheckpoint(Callback):
@@ -204,6 +220,7 @@ class BestCheckpoint(Callback):
             figures = {k: record[k] for k in ("val_loss", "val_perplexity", "exact_match") if k in record}
             info = {"step": record["step"], "metric": self.tracker.metric.value, **figures}
             (tmp / BEST_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        logger.info("new best %s %.4f at step %d: saved %s", self.tracker.metric.value, self.tracker.best,
-                    record["step"], final)  # fmt: skip
+        logger.info(
+            "new best %s %.4f at step %d: saved %s", self.tracker.metric.value, self.tracker.best, record["step"], final
+        )
         return final

@@ -31,8 +31,9 @@ def rebuild(model: SwitchModelBase, config: ModelConfig) -> SwitchModelBase:
     try:
         return model_from_state_dict(config, model.state_dict(), dtype=None).train()
     except RuntimeError as error:  # load_state_dict: missing/unexpected keys or shape mismatches
-        raise ValueError(f"the overrides change the weights' names or shapes, so the checkpoint cannot be "
-                         f"loaded into them: {error}") from None  # fmt: skip
+        raise ValueError(
+            f"the overrides change the weights' names or shapes, so the checkpoint cannot be loaded into them: {error}"
+        ) from None
 
 
 def load_for_finetuning(

@@ -84,10 +84,12 @@ def load_tokenizer(path: str | Path) -> SwitchTokenizer:
 def check_tokenizer(tokenizer: SwitchTokenizer, config: ModelConfig) -> None:
     """The tokenizer's ids must fit the embedding, and pad/eos must be the ids the model was trained with."""
     if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary only "
-                         f"{config.vocab_size}; use the checkpoint's own tokenizer")  # fmt: skip
-    for name, ours, theirs in (("pad", tokenizer.pad_id, config.pad_token_id), ("eos", tokenizer.eos_id,
-                                                                             config.eos_token_id)):  # fmt: skip
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary only {config.vocab_size}; use "
+            "the checkpoint's own tokenizer"
+        )
+    special_ids = {"pad": (tokenizer.pad_id, config.pad_token_id), "eos": (tokenizer.eos_id, config.eos_token_id)}
+    for name, (ours, theirs) in special_ids.items():
         if ours != theirs:
             raise ValueError(f"the tokenizer's {name} id is {ours} but the model's {name}_token_id is {theirs}")
 
@@ -133,8 +135,10 @@ def finetune(
     strategy = strategy or SingleProcess()
     if strategy.world_size > 1:
         if config.batch_size % strategy.world_size:
-            raise ValueError(f"batch_size={config.batch_size} must divide by the world size {strategy.world_size}: "
-                             "each rank trains on an equal slice of every batch")  # fmt: skip
+            raise ValueError(
+                f"batch_size={config.batch_size} must divide by the world size {strategy.world_size}: each rank "
+                "trains on an equal slice of every batch"
+            )
         train_config = train_config.replace(device=str(strategy.layout.device))
     run_dir = Path(run_dir)
     latest = latest_run_checkpoint(run_dir)
@@ -144,8 +148,9 @@ def finetune(
         model = from_pretrained(latest).train()  # its config already carries the fine-tuning dropout
         tokenizer_source: str | Path = run_dir / TOKENIZER_FILE
     else:
-        model = load_for_finetuning(checkpoint, dropout=config.dropout, expert_dropout=config.expert_dropout,
-                                    overrides=overrides)  # fmt: skip
+        model = load_for_finetuning(
+            checkpoint, dropout=config.dropout, expert_dropout=config.expert_dropout, overrides=overrides
+        )
         tokenizer_source = tokenizer if tokenizer is not None else resolve_checkpoint_folder(checkpoint)
     loaded_tokenizer = load_tokenizer(tokenizer_source)
     check_tokenizer(loaded_tokenizer, model.config)
@@ -155,25 +160,40 @@ def finetune(
     if strategy.is_main:
         loaded_tokenizer.save(tokenizer_file)
 
-    arch, pad = model.config.architecture, model.config.pad_token_id
-    source = ShuffledBatches(data.train, batch_size=config.batch_size, architecture=arch, pad_id=pad,
-                             seed=config.shuffle_seed)  # fmt: skip
-    val_batches = validation_batches(data.validation, batch_size=config.eval_batch_size, architecture=arch,
-                                     pad_id=pad)  # fmt: skip
-    evaluator = ExactMatchEvaluator(data.validation[: config.eval_examples], loaded_tokenizer,
-                                    batch_size=config.eval_batch_size, max_new_tokens=config.decode_budget,
-                                    baseline=config.baseline_eval)  # fmt: skip
+    collation = {"architecture": model.config.architecture, "pad_id": model.config.pad_token_id}
+    source = ShuffledBatches(data.train, batch_size=config.batch_size, seed=config.shuffle_seed, **collation)
+    val_batches = validation_batches(data.validation, batch_size=config.eval_batch_size, **collation)
+    evaluator = ExactMatchEvaluator(
+        data.validation[: config.eval_examples],
+        loaded_tokenizer,
+        batch_size=config.eval_batch_size,
+        max_new_tokens=config.decode_budget,
+        baseline=config.baseline_eval,
+    )
     best = BestCheckpoint(config.metric, min_delta=config.min_delta, tokenizer_file=tokenizer_file)
-    early = (EarlyStopping(config.metric, patience=config.patience, min_delta=config.min_delta)
-             if config.patience is not None else None)  # fmt: skip
-    extra = {"finetune": config.to_dict(), "source": str(checkpoint), "train_file": str(train),
-             "validation_file": str(validation)}  # fmt: skip
-    options = JobOptions(callbacks=[evaluator, best, *([early] if early else []), *callbacks], strategy=strategy,
-                         tensorboard=tensorboard)  # fmt: skip
+    early = None
+    if config.patience is not None:
+        early = EarlyStopping(config.metric, patience=config.patience, min_delta=config.min_delta)
+    extra = {
+        "finetune": config.to_dict(),
+        "source": str(checkpoint),
+        "train_file": str(train),
+        "validation_file": str(validation),
+    }
+    job_callbacks = [evaluator, best, *([early] if early else []), *callbacks]
+    options = JobOptions(callbacks=job_callbacks, strategy=strategy, tensorboard=tensorboard)
     trainer = build_trainer(
-        model.config, train_config, run_dir, train_batches=source, validation=val_batches, resume=resume,
-        options=options, model=model, extra_config=extra, checkpoint_files={TOKENIZER_FILE: tokenizer_file},
-    )  # fmt: skip
+        model.config,
+        train_config,
+        run_dir,
+        train_batches=source,
+        validation=val_batches,
+        resume=resume,
+        options=options,
+        model=model,
+        extra_config=extra,
+        checkpoint_files={TOKENIZER_FILE: tokenizer_file},
+    )
     summary = trainer.train()
     strategy.barrier()  # the main rank's eval log and best model are written before any rank reads them
     log = read_eval_log(run_dir)

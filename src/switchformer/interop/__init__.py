@@ -6,7 +6,7 @@ writes a folder ``SwitchTransformersForConditionalGeneration.from_pretrained`` l
 explicit key map per format (``hf_keys.py``, ``t5x.py``). On identical weights, an HF checkpoint loaded here
 reproduces ``transformers``' logits and hidden states (to float32 rounding), including which tokens it drops.
 
-Deliberate differences from the ``transformers`` port (see ``PAPER.md``), and how interop bridges them:
+Deliberate differences from the ``transformers`` port (also in docs/interop.md), and how interop bridges them:
 
 - **Capacity.** Ours follows the paper and flaxformer: ``capacity_factor * tokens_per_group / num_experts``
   (rounded, at least ``min_capacity``) over groups of ``group_size`` tokens, 1.25 in training and 2.0 in

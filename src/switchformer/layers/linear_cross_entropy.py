@@ -6,9 +6,9 @@ loss and its gradient (softmax minus one-hot), and the gradient is multiplied st
 and the weight's gradients, so backward has nothing left to do but scale them and no block outlives its turn.
 The same idea as Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy, in plain PyTorch: no
 kernel, so it runs on every device and under bf16 autocast (the matmuls autocast; the softmax is float32).
-``bench/bench_output_layer.py`` measures it: on 2 CPU cores, 4096 tokens x d_model 512 x vocabulary 32128,
-0.44 GB peak instead of 1.5 GB at about the same speed; on the comparison's small vocabulary (4096) the blocks
-are the whole batch and it is the unfused computation.
+It saves memory at about the same speed (measured by ``bench/bench_output_layer.py``, figures in
+docs/performance.md). On a small vocabulary (the comparison's 4096) one block is the whole batch, which is the
+unfused computation.
 
 The price is that the gradient is computed in the forward pass, so use it where the loss will be differentiated
 (training) or under ``torch.no_grad`` (evaluation: then only the loss is computed).
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-# Logits in one block: 128 MiB of float32. Smaller blocks save little more memory and cost speed (bench: 65 rows
-# of a 32k vocabulary ran 0.74x the unfused speed, 1024 rows 1.08x).
+# Logits in one block: 128 MiB of float32. Smaller blocks save little more memory and cost speed
+# (``bench/bench_output_layer.py --chunks`` compares block sizes).
 _CHUNK_ELEMENTS = 2**25
 
 
@@ -34,9 +34,13 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def linear_cross_entropy(
-    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, *, ignore_index: int = -100,
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    labels_N: torch.Tensor,
+    *,
+    ignore_index: int = -100,
     chunk_size: int | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Sum over rows with ``labels != ignore_index`` of the cross-entropy of ``hidden @ weight.T`` (float32).
 
     Equal to ``F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum", ignore_index=...)``
@@ -55,9 +59,13 @@ def linear_cross_entropy(
 
 
 def _chunked_loss(
-    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, ignore_index: int, rows: int,
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    labels_N: torch.Tensor,
+    ignore_index: int,
+    rows: int,
     grads: tuple[torch.Tensor | None, torch.Tensor | None] | None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """The summed loss; with ``grads = (d_hidden, d_weight)`` (buffers of the loss's dtype, either may be None)
     also fills them with the loss's gradient."""
     total = torch.zeros((), dtype=_loss_dtype(hidden_ND.dtype), device=hidden_ND.device)

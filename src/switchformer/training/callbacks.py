@@ -106,5 +106,8 @@ class CollapseWarning(Callback):
                 logger.warning(
                     "router collapse in %s: expert %d has taken %.0f%% of the tokens for %d steps; "
                     "consider a larger load_balancing_loss_coef, router jitter or a smaller init scale",
-                    layer, busiest, 100 * load[busiest], self.streak[layer],
-                )  # fmt: skip
+                    layer,
+                    busiest,
+                    100 * load[busiest],
+                    self.streak[layer],
+                )

@@ -222,8 +222,11 @@ def _manifest_problem(step: Any, files: Any) -> str | None:
     for name, expected in files.items():
         if name in ("", ".", "..") or "/" in name or "\\" in name:
             return f"malformed (file name {name!r} is not a plain file name)"
-        if not (isinstance(expected, dict) and isinstance(expected.get("bytes"), int)
-                and isinstance(expected.get("sha256"), str)):  # fmt: skip
+        if not (
+            isinstance(expected, dict)
+            and isinstance(expected.get("bytes"), int)
+            and isinstance(expected.get("sha256"), str)
+        ):
             return f"malformed (no size and checksum for {name})"
     weights = METADATA_FILE if METADATA_FILE in files else MODEL_FILE  # sharded (DCP) or one file
     unchecked = [name for name in (weights, STATE_FILE, CONFIG_FILE) if name not in files]

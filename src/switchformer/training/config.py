@@ -89,5 +89,8 @@ class TrainConfig(Config):
         )
         self.check(0 < self.collapse_warning_share <= 1, "collapse_warning_share", "must be in (0, 1]")
         self.check(self.collapse_warning_steps >= 1, "collapse_warning_steps", "must be >= 1")
-        self.check(self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps")), "device",
-                   "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")  # fmt: skip
+        self.check(
+            self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps")),
+            "device",
+            "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
+        )

@@ -1,9 +1,9 @@
 """Whether this CPU computes bfloat16 natively, which decides whether bf16 autocast pays off on CPU.
 
 Cores with bf16 dot-product instructions (x86 AVX512-BF16 or AMX, e.g. AMD Zen 4, Intel Cooper Lake and Sapphire
-Rapids; Arm's BF16 extension) run oneDNN's bf16 matmuls at several times float32's rate: on the 2-core Zen 4 VM a
-step of the comparison's models took 0.6-0.75x its float32 time. Without them bf16 is converted in software and
-may be slower than float32 (not measured here), so callers that default to bf16 on CPU check this first.
+Rapids; Arm's BF16 extension) run oneDNN's bf16 matmuls at several times float32's rate, so a training step gets
+faster (docs/results/compare-bf16/ against docs/results/compare-default/). Without them bf16 is converted in
+software and may be slower than float32, so callers that default to bf16 on CPU check this first.
 """
 
 from __future__ import annotations

@@ -2,11 +2,10 @@
 
 As a model learns, some softmax probabilities underflow below float32's smallest normal number (1.2e-38) into the
 denormal range, where x86 cores take a slow microcode path for every operation that reads them; PyTorch's CPU
-performance guide recommends the flush. How much it buys depends on how many there
-are: on the quickstart's ``switch-tiny-8`` at step 250 one forward and backward writes about 250,000 denormals
-among 630 million float32 values (an untrained model: a handful), and its time with and without the flush is the
-same within the machine's noise (``bench/bench_denormals.py``, 2026-12-04: 1324 ms flushed, 1349 ms not; an
-earlier measurement of 0.92-1.00 s against 1.18-1.41 s did not repeat). The loss is unchanged to every printed digit.
+performance guide recommends the flush. How much it buys depends on how many denormals there are. The
+quickstart's ``switch-tiny-8`` writes few (under one in a thousand of its float32 values at step 250), so there
+the flush is insurance rather than a speedup, and the loss is unchanged; ``bench/bench_denormals.py`` counts them
+and times both modes (figures in docs/performance.md).
 
 The flag lives in each thread's floating-point control register, and threads inherit it when they are created, so
 it reaches the intra-op thread pool only if set before the pool starts: the command line sets it first thing; a

@@ -11,9 +11,13 @@ Batch = dict[str, torch.Tensor]
 
 
 def model_forward(
-    model: torch.nn.Module, batch: Batch, device: torch.device, amp_dtype: torch.dtype | None, *,
+    model: torch.nn.Module,
+    batch: Batch,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    *,
     return_logits: bool = True,
-):  # fmt: skip
+):
     """The one way the trainer and evaluation call a model on a batch (under bf16 autocast when asked).
 
     Without ``return_logits`` the loss comes from the chunked output layer (``linear_cross_entropy``): the same
@@ -22,9 +26,11 @@ def model_forward(
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         return model(
-            batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch["labels"],
             return_logits=return_logits,
-        )  # fmt: skip
+        )
 
 
 @torch.no_grad()

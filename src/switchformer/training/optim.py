@@ -43,8 +43,8 @@ def fused_adam_supported(params: list[torch.Tensor]) -> bool:
 
     Why it matters: on CPU, torch's default AdamW runs about ten elementwise passes over each tensor, which for
     a Switch model's expert weights (tens of millions of parameters) costs as much as a large share of the step;
-    the fused kernel makes one vectorised pass (measured 2.4-3.4x faster updates, see the README). Same arithmetic,
-    same state dict, so checkpoints move freely between the two.
+    the fused kernel makes one vectorised pass (measured by ``bench/bench_optimizer.py``, figures in
+    docs/performance.md). Same arithmetic, same state dict, so checkpoints move freely between the two.
     """
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 

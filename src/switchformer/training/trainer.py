@@ -141,7 +141,7 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
-            keep_freed_memory()  # no page faults on each step's large tensors: 1.2-1.3x the tokens/s measured
+            keep_freed_memory()  # no page faults on each step's large tensors (docs/performance.md)
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         torch.manual_seed(config.seed)
         # Built on the meta device and materialised by the strategy: only this rank's shards are ever allocated,
