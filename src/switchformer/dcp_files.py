@@ -112,8 +112,8 @@ def read_whole(path: Path | str, keys: set[str] | None = None) -> dict[str, Any]
     state: dict[str, Any] = {}
     # DCP's own whole-folder reader (format_utils.dcp_to_torch_save) calls the loader directly, as here: dcp.load
     # only fills the keys its argument already has.
-    _load_state_dict(state, storage_reader=SafeFileSystemReader(path), planner=_SafeEmptyLoadPlanner(keys=keys),
-                     no_dist=True)  # fmt: skip
+    reader, planner = SafeFileSystemReader(path), _SafeEmptyLoadPlanner(keys=keys)
+    _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
     return state
 
 

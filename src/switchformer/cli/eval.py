@@ -48,8 +48,8 @@ def _run(args: argparse.Namespace, strategy: SingleProcess) -> int:
     data = prepare_data_in_turn(data_config, run_dir, strategy)
     device = strategy.layout.device if strategy.layout is not None else resolve_device(args.device)
     amp_dtype = autocast_dtype(Precision(args.precision), device)
-    model = strategy.prepare_model(build_model(model_config, device="meta"), device=device, seed=0,
-                                   compute_dtype=amp_dtype)  # fmt: skip
+    meta = build_model(model_config, device="meta")
+    model = strategy.prepare_model(meta, device=device, seed=0, compute_dtype=amp_dtype)
     strategy.load_training_state(checkpoint, model, None)
     batches = data.validation if args.batches is None else data.validation[: args.batches]
     result = evaluate_over_ranks(model, batches, strategy, device=device, amp_dtype=amp_dtype)

@@ -42,18 +42,17 @@ def apply_fsdp(model: nn.Module, layout: ParallelLayout, options: ShardingOption
     options = options or ShardingOptions()
     policy = MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=options.reduce_dtype)
     float32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    sharded = {"mp_policy": policy, "reshard_after_forward": options.reshard_after_forward}
     sum_only = layout.device.type != "cuda"  # gloo has no pre-multiplied sum: scale before and after instead
     for stack in transformer_stacks(model, "shard"):
         for block in stack.blocks:
             for layer in block.modules():
                 if isinstance(layer, SwitchFFN):
                     fully_shard(layer.router, mesh=layout.dense_mesh, mp_policy=float32)
-                    experts = fully_shard(layer.experts, mesh=layout.expert_mesh, mp_policy=policy,
-                                          reshard_after_forward=options.reshard_after_forward)  # fmt: skip
+                    experts = fully_shard(layer.experts, mesh=layout.expert_mesh, **sharded)
                     experts.set_gradient_divide_factor(float(layout.world_size))
                     experts.set_force_sum_reduction_for_comms(sum_only)
-            dense = fully_shard(block, mesh=layout.dense_mesh, mp_policy=policy,
-                                reshard_after_forward=options.reshard_after_forward)  # fmt: skip
+            dense = fully_shard(block, mesh=layout.dense_mesh, **sharded)
             dense.set_force_sum_reduction_for_comms(sum_only)
     root = fully_shard(model, mesh=layout.dense_mesh, mp_policy=policy, reshard_after_forward=False)
     root.set_force_sum_reduction_for_comms(sum_only)

@@ -51,9 +51,13 @@ def evaluate_model(
 
 
 def evaluate_over_ranks(
-    model: torch.nn.Module, batches: list[Batch], strategy: Any, *, device: torch.device,
+    model: torch.nn.Module,
+    batches: list[Batch],
+    strategy: Any,
+    *,
+    device: torch.device,
     amp_dtype: torch.dtype | None = None,
-) -> dict[str, float]:  # fmt: skip
+) -> dict[str, float]:
     """:func:`evaluate_model` with every rank scoring its slice of each batch and the sums added over ranks.
 
     A batch that does not split evenly is scored whole by every rank (identical results), so all ranks still run
@@ -63,8 +67,8 @@ def evaluate_over_ranks(
     for batch in batches:
         rows = next(iter(batch.values())).shape[0]
         sliced = rows % strategy.world_size == 0
-        part = evaluate_model(model, [strategy.local_batch(batch) if sliced else batch], device=device,
-                              amp_dtype=amp_dtype)  # fmt: skip
+        local = strategy.local_batch(batch) if sliced else batch
+        part = evaluate_model(model, [local], device=device, amp_dtype=amp_dtype)
         scored = [part["val_loss"] * part["val_tokens"], float(part["val_tokens"])]
         if sliced:
             scored = strategy.sum(scored)

@@ -90,8 +90,8 @@ class ShardedCheckpointer:
         if not self.async_save:
             dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, thread_count=1))
             return self._finalize(step, tmp, final, write_main_files, own_shard_files(tmp, self.rank))
-        writing = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(tmp, thread_count=1),
-                                 process_group=self.group)  # fmt: skip
+        writer = dcp.FileSystemWriter(tmp, thread_count=1)
+        writing = dcp.async_save(state, storage_writer=writer, process_group=self.group)
         assert self.executor is not None
         future = self.executor.submit(lambda: (writing.result(), own_shard_files(tmp, self.rank))[1])
         self.pending = _Pending(step, tmp, final, write_main_files, future)
