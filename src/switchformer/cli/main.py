@@ -7,10 +7,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from switchformer.cli import compare, convert, distill, finetune, generate, info, train, upcycle
+from switchformer.cli import compare, convert, distill, finetune, generate, info, plan, train, upcycle
 from switchformer.cli import eval as eval_command
 
-SUBCOMMANDS = [train, eval_command, compare, distill, finetune, generate, convert, upcycle, info]
+SUBCOMMANDS = [train, eval_command, compare, distill, finetune, generate, convert, upcycle, info, plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

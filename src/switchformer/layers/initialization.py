@@ -2,7 +2,7 @@
 
 :func:`seeded_fill_` draws a parameter from a random stream of its own, named by the run's seed and the
 parameter's name (and, for stacked experts, the expert's index), so the same seed gives the same full model in
-one process and split over any number of ranks: a rank holding rows ``[a, b)`` of a weight fills exactly those.
+one process and split over any number of ranks: a rank holding a block of a weight fills exactly that block.
 """
 
 from __future__ import annotations
@@ -61,21 +61,30 @@ def parameter_seed(seed: int, name: str, index: int | None = None) -> int:
 
 @torch.no_grad()
 def seeded_fill_(
-    local: torch.Tensor, rule: InitRule, *, seed: int, name: str, global_shape: torch.Size, row_start: int = 0
+    local: torch.Tensor,
+    rule: InitRule,
+    *,
+    seed: int,
+    name: str,
+    global_shape: torch.Size,
+    offset: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """Fill ``local`` with rows ``[row_start, row_start + len(local))`` (along dim 0) of the ``global_shape``
-    tensor that ``seed`` and ``name`` define. Values are drawn on the CPU in float32, then copied."""
-    if rule.kind in (InitKind.ONES, InitKind.ZEROS):
+    """Fill ``local`` with the block starting at ``offset`` (one index per dimension; none: the whole tensor) of
+    the ``global_shape`` tensor that ``seed`` and ``name`` define. Values are drawn on the CPU in float32 (one
+    expert at a time for stacked experts), then copied."""
+    if rule.kind in (InitKind.ONES, InitKind.ZEROS) or local.numel() == 0:
         return rule.fill_(local)
-    rows = local.shape[0] if local.dim() else 1
+    offset = tuple(offset) or (0,) * local.dim()
     if rule.per_expert:
-        for row in range(rows):
-            generator = torch.Generator().manual_seed(parameter_seed(seed, name, row_start + row))
-            local[row].copy_(rule.fill_(torch.empty(global_shape[1:]), generator))
+        inner = tuple(slice(o, o + n) for o, n in zip(offset[1:], local.shape[1:], strict=True))
+        for row in range(local.shape[0]):
+            generator = torch.Generator().manual_seed(parameter_seed(seed, name, offset[0] + row))
+            local[row].copy_(rule.fill_(torch.empty(global_shape[1:]), generator)[inner])
         return local
     generator = torch.Generator().manual_seed(parameter_seed(seed, name))
     full = rule.fill_(torch.empty(global_shape), generator)
-    return local.copy_(full[row_start : row_start + rows] if local.dim() else full)
+    block = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
+    return local.copy_(full[block])
 
 
 @torch.no_grad()

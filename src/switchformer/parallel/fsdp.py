@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import Shard
 
 from switchformer.models.stack import transformer_stacks
 from switchformer.moe.layer import SwitchFFN
@@ -49,7 +51,10 @@ def apply_fsdp(model: nn.Module, layout: ParallelLayout, options: ShardingOption
             for layer in block.modules():
                 if isinstance(layer, SwitchFFN):
                     fully_shard(layer.router, mesh=layout.dense_mesh, mp_policy=float32)
-                    experts = fully_shard(layer.experts, mesh=layout.expert_mesh, **sharded)
+                    placement = _expert_placement(layer, layout)
+                    experts = fully_shard(
+                        layer.experts, mesh=layout.expert_mesh, shard_placement_fn=placement, **sharded
+                    )
                     experts.set_gradient_divide_factor(float(layout.world_size))
                     experts.set_force_sum_reduction_for_comms(sum_only)
             dense = fully_shard(block, mesh=layout.dense_mesh, **sharded)
@@ -60,6 +65,14 @@ def apply_fsdp(model: nn.Module, layout: ParallelLayout, options: ShardingOption
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
     return model
+
+
+def _expert_placement(layer: SwitchFFN, layout: ParallelLayout) -> Callable[[nn.Parameter], Shard]:
+    """Shard an expert slice on its expert dimension when its experts divide evenly over the shard ranks, else on
+    ``d_model`` (dim 1): one expert per ``ep`` rank split over 4 shard ranks must not leave 3 of them empty."""
+    local_experts = layer.config.moe.num_experts // layout.ep_size
+    placement = Shard(0) if local_experts % layout.dims.dp_shard == 0 else Shard(1)
+    return lambda _param: placement
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

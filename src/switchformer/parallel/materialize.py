@@ -1,5 +1,5 @@
 """Allocate a parallelised meta-device model's local shards and fill them with the layout-independent initial
-weights: the rows a rank holds get exactly the values the single-process model has in those rows."""
+weights: the block of each weight a rank holds gets exactly the values the single-process model has there."""
 
 from __future__ import annotations
 
@@ -11,19 +11,15 @@ from switchformer.layers.initialization import seeded_fill_
 from switchformer.models.base import SwitchModelBase
 
 
-def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The tensor this process holds of ``param`` and the global row (dim 0) where it starts.
+def local_block(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The tensor this process holds of ``param`` and where it starts in the whole weight (one index per dim).
 
-    Every layout here splits weights along dim 0 only (experts, then FSDP shards), so a rank's part of a weight is a
-    contiguous block of rows.
-    """
+    Every layout here gives a rank one contiguous block of each weight (experts split on dim 0, FSDP shards on
+    dim 0, or on dim 1 for expert slices of fewer experts than shards)."""
     if not isinstance(param, DTensor):
-        return param.data, 0
-    local = param.to_local()
+        return param.data, (0,) * param.dim()
     _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    if any(offset[1:]):
-        raise ValueError(f"a shard of a {tuple(param.shape)} weight starts at {offset}: only dim 0 may be split")
-    return local, int(offset[0]) if len(offset) else 0
+    return param.to_local(), tuple(int(o) for o in offset)
 
 
 @torch.no_grad()
@@ -34,6 +30,6 @@ def materialize(model: SwitchModelBase, device: torch.device, *, seed: int) -> S
     model.to_empty(device=device)
     rules = model.init_rules()
     for name, param in model.named_parameters():
-        local, row_start = local_rows(param)
-        seeded_fill_(local, rules[name], seed=seed, name=name, global_shape=param.shape, row_start=row_start)
+        local, offset = local_block(param)
+        seeded_fill_(local, rules[name], seed=seed, name=name, global_shape=param.shape, offset=offset)
     return model

@@ -107,6 +107,7 @@ class ParallelLayout:
 
     dims: ParallelDims
     mesh: DeviceMesh  # (dp_replicate, dp_shard, ep)
+    dense_mesh: DeviceMesh  # (dp_replicate, dp_shard_ep): dense parameters are sharded over the second dimension
     rank: int
     local_rank: int  # rank on this node (the CUDA device index)
     device: torch.device
@@ -134,11 +135,6 @@ class ParallelLayout:
         return self.mesh.get_group("ep")
 
     @property
-    def dense_mesh(self) -> DeviceMesh:
-        """(dp_replicate, dp_shard_ep): dense parameters are sharded over the second dimension."""
-        return self.mesh["dp_replicate", "dp_shard_ep"]
-
-    @property
     def expert_mesh(self) -> DeviceMesh:
         """(dp_replicate, dp_shard): each expert slice is sharded over the second dimension."""
         return self.mesh["dp_replicate", "dp_shard"]
@@ -146,7 +142,7 @@ class ParallelLayout:
     @property
     def shard_group(self) -> dist.ProcessGroup:
         """The ``dp_shard * ep`` ranks that hold one model between them (they run every forward in lockstep)."""
-        return self.mesh.get_group("dp_shard_ep")
+        return self.dense_mesh.get_group("dp_shard_ep")
 
     @property
     def world_group(self) -> dist.ProcessGroup:
@@ -163,14 +159,20 @@ def build_layout(
 ) -> ParallelLayout:
     """The mesh over the initialised default group (a collective: every rank calls it with the same ``dims``)."""
     dims = dims.resolve(dist.get_world_size())
-    mesh = init_device_mesh(
-        device_type, (dims.dp_replicate, dims.dp_shard, dims.expert_parallel), mesh_dim_names=MESH_DIMS
-    )
-    mesh["dp_shard", "ep"]._flatten("dp_shard_ep")  # the dense parameters' shard dimension
+    shard = dims.dp_shard * dims.expert_parallel
+    dense = init_device_mesh(device_type, (dims.dp_replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard_ep"))
+    # The same ranks with the shard dimension split in two: (dp_shard, ep), ep the faster-varying one.
+    mesh = dense._unflatten("dp_shard_ep", (dims.dp_shard, dims.expert_parallel), MESH_DIMS[1:])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
     layout = ParallelLayout(
-        dims=dims, mesh=mesh, rank=dist.get_rank(), local_rank=local_rank, device=device, timeout=timeout
+        dims=dims,
+        mesh=mesh,
+        dense_mesh=dense,
+        rank=dist.get_rank(),
+        local_rank=local_rank,
+        device=device,
+        timeout=timeout,
     )
     logger.info("rank %d: %s on %s", layout.rank, dims.describe(), device)
     return layout
