@@ -1,0 +1,136 @@
+"""Streaming loads: a checkpoint's safetensors read tensor by tensor into a model that holds no other copy.
+
+The model is built on the meta device, cast to the wanted dtype and allocated empty; then each of our parameters
+is filled from the external tensors the key map names (``key_map.ParamMapping``), one at a time, reading only the
+block of each that this process holds: under expert parallelism a rank reads its experts only, under FSDP2 its
+rows (``safe_open(...).get_slice``). Each file is opened for one tensor and closed again, so the pages read are
+never all mapped at once: peak memory is the model in its dtype plus one tensor.
+
+Shape legend: E experts, A/B the two axes of a matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from switchformer.errors import CheckpointError
+from switchformer.interop.files import SAFETENSORS, SAFETENSORS_INDEX, read_json
+from switchformer.interop.key_map import ParamMapping, Transform, join
+
+Block = tuple[slice, ...]
+
+
+@dataclasses.dataclass
+class SafetensorsFiles:
+    """Where each tensor of a safetensors checkpoint (one file, or shards with an index) lives; reads slices."""
+
+    folder: Path
+    file_of: dict[str, str]
+    bytes_read: int = 0  # tensor bytes requested so far (what a rank's share costs)
+
+    @classmethod
+    def open(cls, folder: Path) -> SafetensorsFiles | None:
+        """The checkpoint's safetensors, or None for a folder without (a ``.bin`` or sharded training one)."""
+        if (folder / SAFETENSORS).is_file():
+            with safe_open(str(folder / SAFETENSORS), "pt") as handle:
+                return cls(folder, dict.fromkeys(handle.keys(), SAFETENSORS))
+        if (folder / SAFETENSORS_INDEX).is_file():
+            weight_map = read_json(folder / SAFETENSORS_INDEX).get("weight_map")
+            if not isinstance(weight_map, dict) or any(Path(f).name != f for f in weight_map.values()):
+                raise CheckpointError(f"{folder / SAFETENSORS_INDEX}: no valid 'weight_map' naming each shard")
+            return cls(folder, dict(weight_map))
+        return None
+
+    def keys(self) -> Iterable[str]:
+        return self.file_of.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(str(self._path(name)), "pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
+
+    def read(self, name: str, block: Block | None = None) -> torch.Tensor:
+        """Tensor ``name``, or its ``block`` (basic slices, one per leading dimension)."""
+        with safe_open(str(self._path(name)), "pt") as handle:
+            tensor = handle.get_tensor(name) if block is None else handle.get_slice(name)[block]
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def _path(self, name: str) -> Path:
+        if name not in self.file_of:
+            raise CheckpointError(f"{self.folder}: no tensor {name!r} in the checkpoint")
+        return self.folder / self.file_of[name]
+
+
+def local_block(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The tensor this process holds of ``param`` (a DTensor's local shard, else all of it) and where it starts."""
+    if not hasattr(param, "to_local"):
+        return param.data, (0,) * param.dim()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return param.to_local(), tuple(int(o) for o in offset)
+
+
+@torch.no_grad()
+def stream_into(model: torch.nn.Module, mappings: list[ParamMapping], files: SafetensorsFiles, *, source: str) -> None:
+    """Fill every parameter of ``model`` (allocated, possibly sharded) from ``files`` through ``mappings``."""
+    params = dict(model.named_parameters())
+    missing = sorted(params.keys() - {m.ours for m in mappings})
+    if missing:
+        raise CheckpointError(f"{source}: the key map names no source for {missing[:5]}")
+    for mapping in mappings:
+        param = params[mapping.ours]
+        local, offset = local_block(param)
+        if local.numel() == 0:
+            continue
+        block = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
+        try:
+            local.copy_(_read_block(files, mapping, block, tuple(param.shape)))
+        except (RuntimeError, ValueError, IndexError) as error:
+            raise CheckpointError(f"{source}: {mapping.ours} does not fit the checkpoint's tensors ({error})") from None
+
+
+def _read_block(files: SafetensorsFiles, mapping: ParamMapping, block: Block, shape: tuple[int, ...]) -> torch.Tensor:
+    """The ``block`` of our tensor, read from only the parts of the external tensors it is made of."""
+    parts = mapping.external
+    match mapping.transform:
+        case Transform.COPY:
+            return files.read(parts[0], block)
+        case Transform.TRANSPOSE:
+            return files.read(parts[0], block[::-1]).T
+        case Transform.STACK_T:  # ours[e] = part_e.T
+            experts, rows, cols = block
+            return torch.stack([files.read(parts[e], (cols, rows)).T for e in range(experts.start, experts.stop)])
+        case Transform.STACK_T_GATED:  # ours[e] = [gate_e.T | linear_e.T] along the last axis
+            experts, rows, cols = block
+            half = shape[-1] // 2
+            out = [
+                torch.cat([files.read(parts[2 * e + h], (piece, rows)).T for h, piece in _halves(cols, half)], -1)
+                for e in range(experts.start, experts.stop)
+            ]
+            return torch.stack(out)
+        case Transform.CONCAT_ROWS:  # ours = [gate; linear] along the rows
+            rows, cols = block
+            half = shape[0] // 2
+            return torch.cat([files.read(parts[h], (piece, cols)) for h, piece in _halves(rows, half)], 0)
+    return join(mapping.transform, [files.read(name) for name in parts])[block]  # whole parts (T5X's layouts)
+
+
+def _halves(span: slice, half: int) -> list[tuple[int, slice]]:
+    """Which of two concatenated halves of length ``half`` the range ``span`` covers, as (half, local range)."""
+    pieces = []
+    for h in (0, 1):
+        start, stop = max(span.start - h * half, 0), min(span.stop - h * half, half)
+        if start < stop:
+            pieces.append((h, slice(start, stop)))
+    return pieces
+
+
+def tensors_for_checks(files: SafetensorsFiles, names: Iterable[str]) -> Mapping[str, torch.Tensor]:
+    """The few whole tensors a load checks against each other (e.g. tied embeddings), those that exist."""
+    return {name: files.read(name) for name in names if name in files.file_of}
