@@ -70,7 +70,10 @@ def _sharded_steps(steps: int) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (2,))
     g = torch.Generator().manual_seed(0)
     whole = [torch.nn.Parameter(torch.randn(*shape, generator=g)) for shape, _ in SHARDED]
-    ours = [torch.nn.Parameter(distribute_tensor(w.detach().clone(), mesh, [p])) for w, (_, p) in zip(whole, SHARDED)]
+    ours = [
+        torch.nn.Parameter(distribute_tensor(w.detach().clone(), mesh, [p]))
+        for w, (_, p) in zip(whole, SHARDED, strict=True)
+    ]
     settings = {"lr": 0.5, "weight_decay": 0.1}
     ours_opt = ShardedAdafactor([{"params": ours[:3]}, {"params": ours[3:]}], **settings)
     theirs_opt = torch.optim.Adafactor(whole, foreach=False, **settings)

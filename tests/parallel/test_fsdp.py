@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from switchformer import build_model
+from switchformer.parallel import ParallelDims
 from tests.parallel import workers
 from tests.parallel.launcher import run_and_check
 
@@ -16,8 +18,21 @@ def _train(tmp_path, world: int, dims: dict[str, int], **kwargs) -> list[dict]:
     results = run_and_check(
         workers.check_model_training, world, timeout_s=240, dims=dims, checkpoint_dir=str(tmp_path), **kwargs
     )
-    assert all(r == results[0] for r in results)  # every rank reports the same global losses
+    assert all(r["losses"] == results[0]["losses"] for r in results)  # every rank reports the same global losses
+    _assert_each_rank_holds_its_share(results, ParallelDims(**dims).resolve(world))
     return results
+
+
+def _assert_each_rank_holds_its_share(results: list[dict], dims: ParallelDims) -> None:
+    """The parameter bytes a rank holds shrink as 1/N, N = dp_shard * ep (the ranks of one replica): dense weights
+    are sharded over all N, each expert slice of 1/ep over dp_shard. FSDP2 pads a weight's rows to a multiple of
+    its shard count, which this config's shapes never need, so the shares are exact."""
+    one_process = {"expert": 0, "dense": 0}
+    for name, param in build_model(workers.tiny_model_config(), seed=0).named_parameters():
+        one_process["expert" if ".experts." in name else "dense"] += param.numel() * param.element_size()
+    shards = dims.dp_shard * dims.expert_parallel
+    for result in results:
+        assert result["held"] == {kind: size // shards for kind, size in one_process.items()}, (result["held"], shards)
 
 
 def test_expert_parallel_training_matches_one_process_on_2_ranks(tmp_path):

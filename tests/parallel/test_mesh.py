@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from switchformer import ConfigError, SwitchFFN
 from switchformer.cli.common import parallel_dims, torchrun_job
-from switchformer.parallel import ParallelDims, apply_expert_parallel, build_layout, expert_shards, init_parallel
+from switchformer.parallel import ParallelDims, apply_expert_parallel, expert_shards, init_parallel
 
 
 def _layer(num_experts: int = 4) -> SwitchFFN:
@@ -83,8 +83,9 @@ def test_cli_flags_give_the_layout():
 
 def test_a_multi_rank_layout_outside_torchrun_says_how_to_launch(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(ValueError, match=r"torchrun --nproc-per-node 4 -m switchformer train"), torchrun_job(
-        "train", ParallelDims(dp_shard=2, expert_parallel=2)
+    with (
+        pytest.raises(ValueError, match=r"torchrun --nproc-per-node 4 -m switchformer train"),
+        torchrun_job("train", ParallelDims(dp_shard=2, expert_parallel=2)),
     ):
         pass
     with torchrun_job("train", ParallelDims()) as strategy:  # the default layout fits one process: no job to join

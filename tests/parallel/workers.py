@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from switchformer import ModelConfig, MoEConfig, SwitchFFN, build_model
+from switchformer.errors import CheckpointError
 from switchformer.models.stack import set_activation_checkpointing
 from switchformer.parallel import (
     Backend,
@@ -267,6 +268,7 @@ def check_model_training(
     config = tiny_model_config()
     reference = build_model(config, seed=SEED)
     model = sharded_model(layout, config, checkpoint_every=activation_checkpointing)
+    held = held_bytes(model)
     train_config = TrainConfig(optimizer=OptimizerKind(optimizer_kind), lr=LR, weight_decay=0.1)
     optimizer = build_optimizer(reference, train_config)
     optimizer_p = build_optimizer(model, train_config, layout=layout)
@@ -343,14 +345,32 @@ def check_model_training(
     for name, value in _full_state(resumed).items():
         assert torch.equal(value, expected[name]), f"{name} was not loaded exactly"
     batch = _global_batch(rows, generator)
-    for m, opt, data in ((reference, optimizer, batch), (resumed, resumed_optimizer, slice_global_batch(batch, layout))):
+    for m, opt, data in (
+        (reference, optimizer, batch),
+        (resumed, resumed_optimizer, slice_global_batch(batch, layout)),
+    ):
         _forward(m, data).loss.backward()
         opt.step()
         opt.zero_grad()
     after = _forward(reference, batch).loss
     after_p = mean_over_ranks(_forward(resumed, slice_global_batch(batch, layout)).loss, layout)
     _close("loss after loading a single-process checkpoint", after_p, after)
-    return {"losses": losses_p, "reference_losses": losses}
+
+    # A checkpoint of another expert count is refused, naming the mismatch, before anything is loaded.
+    other = Path(checkpoint_dir) / "other"
+    if layout.rank == 0:
+        four = build_model(tiny_model_config(num_experts=4), seed=SEED).state_dict()
+        save_checkpoint(other, 1, model_state=four, optimizer_state=None, trainer_state={}, config={})
+    dist.barrier()
+    before = _full_state(resumed)
+    try:
+        load_into_sharded(other / step_dir_name(1), resumed, None)
+    except CheckpointError as error:
+        assert "another model config" in str(error) and "experts.wi (4, 32, 32) vs model (8, 32, 32)" in str(error)
+    else:
+        raise AssertionError("a checkpoint with 4 experts loaded into a model with 8")
+    assert all(torch.equal(v, before[n]) for n, v in _full_state(resumed).items()), "a refused load changed weights"
+    return {"losses": losses_p, "reference_losses": losses, "held": held}
 
 
 def check_initial_weights(dims: dict[str, int], seed: int) -> dict[str, Any]:
@@ -368,10 +388,8 @@ def check_initial_weights(dims: dict[str, int], seed: int) -> dict[str, Any]:
     return {"rank": layout.rank, "held": held}
 
 
-def local_parameter_bytes(dims: dict[str, int]) -> dict[str, int]:
-    """The bytes of parameter storage this rank holds, expert weights and the rest, in the trainer's layout."""
-    layout = join(dims)
-    model = sharded_model(layout, tiny_model_config())
+def held_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """The bytes of parameter storage this process holds (padding included), expert weights and the rest."""
     held = {"expert": 0, "dense": 0}
     storages = set()
     for name, param in model.named_parameters():
