@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -23,3 +25,23 @@ def fake_rank():
     yield join
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tmp_path_factory: pytest.TempPathFactory):
+    """``get(*extra, jitter=False, steps=runs.STEPS)``: the run folder of ``switchformer train`` in one process with
+    ``runs.train_args(*extra, ...)``, the uninterrupted run the parallel ones must reproduce (made once)."""
+    from switchformer.cli.main import main
+    from tests.parallel.runs import STEPS, train_args
+
+    made: dict[tuple, Path] = {}
+
+    def get(*extra: str, jitter: bool = False, steps: int = STEPS) -> Path:
+        key = (extra, jitter, steps)
+        if key not in made:
+            run = tmp_path_factory.mktemp("one-process") / "run"
+            assert main(["train", *train_args(*extra, jitter=jitter, steps=steps), "--output", str(run)]) == 0
+            made[key] = run
+        return made[key]
+
+    return get
