@@ -60,16 +60,29 @@ def distill_cli(args: list[str], output: str) -> dict[str, object]:
 
 def finetune_cli(args: list[str], output: str) -> dict[str, object]:
     """``switchformer finetune`` on this rank: the run's metrics, evaluations and best model's record as this rank
-    reads them once the command has returned, and the batch sizes its training forward passes saw."""
+    reads them once the command has returned, the batch sizes its training forward passes saw and the number of
+    validation examples it decoded."""
     import json
     from pathlib import Path
 
+    import switchformer.finetune.evaluation as evaluation
     from switchformer import from_pretrained
     from switchformer.finetune.callbacks import read_eval_log
 
-    rows = main_counting_rows("finetune", args, output)
+    decoded = [0]
+    library_generate = evaluation.generate
+
+    def counting_generate(model, *, input_ids, **kwargs):
+        decoded[0] += int(input_ids.shape[0])
+        return library_generate(model, input_ids=input_ids, **kwargs)
+
+    evaluation.generate = counting_generate
+    try:
+        rows = main_counting_rows("finetune", args, output)
+    finally:
+        evaluation.generate = library_generate
     folder = Path(output)
     best = json.loads((folder / "best" / "best.json").read_text())
     weights = from_pretrained(folder / "best").state_dict()
     return {"metrics": read_metrics(folder), "evals": read_eval_log(folder), "best": best, "rows": rows,
-            "best_weights": weights}  # fmt: skip
+            "best_weights": weights, "decoded": decoded[0]}  # fmt: skip
