@@ -33,11 +33,12 @@ STEPS = 8
 LOSS_ATOL = 1e-5  # later steps start from weights that agree to the optimizer's drift bound, not bit for bit
 LAUNCH_TIMEOUT_S = 300.0
 
-BASE = ["--seq-len", "32", "--batch-size", "8", "--vocab-size", "400", "--data-set", "max_corpus_bytes=60000",
-        "--data-set", "validation_batches=1", "--set", "d_model=32", "--set", "d_ff=64", "--set", "num_heads=4",
-        "--set", "num_layers=2", "--set", "moe.num_experts=8", "--set", "moe.grouping=sequence", "--schedule",
-        "constant", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "1",
-        "--train-set", f"keep_checkpoints={STEPS}", "--train-set", "threads=1", "--no-progress"]  # fmt: skip
+BASE = (
+    "--seq-len 32 --batch-size 8 --vocab-size 400 --data-set max_corpus_bytes=60000 --data-set validation_batches=1 "
+    "--set d_model=32 --set d_ff=64 --set num_heads=4 --set num_layers=2 --set moe.num_experts=8 "
+    "--set moe.grouping=sequence --schedule constant --warmup-steps 2 --log-every 1 --eval-every 2 "
+    f"--checkpoint-every 1 --train-set keep_checkpoints={STEPS} --train-set threads=1 --no-progress"
+).split()
 NO_JITTER = ["--set", "moe.router_jitter=0"]
 
 
@@ -51,8 +52,14 @@ def train_on_ranks(world: int, args: list[str], run: Path) -> list[dict[str, Any
 
 
 def environment(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "MPLBACKEND": "Agg", **extra}  # fmt: skip
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "RAYON_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MPLBACKEND": "Agg",
+        **extra,
+    }
 
 
 def torchrun_command(nproc: int, *, nnodes: int = 1, endpoint: str | None = None) -> list[str]:
@@ -67,8 +74,9 @@ def torchrun_command(nproc: int, *, nnodes: int = 1, endpoint: str | None = None
 def launch(command: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
     """Start ``command`` in a session of its own (so the whole job can be killed at once), output to ``log``."""
     with log.open("wb") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment(**env),
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=environment(**env), start_new_session=True
+        )
 
 
 def kill_job(process: subprocess.Popen[bytes]) -> None:

@@ -14,10 +14,14 @@ def _batch(rows: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "dims",
-    [ParallelDims(dp_shard=4), ParallelDims(dp_shard=2, expert_parallel=2), ParallelDims(dp_replicate=2, dp_shard=2),
-     ParallelDims(dp_shard=1, expert_parallel=4)],
+    [
+        ParallelDims(dp_shard=4),
+        ParallelDims(dp_shard=2, expert_parallel=2),
+        ParallelDims(dp_replicate=2, dp_shard=2),
+        ParallelDims(dp_shard=1, expert_parallel=4),
+    ],
     ids=["fsdp4", "fsdp2-ep2", "hsdp2x2", "ep4"],
-)  # fmt: skip
+)
 def test_each_rank_gets_its_contiguous_share_whatever_the_layout(fake_rank, dims):
     """The ranks' slices, concatenated in rank order, are the global batch: routing groups that stay inside a
     slice are the groups one process forms."""

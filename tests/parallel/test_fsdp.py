@@ -68,8 +68,14 @@ def test_hsdp_2_replicas_of_2_shards(tmp_path):
 
 @pytest.mark.slow
 def test_adafactor_2_by_fsdp_2_with_activation_checkpointing(tmp_path):
-    _train(tmp_path, 4, {"expert_parallel": 2, "dp_shard": 2}, steps=2, optimizer_kind="adafactor",
-           activation_checkpointing=1)  # fmt: skip
+    _train(
+        tmp_path,
+        4,
+        {"expert_parallel": 2, "dp_shard": 2},
+        steps=2,
+        optimizer_kind="adafactor",
+        activation_checkpointing=1,
+    )
 
 
 @pytest.mark.slow

@@ -57,9 +57,12 @@ def test_resolve_refuses_layouts_that_do_not_multiply_to_the_world_size(dims, wo
 
 @pytest.mark.parametrize(
     ("fields", "message"),
-    [({"dp_shard": -1, "expert_parallel": -1}, r"only one of \['dp_shard', 'expert_parallel'\] may be -1"),
-     ({"dp_replicate": 0}, r"dp_replicate.*must be >= 1, or -1"), ({"expert_parallel": -2}, r"expert_parallel")],
-)  # fmt: skip
+    [
+        ({"dp_shard": -1, "expert_parallel": -1}, r"only one of \['dp_shard', 'expert_parallel'\] may be -1"),
+        ({"dp_replicate": 0}, r"dp_replicate.*must be >= 1, or -1"),
+        ({"expert_parallel": -2}, r"expert_parallel"),
+    ],
+)
 def test_invalid_degrees_are_refused_when_the_dims_are_made(fields, message):
     with pytest.raises(ConfigError, match=message):
         ParallelDims(**fields)

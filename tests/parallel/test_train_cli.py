@@ -83,8 +83,15 @@ def test_two_torchrun_nodes_on_one_machine_train_together(tmp_path, one_process_
     """Two launchers meet through c10d rendezvous, as two nodes would: replicas across the nodes (HSDP), FSDP inside
     each; the job logs one process's losses."""
     run, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
-    command = [*runs.torchrun_command(2, nnodes=2, endpoint=endpoint), "-m", "switchformer", "train",
-               *runs.train_args(*LAYOUTS["hsdp2x2"][1], steps=4), "--output", str(run)]  # fmt: skip
+    command = [
+        *runs.torchrun_command(2, nnodes=2, endpoint=endpoint),
+        "-m",
+        "switchformer",
+        "train",
+        *runs.train_args(*LAYOUTS["hsdp2x2"][1], steps=4),
+        "--output",
+        str(run),
+    ]
     nodes = [runs.launch(command, tmp_path / f"node{n}.log") for n in range(2)]
     codes = [runs.finish(node, tmp_path / f"node{n}.log") for n, node in enumerate(nodes)]
     assert codes == [0, 0], [runs.tail(tmp_path / f"node{n}.log") for n in range(2)]

@@ -335,9 +335,13 @@ def check_model_training(
     if layout.rank == 0:
         state = {"step": steps}
         save_checkpoint(
-            Path(checkpoint_dir), steps, model_state=expected, optimizer_state=optimizer.state_dict(),
-            trainer_state=state, config={},
-        )  # fmt: skip
+            Path(checkpoint_dir),
+            steps,
+            model_state=expected,
+            optimizer_state=optimizer.state_dict(),
+            trainer_state=state,
+            config={},
+        )
     dist.barrier()
     resumed = sharded_model(layout, config, seed=123)
     resumed_optimizer = build_optimizer(resumed, train_config, layout=layout)
