@@ -36,11 +36,16 @@ def test_every_layout_matches_one_process(tmp_path, one_process_run, layout):
     assert runs.checkpoint_steps(run) == [1, 2, 3, 4]
 
 
-def test_adafactor_under_expert_parallelism_matches_one_process(tmp_path, one_process_run):
-    """ShardedAdafactor takes its norms over whole weights; its state is torch's, compared at step 1 as AdamW's."""
+def test_adafactor_under_expert_parallelism_matches_one_process_and_resumes_in_one(tmp_path, one_process_run):
+    """ShardedAdafactor takes its norms over whole weights; its state is torch's Adafactor state, compared at step 1
+    as AdamW's, and torch's Adafactor in one process resumes from it (two more steps, as uninterrupted)."""
     run = tmp_path / "run"
     runs.train_on_ranks(2, runs.train_args("--optimizer", "adafactor", "--expert-parallel", "2", steps=4), run)
-    _assert_reproduces(run, one_process_run("--optimizer", "adafactor", steps=4), 4)
+    reference = one_process_run("--optimizer", "adafactor", steps=6)
+    _assert_reproduces(run, reference, 4)
+    assert main(["train", "--resume", "--steps", "6", "--no-progress", "--output", str(run)]) == 0
+    runs.assert_same_losses(read_metrics(run), read_metrics(reference))
+    runs.assert_same_weights(run, reference, 6)
 
 
 def test_router_jitter_matches_one_process_in_any_layout(tmp_path, one_process_run):
