@@ -44,16 +44,13 @@ def test_fsdp_training_matches_one_process_on_2_ranks(tmp_path):
     _train(tmp_path, 2, {"dp_shard": 2})
 
 
-def test_activation_checkpointing_under_expert_parallelism_matches_one_process(tmp_path):
-    """Each rank recomputes its blocks in backward, all-to-alls included, in the same order on every rank."""
-    _train(tmp_path, 2, EP2, activation_checkpointing=1)
+def test_adafactor_and_activation_checkpointing_under_expert_parallelism_match_one_process(tmp_path):
+    """Adafactor's relative step size and update clipping take norms over whole expert weights, not a rank's slice;
+    each rank recomputes its blocks in backward, all-to-alls included, in the same order on every rank."""
+    _train(tmp_path, 2, EP2, optimizer_kind="adafactor", activation_checkpointing=1)
 
 
-def test_adafactor_under_expert_parallelism_matches_one_process(tmp_path):
-    """Its relative step size and update clipping take norms over whole expert weights, not a rank's slice."""
-    _train(tmp_path, 2, EP2, optimizer_kind="adafactor")
-
-
+@pytest.mark.slow
 def test_expert_parallel_4_ranks(tmp_path):
     _train(tmp_path, 4, {"expert_parallel": 4, "dp_shard": 1}, steps=2)
 
