@@ -40,13 +40,6 @@ def sharded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-@pytest.fixture
-def run(sharded_run: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(sharded_run, copy)
-    return copy
-
-
 def _metadata(path: Path):
     return SafeFileSystemReader(path).read_metadata()
 
@@ -80,9 +73,10 @@ def _crafted_value(path: Path) -> None:
 
 @pytest.mark.parametrize("craft", ["whole-metadata", "hidden-in-metadata", "value-in-a-shard"])
 def test_a_crafted_checkpoint_with_a_matching_manifest_is_refused_without_running_code(
-    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], craft: str
+    sharded_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], craft: str
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    run = Path(shutil.copytree(sharded_run, tmp_path / "run"))  # crafted in a copy of the genuine run
     path = latest_checkpoint(run / "checkpoints")
     if craft == "value-in-a-shard":
         _crafted_value(path)
