@@ -59,6 +59,7 @@ def test_expert_parallel_2_by_fsdp_2(tmp_path):
     _train(tmp_path, 4, {"expert_parallel": 2, "dp_shard": 2}, steps=2)
 
 
+@pytest.mark.slow
 def test_hsdp_2_replicas_of_2_shards(tmp_path):
     _train(tmp_path, 4, {"dp_replicate": 2, "dp_shard": 2}, steps=2)
 
