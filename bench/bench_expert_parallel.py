@@ -1,7 +1,10 @@
 """Expert parallelism on CPU: training throughput of 2 processes (EP=2) against 1 process at the same global batch,
 and the bytes all-to-all moves per step against the minimum.
 
-    python bench/bench_expert_parallel.py [--steps 5] [--batch 16] [--seq 64] [--experts 8]
+    python bench/bench_expert_parallel.py [--steps 5] [--batch 16] [--seq 64] [--experts 8] [--dp-shard 1]
+
+The ranks build the model as the trainer does (meta device, experts split over the ``ep`` mesh dimension, FSDP2
+over the rest, each rank materialising its shards); ``--dp-shard N`` adds N-way sharding (2N processes).
 
 The single process runs with one thread and with every core (``torch.get_num_threads()``), each of the 2 ranks
 with half of the cores, so both sides use the same hardware; the speed-up is against the faster single process.
@@ -25,14 +28,8 @@ import torch.multiprocessing as mp
 from switchformer import ModelConfig, MoEConfig, build_model
 from switchformer.models.config import Architecture
 from switchformer.moe.assignment import Routing
-from switchformer.parallel import (
-    AllToAllDispatcher,
-    apply_expert_parallel,
-    close_parallel,
-    init_parallel,
-    slice_global_batch,
-    sync_gradients,
-)
+from switchformer.parallel import AllToAllDispatcher, ParallelDims, close_parallel, init_parallel, slice_global_batch
+from switchformer.training.strategy import DistributedStrategy
 
 
 @dataclasses.dataclass
@@ -89,15 +86,13 @@ def global_batches(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
 
 
 def train_steps(model, batches, args, layout=None) -> float:
-    """Seconds per step over the timed steps (forward, backward, gradient sync, AdamW)."""
+    """Seconds per step over the timed steps (forward, backward with FSDP2's gradient reduction, AdamW)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for i, batch in enumerate(batches):
         if i == args.warmup:
             started = time.perf_counter()
         data = slice_global_batch(batch, layout) if layout is not None else batch
         model(data["input_ids"], labels=data["labels"]).loss.backward()
-        if layout is not None:
-            sync_gradients(model, layout)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return (time.perf_counter() - started) / args.steps
@@ -107,9 +102,9 @@ def rank_main(rank: int, world: int, port: int, out: str, args: argparse.Namespa
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    layout = init_parallel(world)
-    torch.manual_seed(0)
-    model = apply_expert_parallel(build_model(model_config(args)), layout)
+    layout = init_parallel(ParallelDims(dp_shard=args.dp_shard, expert_parallel=world // args.dp_shard))
+    meta = build_model(model_config(args), device="meta")
+    model = DistributedStrategy(layout).prepare_model(meta, device=layout.device, seed=0)
     traffic = Traffic()
     for module in model.modules():
         if isinstance(getattr(module, "dispatcher", None), AllToAllDispatcher):
@@ -135,16 +130,16 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--dp-shard", type=int, default=1, help="FSDP2 shard degree beside EP=2 (world = 2 x N)")
     args = parser.parse_args()
     cores = torch.get_num_threads()
-    world = 2
+    world = 2 * args.dp_shard
     tokens = args.batch * args.seq
 
     singles = {}
     for threads in sorted({1, cores}):  # on a busy machine one thread can beat all cores; compare with the best
         torch.set_num_threads(threads)
-        torch.manual_seed(0)
-        singles[threads] = train_steps(build_model(model_config(args)), global_batches(args), args)
+        singles[threads] = train_steps(build_model(model_config(args), seed=0), global_batches(args), args)
     torch.set_num_threads(cores)
     best = min(singles.values())
 
@@ -164,12 +159,12 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"global batch {args.batch} x {args.seq} = {tokens} tokens, {args.experts} experts, d_model {args.d_model}")
     print(f"{cores} cores, load average {load:.1f} (timings on a busy machine are noisy)")
-    print(f"{'setup':<38}{'s/step':>10}{'tokens/s':>12}{'vs best 1-process':>19}")
+    print(f"{'setup':<42}{'s/step':>10}{'tokens/s':>12}{'vs best 1-process':>19}")
     for threads, seconds in singles.items():
         label = f"1 process, {threads} thread{'s' if threads > 1 else ''}"
-        print(f"{label:<38}{seconds:>10.4f}{tokens / seconds:>12.0f}{best / seconds:>19.2f}")
-    label = f"{world} processes EP={world}, {max(cores // world, 1)} thread each"
-    print(f"{label:<38}{ep_seconds:>10.4f}{tokens / ep_seconds:>12.0f}{best / ep_seconds:>19.2f}")
+        print(f"{label:<42}{seconds:>10.4f}{tokens / seconds:>12.0f}{best / seconds:>19.2f}")
+    label = f"{world} processes EP=2 x FSDP={args.dp_shard}, {max(cores // world, 1)} thread each"
+    print(f"{label:<42}{ep_seconds:>10.4f}{tokens / ep_seconds:>12.0f}{best / ep_seconds:>19.2f}")
     print()
     print(f"{'all-to-all bytes per training step, all ranks':<44}{'bytes':>12}{'x minimum':>11}")
     for name, value in (

@@ -10,14 +10,17 @@ checkpoint is read).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -80,7 +83,11 @@ class SafeFileSystemReader(dcp.FileSystemReader):
 
 
 def _load_bytes_safely(planner: DefaultLoadPlanner, read_item: ReadItem, value: io.BytesIO) -> None:
-    loaded = torch.load(value, weights_only=True)
+    try:
+        loaded = torch.load(value, weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's message goes on to suggest weights_only=False: not here
+        reason = next((line.strip() for line in str(error).splitlines() if "Unpickler error" in line), str(error))
+        raise CheckpointError(f"the value {read_item.dest_index.fqn} is not plain data ({reason})") from None
     if planner.flatten_state_dict:
         set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], loaded)
     else:
@@ -101,10 +108,23 @@ class _SafeEmptyLoadPlanner(_EmptyStateDictLoadPlanner):
         _load_bytes_safely(self, read_item, value)
 
 
+@contextlib.contextmanager
+def _refusals_as_checkpoint_errors(path: Path | str) -> Iterator[None]:
+    """DCP gathers every rank's failure (a refused ``.metadata``, a refused value) into a ``CheckpointException``,
+    a ``BaseException`` that no caller expects; raise the :class:`CheckpointError` the other readers raise."""
+    try:
+        yield
+    except CheckpointException as error:
+        reasons = sorted({str(failure) for failure, _ in error.failures.values()})
+        raise CheckpointError(f"could not read the sharded checkpoint {path}: {'; '.join(reasons)}") from None
+
+
 def load_sharded(state: dict[str, Any], path: Path | str, *, process_group: Any = None, no_dist: bool = False) -> None:
-    """Fill ``state`` (tensors or DTensors laid out as this rank holds them) from the DCP folder ``path``."""
+    """Fill ``state`` (tensors or DTensors laid out as this rank holds them) from the DCP folder ``path`` (a collective
+    unless ``no_dist``; every rank raises the same :class:`CheckpointError` if any rank's read is refused)."""
     reader = SafeFileSystemReader(path)
-    dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=process_group, no_dist=no_dist)
+    with _refusals_as_checkpoint_errors(path):
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=process_group, no_dist=no_dist)
 
 
 def read_whole(path: Path | str, keys: set[str] | None = None) -> dict[str, Any]:
@@ -113,7 +133,8 @@ def read_whole(path: Path | str, keys: set[str] | None = None) -> dict[str, Any]
     # DCP's own whole-folder reader (format_utils.dcp_to_torch_save) calls the loader directly, as here: dcp.load
     # only fills the keys its argument already has.
     reader, planner = SafeFileSystemReader(path), _SafeEmptyLoadPlanner(keys=keys)
-    _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
+    with _refusals_as_checkpoint_errors(path):
+        _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
     return state
 
 

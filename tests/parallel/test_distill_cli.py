@@ -1,4 +1,5 @@
-"""`switchformer distill` under torchrun: every training is data-parallel and logs what one process logs."""
+"""`switchformer distill` under torchrun: every training is sharded over the ranks (FSDP2, the default layout),
+each rank training on its slice of the batch, and logs what one process logs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ TEACHER = ["--preset", "switch-lm-tiny-8", "--set", "d_model=32", "--set", "d_ff
            "--train-set", "threads=1", "--no-progress"]  # fmt: skip
 
 
-def test_data_parallel_distillation_matches_one_process(tmp_path):
+def test_sharded_distillation_matches_one_process(tmp_path):
     teacher = tmp_path / "teacher"
     assert main(["train", "--steps", "4", "--output", str(teacher), *TEACHER]) == 0
     args = [str(teacher), "--no-progress"]

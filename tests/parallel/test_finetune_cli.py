@@ -1,4 +1,5 @@
-"""`switchformer finetune` under torchrun: data-parallel, with what one process computes, and one writer."""
+"""`switchformer finetune` under torchrun: sharded, replicated or expert-parallel, with what one process computes, and
+one writer."""
 
 from __future__ import annotations
 
@@ -27,12 +28,17 @@ ARGS = ["--steps", "9", "--eval-every", "3", "--batch-size", "8", "--lr", str(PE
 BETAS = TrainConfig().betas  # finetune keeps the default AdamW betas
 
 
-@pytest.mark.parametrize("parallel", [[], ["--expert-parallel", "2"]], ids=["data-parallel", "expert-parallel"])
+@pytest.mark.parametrize(
+    "parallel",
+    [[], ["--dp-replicate", "2"], ["--expert-parallel", "2"]],
+    ids=["fsdp", "replicas", "expert-parallel"],
+)
 def test_finetuning_on_2_ranks_matches_one_process_and_stops_on_every_rank(tmp_path, parallel):
-    """Data parallelism: the ranks decode 5 and 4 of the 9 validation examples, in 2 and 1 batches. Expert
-    parallelism: each rank holds 2 of the 4 experts, so both decode all 9 in lockstep (split as above, rank 0's
-    second batch would wait forever for rank 1's all-to-alls), and the best model is saved from the gathered
-    experts."""
+    """The default layout shards the model over both ranks (FSDP2): one replica, so both ranks decode all 9
+    validation examples in lockstep, as do the two ranks of an expert-parallel group (each holds 2 of the 4 experts;
+    split, rank 0's second batch would wait forever for rank 1's all-to-alls). Two replicas (--dp-replicate 2) hold
+    the whole model each and decode 5 and 4 of the examples, in 2 and 1 batches. The best model is saved whole,
+    gathered from the shards."""
     checkpoint = write_checkpoint(tmp_path / "start", tiny_config())
     train, validation = write_task(tmp_path / "task", train=64, validation=9)
     args = [str(checkpoint), "--train", str(train), "--validation", str(validation), *ARGS]
@@ -41,6 +47,9 @@ def test_finetuning_on_2_ranks_matches_one_process_and_stops_on_every_rank(tmp_p
 
     assert single["rows"] == {8} and [r["rows"] for r in ranks] == [{4}, {4}]  # each rank trains on its half
     assert [e["step"] for e in single["evals"]] == [0, 3, 6]  # stopped early after step 6, not at 9
+    # Three evaluations of the 9 examples: all of them on every rank of the one replica, or 5 and 4 per replica.
+    assert single["decoded"] == 27
+    assert [r["decoded"] for r in ranks] == ([15, 12] if "--dp-replicate" in parallel else [27, 27])
     for rank in ranks:  # every rank stopped after the same step and reads the main rank's files
         assert rank["evals"] == ranks[0]["evals"] and rank["best"] == ranks[0]["best"]
     for got, expected in zip(ranks[0]["evals"], single["evals"], strict=True):

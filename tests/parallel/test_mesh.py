@@ -1,41 +1,21 @@
-"""Layout checks and expert sharding that need no process group."""
+"""Layouts: which splits of the world are accepted, what the errors say, and where each rank sits in the mesh.
+
+Placement is planned in this process on torch's fake process group (no communication; the ``fake_rank`` fixture of
+conftest.py): one rank at a time joins a fake world, builds its layout and splits a Switch layer, so every rank of an
+8-rank layout is checked in milliseconds.
+"""
 
 from __future__ import annotations
 
-import datetime
+import argparse
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from switchformer import ConfigError, SwitchFFN
-from switchformer.parallel import (
-    ParallelLayout,
-    ShardMismatchError,
-    apply_expert_parallel,
-    check_layout,
-    expert_shards,
-    init_parallel,
-    load_full_state_dict,
-    slice_global_batch,
-)
-
-
-def _layout(ep_rank: int, ep_size: int, dp_size: int = 1) -> ParallelLayout:
-    """A layout whose groups are never used (nothing here runs a collective)."""
-    return ParallelLayout(
-        rank=ep_rank,
-        world_size=ep_size * dp_size,
-        local_rank=ep_rank,
-        ep_rank=ep_rank,
-        ep_size=ep_size,
-        dp_rank=0,
-        dp_size=dp_size,
-        device=torch.device("cpu"),
-        ep_group=None,
-        expert_dp_group=None,
-        dense_group=None,
-        timeout=datetime.timedelta(seconds=1),
-    )
+from switchformer.cli.common import parallel_dims, torchrun_job
+from switchformer.parallel import ParallelDims, apply_expert_parallel, expert_shards, init_parallel
 
 
 def _layer(num_experts: int = 4) -> SwitchFFN:
@@ -43,78 +23,138 @@ def _layer(num_experts: int = 4) -> SwitchFFN:
     return SwitchFFN(d_model=8, d_ff=16, num_experts=num_experts)
 
 
-def test_check_layout_gives_the_data_parallel_degree():
-    assert check_layout(8, 2) == 4
-    assert check_layout(4, 4) == 1
+# -- which layouts fit a world ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("dims", "world", "resolved"),
+    [
+        (ParallelDims(), 4, (1, 4, 1)),  # the default: FSDP over every rank
+        (ParallelDims(expert_parallel=2), 8, (1, 4, 2)),
+        (ParallelDims(dp_replicate=2, dp_shard=2), 4, (2, 2, 1)),
+        (ParallelDims(dp_replicate=-1, dp_shard=2, expert_parallel=2), 8, (2, 2, 2)),
+        (ParallelDims(dp_shard=1, expert_parallel=-1), 4, (1, 1, 4)),
+        (ParallelDims(dp_replicate=2, dp_shard=1, expert_parallel=1), 2, (2, 1, 1)),
+    ],
+)
+def test_resolve_fills_the_one_degree_given_as_minus_one(dims, world, resolved):
+    out = dims.resolve(world)
+    assert (out.dp_replicate, out.dp_shard, out.expert_parallel) == resolved
+    assert out.world_size == world
 
 
-@pytest.mark.parametrize(("world", "ep"), [(4, 3), (6, 4), (2, 0)])
-def test_check_layout_rejects_an_expert_parallel_degree_that_does_not_divide_the_world(world, ep):
-    with pytest.raises(ConfigError, match=rf"expert_parallel={ep} is invalid"):
-        check_layout(world, ep)
+@pytest.mark.parametrize(
+    ("dims", "world", "message"),
+    [
+        (ParallelDims(expert_parallel=3), 4, r"\(dp_replicate 1, expert_parallel 3\) does not divide the world size 4"),
+        (ParallelDims(dp_replicate=2, dp_shard=2, expert_parallel=2), 4, r"does not divide the world size 4"),
+        (ParallelDims(dp_replicate=2, dp_shard=2, expert_parallel=2), 16, r"has 8 ranks but the world has 16"),
+        (ParallelDims(dp_shard=2, expert_parallel=1), 4, r"has 2 ranks but the world has 4.*pass -1"),
+    ],
+)
+def test_resolve_refuses_layouts_that_do_not_multiply_to_the_world_size(dims, world, message):
+    with pytest.raises(ConfigError, match=message):
+        dims.resolve(world)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"dp_shard": -1, "expert_parallel": -1}, r"only one of \['dp_shard', 'expert_parallel'\] may be -1"),
+        ({"dp_replicate": 0}, r"dp_replicate.*must be >= 1, or -1"),
+        ({"expert_parallel": -2}, r"expert_parallel"),
+    ],
+)
+def test_invalid_degrees_are_refused_when_the_dims_are_made(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        ParallelDims(**fields)
+
+
+def test_check_experts_names_the_allowed_expert_parallel_degrees():
+    ParallelDims(expert_parallel=4).check_experts(8)
+    with pytest.raises(ConfigError, match=r"expert_parallel=3 is invalid.*num_experts=8.*allowed: \[1, 2, 4, 8\]"):
+        ParallelDims(expert_parallel=3).check_experts(8)
+
+
+def test_cli_flags_give_the_layout():
+    def dims(**flags):
+        return parallel_dims(argparse.Namespace(**{"dp_shard": None, "dp_replicate": 1, "expert_parallel": 1, **flags}))
+
+    assert dims() == ParallelDims(dp_replicate=1, dp_shard=-1, expert_parallel=1)
+    assert dims(expert_parallel=2) == ParallelDims(dp_shard=-1, expert_parallel=2)
+    assert dims(expert_parallel=-1) == ParallelDims(dp_shard=1, expert_parallel=-1)  # -1 given: shard stays 1
+    assert dims(dp_shard=2, dp_replicate=2) == ParallelDims(dp_replicate=2, dp_shard=2)
+
+
+def test_a_multi_rank_layout_outside_torchrun_says_how_to_launch(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with (
+        pytest.raises(ValueError, match=r"torchrun --nproc-per-node 4 -m switchformer train"),
+        torchrun_job("train", ParallelDims(dp_shard=2, expert_parallel=2)),
+    ):
+        pass
+    with torchrun_job("train", ParallelDims()) as strategy:  # the default layout fits one process: no job to join
+        assert strategy is None
 
 
 def test_init_parallel_outside_torchrun_says_how_to_launch(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(RuntimeError, match=r"torchrun --nproc-per-node 2 -m switchformer train --expert-parallel 2"):
-        init_parallel(2)
-    hint = r"MASTER_ADDR.*`torchrun --nproc-per-node 2 -m switchformer finetune \.\.\.`"  # no EP flag at ep=1
+    hint = r"MASTER_ADDR.*`torchrun --nproc-per-node 2 -m switchformer finetune \.\.\.`"
     with pytest.raises(RuntimeError, match=hint):
-        init_parallel(1, command="finetune")
+        init_parallel(ParallelDims(expert_parallel=2), command="finetune")
 
 
-def test_experts_must_divide_evenly_over_the_expert_parallel_ranks():
-    with pytest.raises(ConfigError, match=r"num_experts=4 must be divisible"):
-        apply_expert_parallel(_layer(4), _layout(0, 3))
+def test_init_parallel_refuses_a_layout_before_connecting(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for name, value in (("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):  # nobody listens on 1
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="does not divide the world size 4"):
+        init_parallel(ParallelDims(expert_parallel=3))
+    assert not dist.is_initialized()
 
 
-def test_each_rank_keeps_its_contiguous_slice_of_the_experts():
+# -- where each rank sits --------------------------------------------------------------------------------------
+def test_the_mesh_puts_expert_parallel_ranks_next_to_each_other(fake_rank):
+    """(dp_replicate, dp_shard, ep) = (2, 2, 2), row-major: ranks 2k and 2k+1 exchange tokens; ranks 0-3 hold one
+    model between them (dense weights sharded over dp_shard x ep) and ranks 4-7 its replica."""
+    for rank in range(8):
+        layout = fake_rank(rank, 8, ParallelDims(dp_replicate=2, dp_shard=2, expert_parallel=2))
+        assert (layout.ep_rank, layout.replica, layout.ep_size, layout.world_size) == (rank % 2, rank // 4, 2, 8)
+        assert dist.get_process_group_ranks(layout.ep_group) == [rank - rank % 2, rank - rank % 2 + 1]
+        assert dist.get_process_group_ranks(layout.shard_group) == list(range(4 * (rank // 4), 4 * (rank // 4) + 4))
+        assert layout.dense_mesh.shape == (2, 4) and layout.expert_mesh.shape == (2, 2)
+
+
+def test_each_rank_keeps_its_contiguous_slice_of_the_experts(fake_rank):
     full = _layer(4)
-    for ep_rank in range(2):
-        layer = apply_expert_parallel(_layer(4), _layout(ep_rank, 2))
+    for rank in range(4):
+        layout = fake_rank(rank, 4, ParallelDims(dp_shard=2, expert_parallel=2))
+        layer = apply_expert_parallel(_layer(4), layout)
+        start = 2 * layout.ep_rank
         assert set(expert_shards(layer)) == {"experts.wi", "experts.wo"}
         assert layer.experts.num_experts == 2
-        assert torch.equal(layer.experts.wi, full.experts.wi[2 * ep_rank : 2 * ep_rank + 2])
-        assert torch.equal(layer.experts.wo, full.experts.wo[2 * ep_rank : 2 * ep_rank + 2])
-        assert torch.equal(layer.router.weight, full.router.weight)  # the router stays replicated
+        assert layer.experts.wi.shape == full.experts.wi.shape  # a DTensor of the whole layer's global shape
+        assert torch.equal(layer.experts.wi.to_local(), full.experts.wi[start : start + 2])
+        assert torch.equal(layer.experts.wo.to_local(), full.experts.wo[start : start + 2])
+        assert torch.equal(layer.router.weight, full.router.weight)  # the router stays whole
         assert [n for n, _ in layer.named_parameters()] == [n for n, _ in full.named_parameters()]
 
 
-def test_applying_twice_is_an_error():
-    layer = apply_expert_parallel(_layer(4), _layout(0, 2))
+def test_experts_must_divide_evenly_over_the_expert_parallel_ranks(fake_rank):
+    layout = fake_rank(0, 8, ParallelDims(dp_shard=1, expert_parallel=8))
+    with pytest.raises(ConfigError, match=r"Switch layer '<root>': expert_parallel=8 is invalid.*num_experts=4"):
+        apply_expert_parallel(_layer(4), layout)
+
+
+def test_applying_twice_is_an_error(fake_rank):
+    layout = fake_rank(0, 2, ParallelDims(dp_shard=1, expert_parallel=2))
+    layer = apply_expert_parallel(_layer(4), layout)
     with pytest.raises(ValueError, match="already expert-parallel"):
-        apply_expert_parallel(layer, _layout(0, 2))
+        apply_expert_parallel(layer, layout)
 
 
-def test_one_expert_parallel_rank_leaves_the_model_alone():
+def test_one_expert_parallel_rank_leaves_the_layer_alone(fake_rank):
+    layout = fake_rank(1, 2, ParallelDims(dp_shard=2))
     layer = _layer(4)
     dispatcher = layer.dispatcher
-    apply_expert_parallel(layer, _layout(0, 1, dp_size=2))
+    apply_expert_parallel(layer, layout)
     assert layer.dispatcher is dispatcher and not expert_shards(layer)
-
-
-def test_load_full_state_dict_takes_this_ranks_slice():
-    full = _layer(4)
-    torch.manual_seed(1)
-    layer = apply_expert_parallel(SwitchFFN(d_model=8, d_ff=16, num_experts=4), _layout(1, 2))
-    load_full_state_dict(layer, full.state_dict(), _layout(1, 2))
-    assert torch.equal(layer.experts.wi, full.experts.wi[2:])
-    assert torch.equal(layer.router.weight, full.router.weight)
-
-
-def test_load_full_state_dict_names_a_mismatched_expert_count():
-    layer = apply_expert_parallel(_layer(4), _layout(0, 2))
-    with pytest.raises(ShardMismatchError, match=r"experts\.wi has shape \(8, 8, 16\); expected 4 experts"):
-        load_full_state_dict(layer, _layer(8).state_dict(), _layout(0, 2))
-    with pytest.raises(ShardMismatchError, match="this rank's layout is 1/2"):
-        load_full_state_dict(layer, _layer(4).state_dict(), _layout(1, 2))
-
-
-def test_slice_global_batch_gives_each_rank_its_contiguous_share():
-    batch = {"input_ids": torch.arange(8)[:, None].expand(8, 3), "labels": torch.arange(8)[:, None]}
-    local = slice_global_batch(batch, _layout(1, 2, dp_size=2))  # rank 1 of 4
-    assert local["input_ids"][:, 0].tolist() == [2, 3]
-    assert local["labels"][:, 0].tolist() == [2, 3]
-    with pytest.raises(ValueError, match="must split into 4 equal slices"):
-        slice_global_batch({"input_ids": torch.zeros(6, 3)}, _layout(1, 2, dp_size=2))

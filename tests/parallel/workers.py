@@ -1,9 +1,9 @@
-"""What each rank runs in the expert-parallel tests.
+"""What each rank runs in the layout tests (launched by ``tests.parallel.launcher``).
 
-Every rank builds the same full model from one seed and computes the single-process result on the whole global
-batch itself (the models are tiny), then runs the expert-parallel copy on its slice and asserts that outputs,
-losses and synchronised gradients match the single-process ones. A failing assertion comes back to pytest with
-the rank's traceback.
+Every rank builds the single-process model itself from the same seed and computes the single-process result on
+the whole global batch (the models are tiny), then runs the parallel copy on its slice, built as the trainer builds
+it (meta device, expert parallelism, FSDP2, materialised shards), and asserts that outputs, losses, gradients and
+updates match. A failing assertion comes back to pytest with the rank's traceback.
 """
 
 from __future__ import annotations
@@ -13,34 +13,42 @@ import copy
 import datetime
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.tensor import DTensor
 
 from switchformer import ModelConfig, MoEConfig, SwitchFFN, build_model
+from switchformer.errors import CheckpointError
 from switchformer.models.stack import set_activation_checkpointing
 from switchformer.parallel import (
+    Backend,
     CollectiveError,
+    ParallelDims,
+    ParallelLayout,
     apply_expert_parallel,
-    clip_grad_norm_,
-    gather_full_optimizer_state,
-    gather_full_state_dict,
+    expert_shards,
     init_parallel,
-    load_full_optimizer_state,
-    load_full_state_dict,
     mean_over_ranks,
     slice_global_batch,
-    sync_gradients,
 )
-from switchformer.parallel.adafactor import sharded_adafactor
-from switchformer.parallel.expert_parallel import expert_shards
-from switchformer.parallel.mesh import ParallelLayout
+from switchformer.parallel.materialize import local_rows
+from switchformer.run_folder import step_dir_name
+from switchformer.training.checkpoint import save_checkpoint
+from switchformer.training.config import OptimizerKind, TrainConfig
+from switchformer.training.optim import build_optimizer
+from switchformer.training.sharded_checkpoint import load_into_sharded, optimizer_state_by_name
 from switchformer.training.strategy import DistributedStrategy
 from tests.parallel.tolerances import adafactor_drift_bound, adamw_drift_bound
 
 ATOL = 1e-5
 LR = 1e-2  # the optimizers' learning rate in check_model_training
+SEED = 0  # the weights' seed, the same in every layout
 D_MODEL, D_FF, NUM_EXPERTS = 16, 32, 8
+FULL = StateDictOptions(full_state_dict=True)
 
 # Switch-layer cases whose routing groups never straddle a rank's slice, so routing matches one process.
 FFN_CASES: dict[str, dict[str, Any]] = {
@@ -57,24 +65,19 @@ FFN_CASES: dict[str, dict[str, Any]] = {
 }
 
 
+def join(dims: dict[str, int], timeout: datetime.timedelta | None = None) -> ParallelLayout:
+    """This rank's layout over gloo (CPU tensors); ``dims`` are :class:`ParallelDims` fields."""
+    options = {} if timeout is None else {"timeout": timeout}
+    return init_parallel(ParallelDims(**dims), backend=Backend.GLOO, **options)
+
+
 def _close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL) -> None:
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
     diff = (actual.detach().float() - expected.detach().float()).abs().max().item() if actual.numel() else 0.0
     assert diff <= atol, f"{name}: max abs difference {diff:.3g} > {atol}"
 
 
-def _check_grads(model_ep: torch.nn.Module, model_ref: torch.nn.Module, layout: ParallelLayout, what: str) -> None:
-    shards = expert_shards(model_ep)
-    ref = dict(model_ref.named_parameters())
-    for name, param in model_ep.named_parameters():
-        expected = ref[name].grad
-        if name in shards:
-            expected = expected[shards[name].start : shards[name].stop]
-        assert (param.grad is None) == (expected is None), f"{what}: gradient presence differs for {name}"
-        if expected is not None:
-            _close(f"{what}: grad of {name}", param.grad, expected)
-
-
+# -- one Switch layer ----------------------------------------------------------------------------------------
 def _switch_ffn(seed: int, **moe: Any) -> SwitchFFN:
     torch.manual_seed(seed)
     return SwitchFFN(d_model=D_MODEL, d_ff=D_FF, num_experts=NUM_EXPERTS, router_jitter=0.0, **moe)
@@ -84,9 +87,36 @@ def _ffn_loss(out, probe: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return (out.hidden_states * probe).sum() / num_tokens + 0.01 * out.load_balancing_loss + 0.001 * out.z_loss
 
 
-def check_switch_ffn(ep: int, cases: list[str], batch: int = 8, seq: int = 4) -> dict[str, Any]:
+def _reduce_layer_gradients(layer: SwitchFFN, layout: ParallelLayout) -> dict[str, torch.Tensor]:
+    """The gradient FSDP2 leaves for a layer it does not wrap here (``parallel/data_parallel.py``'s arithmetic):
+    the router's is the mean over all ranks; an expert slice's local gradient already sums the tokens of its ``ep``
+    group, so it is summed over the ranks holding the same slice and divided by the world size."""
+    reduced = {}
+    for name, param in layer.named_parameters():
+        grad = param.grad.to_local().clone() if isinstance(param.grad, DTensor) else param.grad.clone()
+        if name in expert_shards(layer):
+            for dim in ("dp_replicate", "dp_shard"):
+                if getattr(layout.dims, dim) > 1:
+                    dist.all_reduce(grad, group=layout.mesh.get_group(dim))
+        else:
+            dist.all_reduce(grad)
+        reduced[name] = grad / layout.world_size
+    return reduced
+
+
+def _check_layer_gradients(layer_ep: SwitchFFN, layer: SwitchFFN, layout: ParallelLayout, what: str) -> None:
+    shards = expert_shards(layer_ep)
+    reduced = _reduce_layer_gradients(layer_ep, layout)
+    for name, param in layer.named_parameters():
+        expected = param.grad
+        if name in shards:
+            expected = expected[shards[name].start : shards[name].stop]
+        _close(f"{what}: grad of {name}", reduced[name], expected)
+
+
+def check_switch_ffn(dims: dict[str, int], cases: list[str], batch: int = 8, seq: int = 4) -> dict[str, Any]:
     """One Switch layer: outputs, router losses, input and parameter gradients against one process."""
-    layout = init_parallel(ep)
+    layout = join(dims)
     generator = torch.Generator().manual_seed(1)
     for case in cases:
         moe = FFN_CASES[case]
@@ -94,6 +124,7 @@ def check_switch_ffn(ep: int, cases: list[str], batch: int = 8, seq: int = 4) ->
         x = torch.randn(batch, seq, D_MODEL, generator=generator)
         probe = torch.randn(batch, seq, D_MODEL, generator=generator)
         layer_ep = apply_expert_parallel(copy.deepcopy(layer), layout)
+        assert len(expert_shards(layer_ep)) == 2 * (layout.ep_size > 1), "wi and wo are split over the ep ranks"
 
         x_ref = x.clone().requires_grad_(True)
         out = layer(x_ref)
@@ -103,7 +134,6 @@ def check_switch_ffn(ep: int, cases: list[str], batch: int = 8, seq: int = 4) ->
         x_ep = local["x"].clone().requires_grad_(True)
         out_ep = layer_ep(x_ep)
         _ffn_loss(out_ep, local["probe"], x_ep.shape[0] * seq).backward()
-        sync_gradients(layer_ep, layout)
 
         mine = slice_global_batch({"y": out.hidden_states, "gx": x_ref.grad}, layout)
         _close(f"{case}: output", out_ep.hidden_states, mine["y"])
@@ -112,7 +142,7 @@ def check_switch_ffn(ep: int, cases: list[str], batch: int = 8, seq: int = 4) ->
         _close(f"{case}: z-loss", mean_over_ranks(out_ep.z_loss, layout), out.z_loss)
         # Rank r's input only reaches L_r, and L is the mean of the W ranks' losses.
         _close(f"{case}: input grad", x_ep.grad / layout.world_size, mine["gx"])
-        _check_grads(layer_ep, layer, layout, case)
+        _check_layer_gradients(layer_ep, layer, layout, case)
 
         layer_ep.eval()
         with torch.no_grad():
@@ -124,9 +154,9 @@ def check_switch_ffn(ep: int, cases: list[str], batch: int = 8, seq: int = 4) ->
     return {"cases": cases}
 
 
-def check_degenerate_routing(ep: int) -> dict[str, Any]:
+def check_degenerate_routing(dims: dict[str, int]) -> dict[str, Any]:
     """Every token routed to expert 0; rank 1's tokens are all padding, so it sends and receives nothing."""
-    layout = init_parallel(ep)
+    layout = join(dims)
     layer = _switch_ffn(0, dropless=True, grouping="sequence")
     with torch.no_grad():
         layer.router.weight.copy_(torch.full_like(layer.router.weight, -1.0))
@@ -144,17 +174,26 @@ def check_degenerate_routing(ep: int) -> dict[str, Any]:
     (out.hidden_states * probe).sum().div(x.shape[0] * x.shape[1]).backward()
 
     local = slice_global_batch({"x": x, "probe": probe, "mask": mask}, layout)
+    sent = []
+    dispatch = layer_ep.dispatcher.dispatch
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        batch, state = dispatch(*args, **kwargs)
+        sent.append((state.send_splits, state.recv_splits))
+        return batch, state
+
+    layer_ep.dispatcher.dispatch = recording
     out_ep = layer_ep(local["x"], token_mask=local["mask"])
     (out_ep.hidden_states * local["probe"]).sum().div(local["x"].shape[0] * x.shape[1]).backward()
-    sync_gradients(layer_ep, layout)
     _close("degenerate: output", out_ep.hidden_states, slice_global_batch({"y": out.hidden_states}, layout)["y"])
-    _check_grads(layer_ep, layer, layout, "degenerate")
+    _check_layer_gradients(layer_ep, layer, layout, "degenerate")
     with torch.no_grad():  # inference takes part in the same collectives
         layer_ep.eval()(local["x"], token_mask=local["mask"])
-    return {"ok": True}
+    return {"rank": layout.rank, "ep_rank": layout.ep_rank, "splits": sent[0]}
 
 
-def _tiny_model_config(num_experts: int = NUM_EXPERTS) -> ModelConfig:
+# -- a whole model ---------------------------------------------------------------------------------------------
+def tiny_model_config(num_experts: int = NUM_EXPERTS) -> ModelConfig:
     moe = MoEConfig(
         num_experts=num_experts,
         capacity_factor=1.0,
@@ -186,127 +225,198 @@ def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
 def _counting_all_to_alls():
     """Count ``all_to_all_single`` calls in the block; yields a one-element list filled in on exit."""
     counted = [0]
-    original = torch.distributed.all_to_all_single
+    original = dist.all_to_all_single
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         counted[0] += 1
         return original(*args, **kwargs)
 
-    torch.distributed.all_to_all_single = counting
+    dist.all_to_all_single = counting
     calls: list[int] = []
     try:
         yield calls
     finally:
-        torch.distributed.all_to_all_single = original
+        dist.all_to_all_single = original
         calls.append(counted[0])
 
 
-def _optimizer(kind: str, model: torch.nn.Module, layout: ParallelLayout | None) -> torch.optim.Optimizer:
-    """AdamW, or Adafactor: torch's own for the single-process model, the sharded one for an expert-parallel one."""
-    if kind == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    if layout is None:
-        return torch.optim.Adafactor(model.parameters(), lr=LR, weight_decay=0.1)
-    return sharded_adafactor(model, layout, list(model.parameters()), lr=LR, weight_decay=0.1)
+def sharded_model(layout: ParallelLayout, config: ModelConfig, *, seed: int = SEED, checkpoint_every: int = 0):
+    """The model as the trainer builds it under ``layout``: on the meta device, then split, sharded, materialised."""
+    model = build_model(config, device="meta")
+    set_activation_checkpointing(model, checkpoint_every)
+    return DistributedStrategy(layout).prepare_model(model, device=layout.device, seed=seed)
+
+
+def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return get_model_state_dict(model, options=FULL)  # a collective: every rank gets the whole model
 
 
 def check_model_training(
-    ep: int, steps: int = 3, rows: int = 8, activation_checkpointing: int = 0, optimizer_kind: str = "adamw"
+    dims: dict[str, int],
+    checkpoint_dir: str,
+    steps: int = 3,
+    rows: int = 8,
+    activation_checkpointing: int = 0,
+    optimizer_kind: str = "adamw",
 ) -> dict[str, Any]:
-    """A tiny encoder-decoder Switch Transformer: logits, loss and gradients, a few AdamW steps with global-norm
-    clipping, gathered model and optimizer states, and loading a single-process state into the sharded model.
-    With ``activation_checkpointing`` the sharded model recomputes its blocks (all-to-alls included) in backward."""
-    layout = init_parallel(ep)
+    """A tiny encoder-decoder Switch Transformer built as the trainer builds it: the initial weights, logits, loss
+    and gradients, a few steps with global-norm clipping, the model and optimizer states, and loading a
+    single-process checkpoint into a fresh sharded model. With ``activation_checkpointing`` the sharded model
+    recomputes its blocks (all-to-alls included) in backward."""
+    layout = join(dims)
+    strategy = DistributedStrategy(layout)
+    config = tiny_model_config()
+    reference = build_model(config, seed=SEED)
+    model = sharded_model(layout, config, checkpoint_every=activation_checkpointing)
+    held = held_bytes(model)
+    train_config = TrainConfig(optimizer=OptimizerKind(optimizer_kind), lr=LR, weight_decay=0.1)
+    optimizer = build_optimizer(reference, train_config)
+    optimizer_p = build_optimizer(model, train_config, layout=layout)
+
+    initial = _full_state(model)
+    assert list(initial) == list(reference.state_dict()), "the sharded state must have the one-process keys, in order"
+    for name, value in reference.state_dict().items():
+        assert torch.equal(initial[name], value), f"initial {name} differs from build_model(config, seed={SEED})"
+
     generator = torch.Generator().manual_seed(3)
-    torch.manual_seed(0)
-    model = build_model(_tiny_model_config())
-    model_ep = apply_expert_parallel(copy.deepcopy(model), layout)
-    set_activation_checkpointing(model_ep, activation_checkpointing)
-    optimizer = _optimizer(optimizer_kind, model, None)
-    optimizer_ep = _optimizer(optimizer_kind, model_ep, layout)
-
-    initial = gather_full_state_dict(model_ep, layout)
-    assert list(initial) == list(model.state_dict()), "gathered state must have the single-process keys, in order"
-    for name, value in model.state_dict().items():
-        assert torch.equal(initial[name], value), f"gathered {name} differs from the single-process weights"
-
-    losses, losses_ep = [], []
+    layers = len(expert_shards(model)) // 2  # wi and wo per layer
+    losses, losses_p = [], []
     for step in range(steps):
         batch = _global_batch(rows, generator)
-        out = _forward(model, batch)
+        out = _forward(reference, batch)
         out.loss.backward()
         local = slice_global_batch(batch, layout)
         with _counting_all_to_alls() as forward_calls:
-            out_ep = _forward(model_ep, local)
+            out_p = _forward(model, local)
         with _counting_all_to_alls() as backward_calls:
-            out_ep.loss.backward()
+            out_p.loss.backward()
         # A Switch layer's forward: counts, rows out, rows back; its backward: rows out and back. A recomputed
         # block runs its forward's three again in the backward pass.
-        layers = len(expert_shards(model_ep)) // 2  # wi and wo per layer
         recomputed = 3 * layers if activation_checkpointing else 0
         calls = (forward_calls, backward_calls)
         assert calls == ([3 * layers], [2 * layers + recomputed]), calls
-        sync_gradients(model_ep, layout)
         if step == 0:
-            _close("logits", out_ep.logits, slice_global_batch({"logits": out.logits}, layout)["logits"])
-            _check_grads(model_ep, model, layout, "model")
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        norm_ep = clip_grad_norm_(model_ep, 0.5, layout)
-        _close(f"step {step}: gradient norm", norm_ep, norm)
+            _close("logits", out_p.logits, slice_global_batch({"logits": out.logits}, layout)["logits"])
+            for name, param in model.named_parameters():  # the gradient FSDP2 reduced, against one process's
+                _close(f"grad of {name}", param.grad.full_tensor(), dict(reference.named_parameters())[name].grad)
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        norm_p = strategy.clip_grad_norm(model, 0.5)
+        assert abs(norm_p - float(norm)) <= ATOL * max(1.0, float(norm)), (step, norm_p, float(norm))
         optimizer.step()
-        optimizer_ep.step()
+        optimizer_p.step()
         optimizer.zero_grad()
-        optimizer_ep.zero_grad()
+        optimizer_p.zero_grad()
         losses.append(float(out.loss.detach()))
-        losses_ep.append(float(mean_over_ranks(out_ep.loss, layout)))
-    for step, (a, b) in enumerate(zip(losses_ep, losses, strict=True)):
-        assert abs(a - b) <= ATOL, f"step {step}: loss {a} with expert parallelism vs {b} in one process"
+        losses_p.append(float(mean_over_ranks(out_p.loss, layout)))
+    for step, (a, b) in enumerate(zip(losses_p, losses, strict=True)):
+        assert abs(a - b) <= ATOL, f"step {step}: loss {a} in {layout.dims.describe()} vs {b} in one process"
 
     # The weights may differ by what the optimizer's arithmetic allows after these steps (tests/parallel/tolerances);
     # the gradients above and the optimizer state below are the tight checks.
-    full = gather_full_state_dict(model_ep, layout)
-    reference = model.state_dict()
-    for name, value in reference.items():
+    full = _full_state(model)
+    expected = reference.state_dict()
+    for name, value in expected.items():
         scale, lrs = value.abs().max().item(), [LR] * steps
         if optimizer_kind == "adamw":
-            bound = adamw_drift_bound(lrs, optimizer.defaults["betas"], weight_scale=scale)
+            bound = adamw_drift_bound(lrs, train_config.betas, weight_scale=scale)
         else:
             bound = adafactor_drift_bound(lrs, numel=value.numel(), weight_scale=scale)
-        _close(f"gathered {name}", full[name], value, atol=bound)
-    full_optimizer = gather_full_optimizer_state(optimizer_ep, model_ep, layout)
-    for index, entry in optimizer.state_dict()["state"].items():
+        _close(f"weights of {name}", full[name], value, atol=bound)
+    full_optimizer = get_optimizer_state_dict(model, optimizer_p, options=FULL)
+    expected_optimizer = optimizer_state_by_name(reference, optimizer, optimizer.state_dict())
+    assert full_optimizer["state"].keys() == expected_optimizer["state"].keys()
+    for name, entry in expected_optimizer["state"].items():
+        assert full_optimizer["state"][name].keys() == entry.keys(), name
         for key, value in entry.items():
-            _close(f"gathered optimizer state {index}.{key}", full_optimizer["state"][index][key], value)
+            _close(f"optimizer state {name}.{key}", torch.as_tensor(full_optimizer["state"][name][key]), value)
 
-    # Resume the single-process state at this world size: fresh (differently initialised) sharded model.
-    torch.manual_seed(123)
-    resumed = apply_expert_parallel(build_model(_tiny_model_config()), layout)
-    resumed_optimizer = _optimizer(optimizer_kind, resumed, layout)
-    load_full_state_dict(resumed, reference, layout)
-    load_full_optimizer_state(resumed_optimizer, resumed, copy.deepcopy(optimizer.state_dict()), layout)
+    # A one-process checkpoint loads into a fresh, differently initialised sharded model and optimizer.
+    path = Path(checkpoint_dir) / step_dir_name(steps)
+    if layout.rank == 0:
+        state = {"step": steps}
+        save_checkpoint(
+            Path(checkpoint_dir),
+            steps,
+            model_state=expected,
+            optimizer_state=optimizer.state_dict(),
+            trainer_state=state,
+            config={},
+        )
+    dist.barrier()
+    resumed = sharded_model(layout, config, seed=123)
+    resumed_optimizer = build_optimizer(resumed, train_config, layout=layout)
+    load_into_sharded(path, resumed, resumed_optimizer)
+    for name, value in _full_state(resumed).items():
+        assert torch.equal(value, expected[name]), f"{name} was not loaded exactly"
     batch = _global_batch(rows, generator)
-    for m, opt, data in ((model, optimizer, batch), (resumed, resumed_optimizer, slice_global_batch(batch, layout))):
+    for m, opt, data in (
+        (reference, optimizer, batch),
+        (resumed, resumed_optimizer, slice_global_batch(batch, layout)),
+    ):
         _forward(m, data).loss.backward()
-        if m is resumed:
-            sync_gradients(resumed, layout)
         opt.step()
         opt.zero_grad()
-    after = _forward(model, batch).loss
-    after_ep = mean_over_ranks(_forward(resumed, slice_global_batch(batch, layout)).loss, layout)
-    _close("loss after resuming from a single-process state", after_ep, after)
-    return {"losses": losses_ep, "reference_losses": losses}
+    after = _forward(reference, batch).loss
+    after_p = mean_over_ranks(_forward(resumed, slice_global_batch(batch, layout)).loss, layout)
+    _close("loss after loading a single-process checkpoint", after_p, after)
+
+    # A checkpoint of another expert count is refused, naming the mismatch, before anything is loaded.
+    other = Path(checkpoint_dir) / "other"
+    if layout.rank == 0:
+        four = build_model(tiny_model_config(num_experts=4), seed=SEED).state_dict()
+        save_checkpoint(other, 1, model_state=four, optimizer_state=None, trainer_state={}, config={})
+    dist.barrier()
+    before = _full_state(resumed)
+    try:
+        load_into_sharded(other / step_dir_name(1), resumed, None)
+    except CheckpointError as error:
+        assert "another model config" in str(error) and "experts.wi (4, 32, 32) vs model (8, 32, 32)" in str(error)
+    else:
+        raise AssertionError("a checkpoint with 4 experts loaded into a model with 8")
+    assert all(torch.equal(v, before[n]) for n, v in _full_state(resumed).items()), "a refused load changed weights"
+    return {"losses": losses_p, "reference_losses": losses, "held": held}
 
 
-def _init_with_short_timeout(ep: int, seconds: float) -> ParallelLayout:
+def check_initial_weights(dims: dict[str, int], seed: int) -> dict[str, Any]:
+    """Every rank's local rows of every weight are exactly those rows of ``build_model(config, seed=seed)``."""
+    layout = join(dims)
+    config = tiny_model_config()
+    reference = dict(build_model(config, seed=seed).named_parameters())
+    model = sharded_model(layout, config, seed=seed)
+    held = {}
+    for name, param in model.named_parameters():
+        local, start = local_rows(param)
+        expected = reference[name].detach()[start : start + local.shape[0]] if local.dim() else reference[name]
+        assert torch.equal(local, expected), f"rank {layout.rank}: rows {start}.. of {name} differ"
+        held[name] = (start, local.shape[0] if local.dim() else 1)
+    return {"rank": layout.rank, "held": held}
+
+
+def held_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """The bytes of parameter storage this process holds (padding included), expert weights and the rest."""
+    held = {"expert": 0, "dense": 0}
+    storages = set()
+    for name, param in model.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param.data
+        storage = local.untyped_storage()
+        if storage.data_ptr() in storages:  # counted once however many views share it
+            continue
+        storages.add(storage.data_ptr())
+        held["expert" if ".experts." in name else "dense"] += storage.nbytes()
+    return held
+
+
+# -- faults ----------------------------------------------------------------------------------------------------
+def _join_with_short_timeout(dims: dict[str, int], seconds: float) -> ParallelLayout:
     """Join the world with a generous timeout (processes start at different speeds on a busy machine), then build
-    the expert-parallel groups, which carry every collective under test, with the short one."""
-    torch.distributed.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=60))
-    return init_parallel(ep, timeout=datetime.timedelta(seconds=seconds))
+    the layout, whose process groups carry every collective under test, with ``seconds``."""
+    dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=60))
+    return join(dims, timeout=datetime.timedelta(seconds=seconds))
 
 
-def check_dead_peer(ep: int, timeout_s_pg: float) -> dict[str, Any]:
+def check_dead_peer(dims: dict[str, int], timeout_s_pg: float) -> dict[str, Any]:
     """Rank 1 dies before the forward pass; the others must fail with a CollectiveError, not hang."""
-    layout = _init_with_short_timeout(ep, timeout_s_pg)
+    layout = _join_with_short_timeout(dims, timeout_s_pg)
     layer = apply_expert_parallel(_switch_ffn(0), layout)
     x = torch.randn(2, 4, D_MODEL)
     layer(x)  # one healthy step first
@@ -315,9 +425,9 @@ def check_dead_peer(ep: int, timeout_s_pg: float) -> dict[str, Any]:
     return _time_failure(lambda: layer(x).hidden_states.sum().backward())
 
 
-def check_dead_peer_while_decoding(ep: int, timeout_s_pg: float) -> dict[str, Any]:
+def check_dead_peer_while_decoding(dims: dict[str, int], timeout_s_pg: float) -> dict[str, Any]:
     """Rank 1 dies between two decoding steps; the others must fail in the stop agreement, not hang in it."""
-    layout = _init_with_short_timeout(ep, timeout_s_pg)
+    layout = _join_with_short_timeout(dims, timeout_s_pg)
     strategy = DistributedStrategy(layout)
     assert strategy.agree_to_stop(layout.rank == 0) is False  # one healthy step first: rank 1 is not done
     if layout.rank == 1:
@@ -325,14 +435,14 @@ def check_dead_peer_while_decoding(ep: int, timeout_s_pg: float) -> dict[str, An
     return _time_failure(lambda: strategy.agree_to_stop(True))
 
 
-def check_hung_peer(ep: int, timeout_s_pg: float) -> dict[str, Any]:
+def check_hung_peer(dims: dict[str, int], timeout_s_pg: float) -> dict[str, Any]:
     """Rank 1 stays alive but stops taking part; the others must fail once the process-group timeout passes."""
-    layout = _init_with_short_timeout(ep, timeout_s_pg)
+    layout = _join_with_short_timeout(dims, timeout_s_pg)
     layer = apply_expert_parallel(_switch_ffn(0), layout)
     x = torch.randn(2, 4, D_MODEL)
     layer(x)
     if layout.rank == 1:
-        time.sleep(timeout_s_pg + 2)
+        time.sleep(timeout_s_pg + 5)  # well past the timeout: the survivor must not be waiting for its exit
         os._exit(0)
     return _time_failure(lambda: layer(x).hidden_states.sum().backward())
 

@@ -12,6 +12,11 @@ the checkpoint, data and CLI code under test runs unchanged. Configured by envir
 * ``FAULT_ENOSPC=STEP:PHASE``: raise ``OSError(ENOSPC)`` there instead (after the half write for ``*-partial``).
 * ``FAULT_STEP_DELAY`` / ``FAULT_SAVE_DELAY``: seconds to sleep after each step / at each save phase, so that kills
   at random times land inside steps and checkpoint writes rather than in the interpreter's start-up.
+
+Under torchrun (a sharded run: ``torchrun ... fault_driver.py train ...``) each rank reports ``rank R pid P`` first,
+and the phases of a sharded checkpoint (:data:`SHARDED_PHASES`) can be paused at as well, on the rank named by
+``FAULT_RANK`` only if it is set. An asynchronous save writes the shards in a background thread: a pause there
+holds the write while training goes on.
 """
 
 from __future__ import annotations
@@ -44,9 +49,17 @@ SAVE_PHASES = (
     "pruning",  # the oldest checkpoint half deleted by keep-last-K pruning
 )
 OTHER_PHASES = ("data-partial", "run-config-partial")  # token cache half written; run_dir/config.json half rewritten
+# The phases of one sharded (DCP) checkpoint write, on each rank; the last two on the main rank only.
+SHARDED_PHASES = (
+    "shard-partial",  # this rank's shard file half written (by the background thread of an asynchronous save)
+    "shard",  # this rank's shard file written
+    "sharded-manifest",  # every file and the manifest written, still in the temporary folder
+    "sharded-renamed",  # renamed into place
+)
 
 EVENTS = os.environ.get("FAULT_EVENTS")
 PAUSE = os.environ.get("FAULT_PAUSE")
+PAUSE_RANK = os.environ.get("FAULT_RANK")
 ENOSPC = os.environ.get("FAULT_ENOSPC")
 STEP_DELAY = float(os.environ.get("FAULT_STEP_DELAY", "0"))
 SAVE_DELAY = float(os.environ.get("FAULT_SAVE_DELAY", "0"))
@@ -64,27 +77,71 @@ def event(text: str) -> None:
             os.close(fd)
 
 
-def _chosen(spec: str | None, phase: str) -> bool:
+def _chosen(spec: str | None, phase: str, saving: int | None) -> bool:
     if not spec:
         return False
     step, _, name = spec.partition(":")
-    return name == phase and (step == "*" or (bool(_saving) and int(step) == _saving[-1]))
+    return name == phase and (step == "*" or (saving is not None and int(step) == saving))
 
 
-def at(phase: str, half_write: Callable[[], None] | None = None) -> None:
-    """A phase boundary: report it, then pause, fail or (after a ``half_write`` for ``*-partial``) go on."""
-    where = f"save {_saving[-1]} {phase}" if _saving else phase
-    event(where)
-    if half_write is not None and (_chosen(PAUSE, phase) or _chosen(ENOSPC, phase)):
+def at(phase: str, half_write: Callable[[], None] | None = None, *, step: int | None = None) -> None:
+    """A phase boundary: report it, then pause, fail or (after a ``half_write`` for ``*-partial``) go on. ``step``:
+    the checkpoint being written, when not inside save_checkpoint (a sharded save)."""
+    saving = step if step is not None else (_saving[-1] if _saving else None)
+    where = f"save {saving} {phase}" if saving is not None else phase
+    rank = os.environ.get("RANK")
+    event(where if step is None else f"rank {rank} {where}")
+    pause = _chosen(PAUSE, phase, saving) and PAUSE_RANK in (None, rank)
+    if half_write is not None and (pause or _chosen(ENOSPC, phase, saving)):
         half_write()
-    if _chosen(ENOSPC, phase):
+    if _chosen(ENOSPC, phase, saving):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    if _chosen(PAUSE, phase):
-        event(f"paused {where}")
+    if pause:
+        event(f"paused {where}" if step is None else f"paused rank {rank} {where}")
         while True:  # until the test's SIGKILL
             time.sleep(60)
-    if SAVE_DELAY and _saving:
+    if SAVE_DELAY and saving is not None:
         time.sleep(SAVE_DELAY)
+
+
+def _install_sharded() -> None:
+    """Hooks in the sharded checkpoint's writer (every rank, also in an asynchronous save's background thread) and
+    in the main rank's completion of a step folder."""
+    import torch.distributed.checkpoint as dcp
+
+    import switchformer.training.sharded_checkpoint as sharded
+
+    def step_of(folder: Any) -> int:  # .step-00000004.tmp-PID or step-00000004
+        return int(pathlib.Path(folder).name.lstrip(".").split("-")[1].split(".")[0])
+
+    real_write_data = dcp.FileSystemWriter.write_data
+
+    def write_data(self: Any, plan: Any, planner: Any) -> Any:
+        result = real_write_data(self, plan, planner)  # DCP's file writer writes before it returns
+        step = step_of(self.path)
+
+        def half() -> None:  # what a kill in the middle of this rank's write would leave of its shard files
+            for shard in pathlib.Path(self.path).glob(f"__{os.environ['RANK']}_*.distcp"):
+                os.truncate(shard, shard.stat().st_size // 2)
+
+        at("shard-partial", half, step=step)
+        at("shard", step=step)
+        return result
+
+    dcp.FileSystemWriter.write_data = write_data
+
+    real_fsync_dir = sharded.fsync_directory
+    completing: list[int] = []
+
+    def fsync_dir(path: pathlib.Path) -> None:
+        if path.name.startswith(".step-"):  # the temporary folder, manifest written, about to be renamed
+            completing.append(step_of(path))
+            at("sharded-manifest", step=completing[-1])
+        real_fsync_dir(path)
+        if path.name == "checkpoints" and completing:  # the checkpoints folder, after the rename
+            at("sharded-renamed", step=completing.pop())
+
+    sharded.fsync_directory = fsync_dir
 
 
 def _write_half(path: pathlib.Path, data: bytes) -> None:
@@ -95,6 +152,9 @@ def _write_half(path: pathlib.Path, data: bytes) -> None:
 
 
 def install() -> None:
+    if "RANK" in os.environ:
+        event(f"rank {os.environ['RANK']} pid {os.getpid()}")
+        _install_sharded()
     import safetensors.torch
     import torch
 

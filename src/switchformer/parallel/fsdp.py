@@ -57,7 +57,11 @@ def apply_fsdp(model: nn.Module, layout: ParallelLayout, options: ShardingOption
                         layer.experts, mesh=layout.expert_mesh, shard_placement_fn=placement, **sharded
                     )
                     experts.set_gradient_divide_factor(float(layout.world_size))
-                    experts.set_force_sum_reduction_for_comms(sum_only)
+                    # With one shard (dp_shard == 1) there is no reduce-scatter: FSDP2 divides the gradient by the
+                    # factor while copying it out, and a forced sum reduction divides it by the factor again
+                    # afterwards (W^2 in all). Unforced, it divides once; the only collective left is HSDP's
+                    # all-reduce, a plain sum that gloo has.
+                    experts.set_force_sum_reduction_for_comms(sum_only and layout.dims.dp_shard > 1)
             dense = fully_shard(block, mesh=layout.dense_mesh, **sharded)
             dense.set_force_sum_reduction_for_comms(sum_only)
     root = fully_shard(model, mesh=layout.dense_mesh, mp_policy=policy, reshard_after_forward=False)

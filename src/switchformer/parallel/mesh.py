@@ -25,6 +25,7 @@ import enum
 import logging
 import math
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -159,10 +160,17 @@ def build_layout(
 ) -> ParallelLayout:
     """The mesh over the initialised default group (a collective: every rank calls it with the same ``dims``)."""
     dims = dims.resolve(dist.get_world_size())
+    options = _group_options(timeout)
     shard = dims.dp_shard * dims.expert_parallel
-    dense = init_device_mesh(device_type, (dims.dp_replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard_ep"))
+    dense = init_device_mesh(
+        device_type,
+        (dims.dp_replicate, shard),
+        mesh_dim_names=("dp_replicate", "dp_shard_ep"),
+        backend_override=None if options is None else dict.fromkeys(("dp_replicate", "dp_shard_ep"), options),
+    )
     # The same ranks with the shard dimension split in two: (dp_shard, ep), ep the faster-varying one.
-    mesh = dense._unflatten("dp_shard_ep", (dims.dp_shard, dims.expert_parallel), MESH_DIMS[1:])
+    overrides = None if options is None else dict.fromkeys(MESH_DIMS[1:], options)
+    mesh = dense._unflatten("dp_shard_ep", (dims.dp_shard, dims.expert_parallel), MESH_DIMS[1:], overrides)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
     layout = ParallelLayout(
@@ -202,6 +210,19 @@ def init_parallel(
         dist.init_process_group(chosen.value, init_method="env://", timeout=timeout)
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     return build_layout(dims, device_type=device_type, timeout=timeout)
+
+
+def _group_options(timeout: datetime.timedelta) -> Any:
+    """Options giving the mesh's process groups ``timeout``: without them DeviceMesh creates each subgroup (e.g. an
+    ``ep`` group smaller than the world) with torch's default timeout (30 minutes), whatever the default group's."""
+    backend = dist.get_backend()
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return options
+    if backend == "gloo":
+        return dist.ProcessGroupGloo.Options(backend, timeout)
+    return None  # the fake backend: no communication to time out
 
 
 def close_parallel() -> None:
