@@ -35,7 +35,7 @@ from switchformer.parallel import (
     mean_over_ranks,
     slice_global_batch,
 )
-from switchformer.parallel.materialize import local_rows
+from switchformer.parallel.materialize import local_block
 from switchformer.run_folder import step_dir_name
 from switchformer.training.checkpoint import save_checkpoint
 from switchformer.training.config import OptimizerKind, TrainConfig
@@ -378,17 +378,18 @@ def check_model_training(
 
 
 def check_initial_weights(dims: dict[str, int], seed: int) -> dict[str, Any]:
-    """Every rank's local rows of every weight are exactly those rows of ``build_model(config, seed=seed)``."""
+    """Every rank's block of every weight is exactly that block of ``build_model(config, seed=seed)``."""
     layout = join(dims)
     config = tiny_model_config()
     reference = dict(build_model(config, seed=seed).named_parameters())
     model = sharded_model(layout, config, seed=seed)
     held = {}
     for name, param in model.named_parameters():
-        local, start = local_rows(param)
-        expected = reference[name].detach()[start : start + local.shape[0]] if local.dim() else reference[name]
-        assert torch.equal(local, expected), f"rank {layout.rank}: rows {start}.. of {name} differ"
-        held[name] = (start, local.shape[0] if local.dim() else 1)
+        local, offset = local_block(param)
+        block = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
+        expected = reference[name].detach()[block]
+        assert torch.equal(local, expected), f"rank {layout.rank}: the block at {offset} of {name} differs"
+        held[name] = (offset[0] if offset else 0, local.shape[0] if local.dim() else 1)
     return {"rank": layout.rank, "held": held}
 
 

@@ -73,10 +73,13 @@ def apply_fsdp(model: nn.Module, layout: ParallelLayout, options: ShardingOption
 
 
 def _expert_placement(layer: SwitchFFN, layout: ParallelLayout) -> Callable[[nn.Parameter], Shard]:
-    """Shard an expert slice on its expert dimension when its experts divide evenly over the shard ranks, else on
-    ``d_model`` (dim 1): one expert per ``ep`` rank split over 4 shard ranks must not leave 3 of them empty."""
+    """Shard an expert slice on its expert dimension when it holds at least one expert per shard rank, else on
+    ``d_model`` (dim 1, which FSDP2 can only split evenly): one expert per ``ep`` rank split over 4 shard ranks must
+    not leave 3 of them empty."""
     local_experts = layer.config.moe.num_experts // layout.ep_size
-    placement = Shard(0) if local_experts % layout.dims.dp_shard == 0 else Shard(1)
+    shards = layout.dims.dp_shard
+    even_rows = layer.config.d_model % shards == 0
+    placement = Shard(1) if local_experts < shards and even_rows else Shard(0)
     return lambda _param: placement
 
 

@@ -132,7 +132,7 @@ def save_checkpoint(
             fsync_directory(tmp)
     # Not only OSError: on a full disk safetensors raises SafetensorError and torch.save a RuntimeError.
     except Exception as error:
-        raise CheckpointError(_save_failure(final, error)) from error
+        raise CheckpointError(save_failure(final, error)) from error
     try:  # the checkpoint is complete once renamed; a failed directory fsync only weakens power-loss durability
         fsync_directory(directory)
     except OSError as error:
@@ -154,7 +154,7 @@ def write_checkpoint_files(
         shutil.copyfile(source, folder / name)
 
 
-def _save_failure(final: Path, error: BaseException) -> str:
+def save_failure(final: Path, error: BaseException) -> str:
     """What went wrong, how much space is left, and that the checkpoints already there are safe."""
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     message = f"could not write checkpoint {final} ({reason})"

@@ -14,10 +14,12 @@ writing (an all-reduce of a flag while one is pending), the manifest is written 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from switchformer.errors import CheckpointError
 from switchformer.run_folder import MANIFEST, atomic_write_json, fsync_directory, step_dir_name
+from switchformer.training.checkpoint import save_failure
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +91,13 @@ class ShardedCheckpointer:
         final = self.directory / step_dir_name(step)
         tmp = self._agreed_tmp(final)
         state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-        if not self.async_save:
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, thread_count=1))
-            return self._finalize(step, tmp, final, write_main_files, own_shard_files(tmp, self.rank))
         writer = dcp.FileSystemWriter(tmp, thread_count=1)
-        writing = dcp.async_save(state, storage_writer=writer, process_group=self.group)
+        if not self.async_save:
+            with self._failures_reported(tmp, final):
+                dcp.save(state, storage_writer=writer)
+                return self._finalize(step, tmp, final, write_main_files, own_shard_files(tmp, self.rank))
+        with self._failures_reported(tmp, final):
+            writing = dcp.async_save(state, storage_writer=writer, process_group=self.group)
         assert self.executor is not None
         future = self.executor.submit(lambda: (writing.result(), own_shard_files(tmp, self.rank))[1])
         self.pending = _Pending(step, tmp, final, write_main_files, future)
@@ -122,8 +128,25 @@ class ShardedCheckpointer:
     def _complete(self) -> Path | None:
         pending, self.pending = self.pending, None
         assert pending is not None
-        shards = pending.future.result()
-        return self._finalize(pending.step, pending.tmp, pending.final, pending.main_files, shards)
+        with self._failures_reported(pending.tmp, pending.final):
+            shards = pending.future.result()
+            return self._finalize(pending.step, pending.tmp, pending.final, pending.main_files, shards)
+
+    @contextlib.contextmanager
+    def _failures_reported(self, tmp: Path, final: Path) -> Iterator[None]:
+        """A failed write (a full disk, say; DCP reports any rank's failure on every rank, as a BaseException)
+        removes the temporary folder and raises the :class:`CheckpointError` one process raises: what went wrong
+        and that the previous checkpoint is intact."""
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:
+            if isinstance(error, CheckpointError):
+                raise
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(save_failure(final, _first_failure(error))) from error
 
     def _agreed_tmp(self, final: Path) -> Path:
         """The main rank's name for the temporary folder, the same on every rank (a fresh one each save)."""
@@ -160,6 +183,16 @@ class ShardedCheckpointer:
             logger.warning("saved %s, but could not fsync %s (%s)", final, self.directory, error)
         logger.info("saved checkpoint %s (%d ranks' shards)", final, self.world_size)
         return final
+
+
+def _first_failure(error: BaseException) -> BaseException:
+    """The error behind a DCP ``CheckpointException`` (which carries every failed rank's error and traceback)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = min(failures)
+        cause = failures[rank][0]
+        return OSError(cause.errno, f"{cause.strerror} (rank {rank})") if isinstance(cause, OSError) else cause
+    return error
 
 
 def optimizer_state_by_name(
