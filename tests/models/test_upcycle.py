@@ -65,7 +65,8 @@ def test_routers_are_fresh_with_the_papers_init_and_seeded():
     routers = [m.router.weight for m in a.modules() if isinstance(m, SwitchFFN)]
     weights = torch.cat([w.flatten() for w in routers])
     std = math.sqrt(0.1 / 32)
-    assert weights.abs().max() <= 2 * std and 0.8 * std < weights.std() < 0.95 * std  # truncated at 2 std
+    # the paper's std (within sampling error of 1024 draws), truncated at 2 std of the normal drawn from
+    assert weights.abs().max() <= 2 * std / 0.87962566103423978 and 0.94 * std < weights.std() < 1.06 * std
     assert len({tuple(w.flatten()[:3].tolist()) for w in routers}) == len(routers)  # each router drawn anew
     assert torch.equal(a.state_dict()["encoder.blocks.1.ffn.router.weight"],
                        b.state_dict()["encoder.blocks.1.ffn.router.weight"])  # fmt: skip

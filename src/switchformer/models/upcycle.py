@@ -9,12 +9,12 @@ FFN, the Switch layer computes ``p_i(x) * FFN(x)``: the dense output scaled by t
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
 
 from switchformer.layers.feed_forward import DenseFFN
+from switchformer.layers.initialization import scaled_trunc_normal_
 from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import ModelConfig
 from switchformer.moe.config import MoEConfig
@@ -82,8 +82,7 @@ def upcycle(
 
 
 def _router_init(shape: torch.Size, scale: float, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """Truncated normal at two standard deviations, std ``sqrt(scale / d_model)`` (the paper's init, seeded)."""
-    std = math.sqrt(scale / shape[1])
+    """The paper's truncated normal with std ``sqrt(scale / d_model)``, drawn from ``generator``."""
     weight = torch.empty(shape, dtype=torch.float32)
-    torch.nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std, generator=generator)
+    scaled_trunc_normal_(weight, scale=scale, fan_in=shape[1], generator=generator)
     return weight.to(dtype)
