@@ -163,11 +163,14 @@ def test_weight_errors_name_the_key(tmp_path, edit, message):
     assert str(tmp_path) in str(error.value)
 
 
-def test_unsupported_hf_placement_is_a_clear_error(tmp_path):
+def test_a_placement_that_disagrees_with_the_weights_is_a_clear_error(tmp_path):
+    """A dense decoder loads (a layout transformers can build), but not over weights holding a Switch layer."""
     _hf_folder(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"num_sparse_decoder_layers": 5}))  # decoder dense
-    with pytest.raises(CheckpointError, match=r"sparse encoder layers \[1\] and sparse decoder layers \[\]"):
+    assert load_config(tmp_path).decoder_sparse_layers == ()
+    message = r"missing: \[decoder\.block\.1\.layer\.2\.mlp\.wi\.weight, .*does config\.json describe these weights"
+    with pytest.raises(CheckpointError, match=message):
         from_pretrained(tmp_path)
 
 

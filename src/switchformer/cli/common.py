@@ -33,6 +33,16 @@ def model_config_from_args(preset: str, overrides: list[str]) -> ModelConfig:
     return get_preset(preset).with_overrides(overrides)
 
 
+def switch_layer_rows(config: ModelConfig) -> list[tuple[str, str]]:
+    """One ``(label, "k of n: indices")`` row per stack: where the Switch layers are."""
+    rows = []
+    for stack in config.stacks:
+        layers = config.switch_layers(stack)
+        where = ", ".join(map(str, layers)) if layers else "none (dense)"
+        rows.append((f"Switch layers ({stack.value})", f"{len(layers)} of {config.stack_layers(stack)}: {where}"))
+    return rows
+
+
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     """Two-column table on the terminal (the CLI owns printing; the library only logs)."""
     from rich.console import Console

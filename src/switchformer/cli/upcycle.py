@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from switchformer.cli.common import print_table
+from switchformer.cli.common import print_table, switch_layer_rows
 from switchformer.interop import copy_tokenizer_files, from_pretrained, save_pretrained
 from switchformer.interop.checkpoint_io import resolve_checkpoint_folder
 from switchformer.models.flops import count_parameters
@@ -43,14 +43,12 @@ def run(args: argparse.Namespace) -> int:
     config = model.config
     before, _ = count_parameters(dense.config)
     total, active = count_parameters(config)
-    layers = sum(config.is_sparse_layer(i) for i in range(config.num_layers))
-    if config.is_encoder_decoder:
-        layers += sum(config.is_sparse_layer(i) for i in range(config.decoder_layers))
     print_table(
         f"switchformer upcycle -> {folder}",
         [
             ("source", str(source)),
-            ("Switch layers", f"{layers}, every {config.sparse_every} FFN(s), {moe.num_experts} experts each"),
+            *switch_layer_rows(config),
+            ("experts", f"{moe.num_experts} per Switch layer"),
             ("parameters", f"{before:,} dense -> {total:,} total, {active:,} active per token"),
             ("tokenizer", ", ".join(copied) if copied else "none found in the source (pass --tokenizer later)"),
         ],

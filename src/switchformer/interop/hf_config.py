@@ -15,7 +15,7 @@ from typing import Any
 
 from switchformer.config import ConfigError
 from switchformer.layers.activation import Activation
-from switchformer.models.config import ModelConfig
+from switchformer.models.config import ModelConfig, Stack, every_nth_layer
 from switchformer.moe.config import Gate, Grouping, MoEConfig, OverflowPolicy, RoutingPriority
 
 logger = logging.getLogger(__name__)
@@ -76,18 +76,15 @@ def hf_sparse_layers(num_layers: int, num_sparse: int) -> list[int]:
     return [i for i in range(num_layers) if step == 1 or i % step == 1]
 
 
-def _our_sparse_layers(num_layers: int, sparse_every: int) -> list[int]:
-    return [i for i in range(num_layers) if sparse_every == 1 or i % sparse_every == 1]
-
-
-def _num_sparse_for(num_layers: int, layers: list[int]) -> int:
+def _num_sparse_for(num_layers: int, layers: tuple[int, ...]) -> int:
     """A ``num_sparse_*_layers`` value for which transformers builds exactly ``layers`` as sparse."""
     for candidate in [*range(1, num_layers + 1), num_layers + 1]:
-        if hf_sparse_layers(num_layers, candidate) == layers:
+        if tuple(hf_sparse_layers(num_layers, candidate)) == layers:
             return candidate
     raise ConfigError(
-        f"sparse layers {layers} of a {num_layers}-layer stack have no equivalent in transformers' placement "
-        f"(layer i is sparse when i % (num_layers // num_sparse) == 1); choose another sparse_every"
+        f"sparse layers {list(layers)} of a {num_layers}-layer stack have no equivalent in transformers' placement "
+        "(layer i is sparse when i % (num_layers // num_sparse) == 1, or every layer); choose another "
+        "sparse_every or sparse_layers, or save with format='switchformer'"
     )
 
 
@@ -110,24 +107,28 @@ def _scalar_id(data: Mapping[str, Any], key: str) -> int | None:
     return value
 
 
-def find_sparse_every(
+def placement_fields(
     enc_layers: list[int], dec_layers: list[int], num_layers: int, num_decoder_layers: int
-) -> int | None:
-    """Our ``sparse_every`` placing Switch layers exactly at ``enc_layers`` and ``dec_layers``, if one does."""
+) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields placing Switch layers exactly at ``enc_layers`` and ``dec_layers``.
+
+    One ``sparse_every`` when its rule gives both stacks' layers (the paper's every-other placement, the released
+    checkpoints), else the explicit per-stack lists.
+    """
     for every in range(1, max(num_layers, num_decoder_layers) + 2):
-        if _our_sparse_layers(num_layers, every) == enc_layers and _our_sparse_layers(num_decoder_layers, every) == (
-            dec_layers
-        ):
-            return every
-    return None
+        if every_nth_layer(num_layers, every) == tuple(enc_layers) and every_nth_layer(
+            num_decoder_layers, every
+        ) == tuple(dec_layers):
+            return {"sparse_every": every}
+    return {"sparse_layers": tuple(enc_layers), "decoder_sparse_layers": tuple(dec_layers)}
 
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
     """Our config for a ``SwitchTransformersConfig`` or its ``config.json`` dict, with HF's routing semantics.
 
     A copy of our own config embedded by :func:`config_to_hf` is returned instead when the HF fields still agree
-    with it. Raises :class:`ConfigError` for configs we cannot reproduce (different encoder/decoder placement
-    of Switch layers, unknown activations, another ``model_type``).
+    with it. Raises :class:`ConfigError` for configs we cannot reproduce (unknown activations, another
+    ``model_type``). Every placement of Switch layers transformers can build loads, stack by stack.
     """
     data = dict(hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict())
     derived = _derive(data)
@@ -155,16 +156,9 @@ def _derive(data: Mapping[str, Any]) -> ModelConfig:
     num_decoder_layers = get("num_decoder_layers") or num_layers
     enc_sparse = hf_sparse_layers(num_layers, get("num_sparse_encoder_layers"))
     dec_sparse = hf_sparse_layers(num_decoder_layers, get("num_sparse_decoder_layers"))
-    moe, sparse_every = None, 2
+    moe, placement = None, {}
     if enc_sparse or dec_sparse:
-        every = find_sparse_every(enc_sparse, dec_sparse, num_layers, num_decoder_layers)
-        if every is None:
-            raise ConfigError(
-                f"HF config has sparse encoder layers {enc_sparse} and sparse decoder layers {dec_sparse}; "
-                "switchformer places Switch layers identically in both stacks (one sparse_every), so this "
-                "config is not supported"
-            )
-        sparse_every = every
+        placement = placement_fields(enc_sparse, dec_sparse, num_layers, num_decoder_layers)
         if get("router_dtype") != "float32":
             logger.warning("router_dtype=%s: switchformer always routes in float32", get("router_dtype"))
         moe = MoEConfig(
@@ -196,11 +190,11 @@ def _derive(data: Mapping[str, Any]) -> ModelConfig:
         relative_attention_num_buckets=get("relative_attention_num_buckets"),
         relative_attention_max_distance=get("relative_attention_max_distance"),
         tie_word_embeddings=bool(get("tie_word_embeddings")),
-        sparse_every=sparse_every,
         moe=moe,
         pad_token_id=pad,
         eos_token_id=1 if eos is None else eos,
         decoder_start_token_id=pad if start is None else start,  # T5 starts decoding from the pad token
+        **placement,
     )
 
 
@@ -240,8 +234,7 @@ def _hf_fields(config: ModelConfig, *, warn: bool) -> dict[str, Any]:
             "(only dense_act_fn relu/gelu); save this model with format='switchformer'"
         )
     num_layers, num_decoder_layers = config.num_layers, config.decoder_layers
-    enc = _our_sparse_layers(num_layers, config.sparse_every) if config.moe is not None else []
-    dec = _our_sparse_layers(num_decoder_layers, config.sparse_every) if config.moe is not None else []
+    enc, dec = config.switch_layers(Stack.ENCODER), config.switch_layers(Stack.DECODER)
     out: dict[str, Any] = {
         "model_type": MODEL_TYPE,
         "architectures": ["SwitchTransformersForConditionalGeneration"],

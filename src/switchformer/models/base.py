@@ -16,7 +16,7 @@ from switchformer.layers.kv_cache import DecoderCache
 from switchformer.layers.linear_cross_entropy import linear_cross_entropy
 from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
-from switchformer.models.config import ModelConfig
+from switchformer.models.config import InputEmbeddings, ModelConfig
 from switchformer.models.outputs import LayerRouting, ModelOutput
 from switchformer.models.stack import StackOutput, set_activation_checkpointing
 from switchformer.moe.layer import SwitchFFN
@@ -28,18 +28,26 @@ IGNORE_INDEX = -100  # labels with this value count in no loss (the PyTorch and 
 
 
 class SwitchModelBase(nn.Module):
-    """Token embedding (shared by all stacks), tied or untied output head, T5 init and the total loss."""
+    """Token embeddings, tied or untied output head, T5 init and the total loss.
+
+    ``shared`` embeds the tokens of every stack, unless ``input_embeddings='per-stack'`` gives the decoder its own
+    ``decoder_embed`` (``shared`` is then the encoder's).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        per_stack = config.input_embeddings is InputEmbeddings.PER_STACK
+        self.decoder_embed = nn.Embedding(config.vocab_size, config.d_model) if per_stack else None
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def reset_parameters(self) -> None:
         """T5 initialisation with the paper's scale: embeddings N(0, 1); matrices truncated N(0, scale / fan_in)."""
         scale = self.config.init_scale
         nn.init.normal_(self.shared.weight, std=1.0)
+        if self.decoder_embed is not None:
+            nn.init.normal_(self.decoder_embed.weight, std=1.0)
         if self.lm_head is not None:
             scaled_trunc_normal_(self.lm_head.weight, scale=scale, fan_in=self.config.d_model)
         for module in self.modules():
@@ -51,6 +59,11 @@ class SwitchModelBase(nn.Module):
                 scaled_trunc_normal_(module.embedding.weight, scale=scale, fan_in=self.config.d_model)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+    @property
+    def decoder_embedding(self) -> nn.Embedding:
+        """The table the decoder stack reads its tokens from."""
+        return self.decoder_embed if self.decoder_embed is not None else self.shared
 
     def set_activation_checkpointing(self, every: int = 1) -> int:
         """Recompute every ``every``-th block in the backward pass (0 = off); see ``models.stack``."""

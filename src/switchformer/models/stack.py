@@ -15,7 +15,7 @@ from switchformer.layers.kv_cache import DecoderCache
 from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
 from switchformer.models.block import TransformerBlock
-from switchformer.models.config import ModelConfig
+from switchformer.models.config import ModelConfig, Stack
 from switchformer.moe.layer import MoEOutput
 
 
@@ -31,8 +31,12 @@ def _mask_value(dtype: torch.dtype) -> float:
 
 
 class TransformerStack(nn.Module):
-    def __init__(self, config: ModelConfig, *, num_layers: int, causal: bool, cross_attention: bool) -> None:
+    def __init__(self, config: ModelConfig, stack: Stack) -> None:
+        """The encoder (bidirectional), or a decoder: causal, cross-attending in an encoder-decoder."""
         super().__init__()
+        causal = stack is Stack.DECODER
+        cross_attention = causal and config.is_encoder_decoder
+        sparse = set(config.switch_layers(stack))
         self.causal = causal
         self.route_padding = config.moe is None or not config.moe.ignore_padding_tokens
         self.position_bias = RelativePositionBias(
@@ -42,8 +46,8 @@ class TransformerStack(nn.Module):
             max_distance=config.relative_attention_max_distance,
         )
         self.blocks = nn.ModuleList(
-            TransformerBlock(config, sparse=config.is_sparse_layer(i), cross_attention=cross_attention)
-            for i in range(num_layers)
+            TransformerBlock(config, sparse=i in sparse, cross_attention=cross_attention)
+            for i in range(config.stack_layers(stack))
         )
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)

@@ -30,11 +30,14 @@ def upcycled_config(dense: ModelConfig, moe: MoEConfig, *, sparse_every: int | N
     if dense.moe is not None:
         raise ValueError(f"the model is already a Switch model ({dense.moe.num_experts} experts); upcycling "
                          "starts from a dense checkpoint (moe=None)")  # fmt: skip
-    config = dense.replace(moe=moe, sparse_every=sparse_every if sparse_every is not None else dense.sparse_every)
-    decoder_layers = config.decoder_layers if config.is_encoder_decoder else 0
-    if not any(config.is_sparse_layer(i) for i in range(max(config.num_layers, decoder_layers))):
-        raise ValueError(f"sparse_every={config.sparse_every} makes no layer sparse in a model of "
-                         f"{config.num_layers} layers; use sparse_every=1")  # fmt: skip
+    config = dense.replace(moe=moe)
+    if sparse_every is not None:  # the explicit per-stack placement, if any, gives way to the one asked for
+        config = config.replace(sparse_every=sparse_every, sparse_layers=None, decoder_sparse_layers=None)
+    if config.num_switch_layers == 0:
+        raise ValueError(
+            f"sparse_every={config.sparse_every} makes no layer sparse in a model of {config.num_layers} layers; "
+            "use sparse_every=1"
+        )
     return config
 
 
