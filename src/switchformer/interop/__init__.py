@@ -39,12 +39,13 @@ Deliberate differences from the ``transformers`` port (see ``PAPER.md``), and ho
   encoder's table, ``decoder_embed`` the decoder's), else one table (transformers 4 files store ``shared.weight``
   alone). An untied model's ``shared.weight``, which transformers' forward does not read, is not kept: exporting
   writes the encoder's table there.
-- **Expressiveness.** HF's Switch port has no gated FFN (only ``dense_act_fn`` relu/gelu), no top-k > 1, no
-  decoder-only model, no "no token left behind" or batch-prioritised routing, and no expert dropout distinct from
-  ``dropout_rate``. Gated checkpoints in T5.1.1 naming (``wi_0``/``wi_1``, ``feed_forward_proj="gated-gelu"``,
-  as Switch-XXL) load here; exporting gated, top-k or decoder-only models to HF raises, other options warn.
-  Our full config travels in the HF ``config.json`` as ``switchformer_config`` and is restored on load as long
-  as the HF fields still agree with it.
+- **Expressiveness.** HF's Switch port has no gated FFN, no top-k > 1, no decoder-only model, no "no token left
+  behind" or batch-prioritised routing, and no expert dropout distinct from ``dropout_rate``. Its FFN is the one
+  ``dense_act_fn`` names (relu, gelu); T5's ``feed_forward_proj`` is ignored there and here. Gated checkpoints in
+  T5.1.1 naming (``wi_0``/``wi_1``) load here with ``dense_act_fn="gated-gelu"`` (the value transformers' config
+  documents for them, which it cannot build); exporting gated, top-k or decoder-only models to HF raises, other
+  options warn. Our full config travels in the HF ``config.json`` as ``switchformer_config`` and is restored on
+  load as long as the HF fields still agree with it.
 - **Generation.** Greedy decoding equals ``transformers.generate(do_sample=False)`` token for token; beam search
   ranks hypotheses like HF's (same scores); finished sequences are always padded with ``pad_token_id``.
 """

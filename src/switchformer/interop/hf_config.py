@@ -53,8 +53,10 @@ HF_DEFAULTS: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 
-# HF activation names -> ours. ``dense_act_fn`` holds an ACT2FN key; ``feed_forward_proj`` is T5's field, which
-# checkpoints with T5.1.1-style gated experts (Switch-XXL) use.
+# ``dense_act_fn`` -> ours: the one field transformers' Switch port reads for the FFN (an ACT2FN key: relu, gelu).
+# The gated values are the ones its config documents for T5.1.1-style experts (Switch-XXL); transformers itself
+# cannot build them, switchformer loads their ``wi_0``/``wi_1`` weights. T5's ``feed_forward_proj`` is not read:
+# the port ignores it, so a config.json carrying it runs the FFN ``dense_act_fn`` names.
 _ACTIVATIONS = {
     "relu": Activation.RELU,
     "gelu": Activation.GELU,
@@ -89,11 +91,18 @@ def _num_sparse_for(num_layers: int, layers: tuple[int, ...]) -> int:
 
 
 def _activation(data: Mapping[str, Any]) -> Activation:
-    name = data.get("feed_forward_proj") or data.get("dense_act_fn", HF_DEFAULTS["dense_act_fn"])
+    name = data.get("dense_act_fn", HF_DEFAULTS["dense_act_fn"])
     if name not in _ACTIVATIONS:
         raise ConfigError(
-            f"HF config activation {name!r} is not supported: switchformer implements {sorted(_ACTIVATIONS)} "
-            "(dense_act_fn or feed_forward_proj)"
+            f"HF config dense_act_fn={name!r} is not supported: switchformer implements {sorted(_ACTIVATIONS)}"
+        )
+    ignored = data.get("feed_forward_proj")
+    if ignored is not None and ignored != name:
+        logger.warning(
+            "HF config feed_forward_proj=%r is ignored, as transformers' Switch port ignores it: the FFN follows "
+            "dense_act_fn=%r",
+            ignored,
+            name,
         )
     return _ACTIVATIONS[name]
 

@@ -124,6 +124,14 @@ def from_hf_state_dict(
     standing in for an absent one, as transformers 4 files store it alone). Their ``shared.weight`` is then
     read by nothing and not kept.
     """
+    gated_weights = any(key.endswith(".wi_0.weight") for key in hf_state)
+    if gated_weights != config.activation.is_gated:
+        raise CheckpointError(
+            f"{source}: the weights hold {'gated (wi_0, wi_1)' if gated_weights else 'ungated (wi)'} FFNs but the "
+            f"config's activation is {config.activation.value!r}; transformers' Switch port reads dense_act_fn "
+            "(not feed_forward_proj), so config.json needs dense_act_fn "
+            + ("'gated-gelu' or 'gated-silu'" if gated_weights else "'relu' or 'gelu'")
+        )
     hf_state = dict(hf_state)
     shared = hf_state.get("shared.weight")
     if shared is None:
