@@ -25,7 +25,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_preset: str 
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override any model config field, e.g. --set moe.capacity_factor=1.0 --set d_model=512 (repeatable)",
+        help="override any model config field, e.g. --set moe.capacity_factor=1.0 --set d_model=512 (repeatable); "
+        "moe.priority=confidence is not causal in decoders with a capacity, and capacity makes cached decoding "
+        "differ from a full forward when tokens are dropped (docs/routing-caveats.md)",
     )
 
 

@@ -6,6 +6,7 @@ Shape legend: B batch, S new positions, P cached positions, L = P + S key positi
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 import torch.utils.checkpoint
@@ -16,6 +17,7 @@ from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
 from switchformer.models.block import TransformerBlock
 from switchformer.models.config import ModelConfig, Stack
+from switchformer.moe.config import RoutingCaveatWarning, RoutingPriority
 from switchformer.moe.layer import MoEOutput
 
 
@@ -24,6 +26,14 @@ class StackOutput:
     hidden_states: torch.Tensor  # [B, S, D] after the final norm
     moe_outputs: list[tuple[int, MoEOutput]]  # (layer index, output) of each Switch layer, in order
     cache: DecoderCache | None
+
+
+CONFIDENCE_IN_A_DECODER = (
+    "MoEConfig.priority='confidence' with a capacity (dropless=False) in a decoder stack: a later token can take an "
+    "earlier token's expert slot, so earlier positions' outputs depend on later tokens (the model is not causal, "
+    "and cached decoding differs from training). Use priority='position' or dropless=True for a causal model; see "
+    "docs/routing-caveats.md"
+)
 
 
 def _mask_value(dtype: torch.dtype) -> float:
@@ -37,6 +47,9 @@ class TransformerStack(nn.Module):
         causal = stack is Stack.DECODER
         cross_attention = causal and config.is_encoder_decoder
         sparse = set(config.switch_layers(stack))
+        moe = config.moe
+        if causal and sparse and moe is not None and moe.priority is RoutingPriority.CONFIDENCE and not moe.dropless:
+            warnings.warn(CONFIDENCE_IN_A_DECODER, RoutingCaveatWarning, stacklevel=3)
         self.causal = causal
         self.route_padding = config.moe is None or not config.moe.ignore_padding_tokens
         self.position_bias = RelativePositionBias(
