@@ -12,22 +12,13 @@ from switchformer import ModelConfig, MoEConfig, build_model
 from switchformer.moe.config import RoutingCaveatWarning
 
 VOCAB = 61
+SHAPE = {"vocab_size": VOCAB, "d_model": 32, "d_ff": 48, "num_heads": 4, "num_layers": 2}
 
 
 def _model(architecture: str = "decoder-only", **moe_changes) -> torch.nn.Module:
     """Every FFN a Switch layer; in evaluation 2 slots per expert for 12 tokens of 4 experts: a third is dropped."""
     moe = MoEConfig(num_experts=4, eval_capacity_factor=0.5, min_capacity=1, router_jitter=0.0).replace(**moe_changes)
-    config = ModelConfig(
-        architecture=architecture,
-        vocab_size=VOCAB,
-        d_model=32,
-        d_ff=48,
-        num_heads=4,
-        num_layers=2,
-        dropout=0.0,
-        sparse_every=1,
-        moe=moe,
-    )
+    config = ModelConfig(architecture=architecture, **SHAPE, dropout=0.0, sparse_every=1, moe=moe)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RoutingCaveatWarning)
@@ -56,16 +47,7 @@ def test_confidence_priority_with_a_binding_capacity_lets_later_tokens_change_ea
 
 def _warnings_when_built(architecture: str, *, times: int = 1, **changes) -> list[warnings.WarningMessage]:
     moe = MoEConfig(num_experts=4, priority="confidence").replace(**changes.pop("moe", {}))
-    config = ModelConfig(
-        architecture=architecture,
-        vocab_size=VOCAB,
-        d_model=32,
-        d_ff=48,
-        num_heads=4,
-        num_layers=2,
-        moe=moe,
-        **changes,
-    )
+    config = ModelConfig(architecture=architecture, **SHAPE, moe=moe, **changes)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
         for _ in range(times):
