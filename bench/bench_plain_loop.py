@@ -1,6 +1,6 @@
 """A Switch layer in a training loop of one's own: no allocator settings, gradients dropped as ``zero_grad()`` does.
 
-    python bench/bench_plain_loop.py                    # three conditions, about 5 minutes on 2 idle cores
+    python bench/bench_plain_loop.py                    # four conditions twice, about 15 minutes on 2 idle cores
     python bench/bench_plain_loop.py --conditions out-of-the-box --repeats 9
 
 The other bench scripts set up the process first (``harness.configure``: glibc keeps freed memory, PyTorch backs
@@ -19,9 +19,11 @@ and PyTorch its huge-page switch at the first large allocation:
 - ``switch-off``: ``SWITCHFORMER_KEEP_FREED_MEMORY=0``, glibc's defaults (what a user got before the layer did so).
 - ``bench-settings``: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2**40 THP_MEM_ALLOC_ENABLE=1``, the conditions
   of ``bench/README.md``'s tables.
+- ``huge-pages``: out of the box plus ``THP_MEM_ALLOC_ENABLE=1``, which tells the huge pages' share apart.
 
-Before timing it waits (up to ``--max-wait`` seconds) for the 1-minute load average to fall below ``--quiet``, and
-prints the load at the start and the end of each condition.
+The conditions run ``--rounds`` times in alternating order (A B C C B A ...), one row each, so the spread between
+processes shows. Before timing it waits (up to ``--max-wait`` seconds) for the 1-minute load average to fall below
+``--quiet``, and prints the load at the start and the end of each condition.
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ CONDITIONS: dict[str, dict[str, str]] = {
     "out-of-the-box": {},
     "switch-off": {ENVIRONMENT_SWITCH: "0"},
     "bench-settings": {**harness.KEEP_FREED_MEMORY, "THP_MEM_ALLOC_ENABLE": "1"},
+    "huge-pages": {"THP_MEM_ALLOC_ENABLE": "1"},
 }
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = harness.argument_parser(__doc__, repeats=5)
     p.add_argument("--conditions", nargs="+", choices=sorted(CONDITIONS), default=list(CONDITIONS))
+    p.add_argument("--rounds", type=int, default=2, help="run the conditions this many times, in alternating order")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--d-model", type=int, default=512)
@@ -142,7 +146,8 @@ def main(argv: list[str]) -> None:
     shape |= {"d-model": args.d_model, "d-ff": args.d_ff}
     forwarded = [item for key, value in shape.items() for item in (f"--{key}", str(value))]
     rows, machine = [], ""
-    for name in args.conditions:
+    order = [name for i in range(args.rounds) for name in (args.conditions[:: -1 if i % 2 else 1])]
+    for name in order:
         r = run_condition(name, forwarded)
         hf = r.get("transformers-128")
         rows.append(
