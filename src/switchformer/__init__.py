@@ -2,6 +2,7 @@
 
 from switchformer.config import Config, ConfigError
 from switchformer.errors import CheckpointError
+from switchformer.host_memory import keep_freed_memory
 from switchformer.interop.checkpoint_io import CheckpointFormat, from_pretrained, save_pretrained
 from switchformer.layers.activation import Activation
 from switchformer.models.config import Architecture, ModelConfig
@@ -45,6 +46,7 @@ __all__ = [
     "from_pretrained",
     "generate",
     "get_preset",
+    "keep_freed_memory",
     "model_size",
     "preset_names",
     "save_pretrained",

@@ -217,8 +217,9 @@ def _parse_scalar(tp: Any, raw: str, where: str) -> Any:
     except (ValueError, json.JSONDecodeError):
         raise ConfigError(f"override {where}={raw!r}: cannot parse as {getattr(target, '__name__', target)}") from None
     if typing.get_origin(target) in (tuple, list):
-        if not raw.startswith("["):
-            return [x.strip() for x in raw.split(",") if x.strip()]
+        if not raw.startswith("["):  # comma-separated items, each parsed as the declared item type
+            item = next((a for a in typing.get_args(target) if a is not Ellipsis), str)
+            return [_parse_scalar(item, x.strip(), where) for x in raw.split(",") if x.strip()]
         try:
             return json.loads(raw)
         except json.JSONDecodeError:

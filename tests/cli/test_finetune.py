@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -35,6 +36,17 @@ def cli(argv: list[str]) -> int:
     return args.run(args)
 
 
+def _table_text(out: str) -> str:
+    """The printed table's text with its borders and line wrapping removed."""
+    return " ".join(re.sub("[│┃]", " ", out).split())
+
+
+def _relative_gap(out: str) -> float:
+    match = re.search(r"relative ([0-9.]+e[+-][0-9]+)", out)
+    assert match, out
+    return float(match.group(1))
+
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     return write_task(tmp_path_factory.mktemp("task"), train=64, validation=16)
@@ -42,12 +54,27 @@ def task(tmp_path_factory):
 
 def test_upcycle_a_dense_checkpoint_then_finetune_it(tmp_path, task, capsys):
     dense = write_checkpoint(tmp_path / "dense", tiny_config(sparse=False, num_layers=3))
+    # The default keeps the dense model's function: which gate and capacity, and the gap measured, are said.
+    assert cli(["upcycle", str(dense), str(tmp_path / "default"), "--experts", "4"]) == 0
+    out = _table_text(capsys.readouterr().out)
+    assert "straight-through" in out and "dropless: no token dropped" in out and "0.0% of tokens dropped" in out
+    assert _relative_gap(out) <= 1e-5
+    default = from_pretrained(tmp_path / "default").config.moe
+    assert default.gate.value == "straight-through" and default.dropless
+    # The paper's gate on request, with its gap printed.
+    assert cli(["upcycle", str(dense), str(tmp_path / "paper"), "--experts", "4", "--set", "moe.gate=probability"]) == 0
+    out = _table_text(capsys.readouterr().out)
+    assert "probability (the paper's)" in out and _relative_gap(out) > 1e-3
+
     assert cli(["upcycle", str(dense), str(tmp_path / "sparse"), "--experts", "4", "--sparse-every", "1",
                 "--set", "moe.capacity_factor=1.5"]) == 0  # fmt: skip
-    out = capsys.readouterr().out
-    assert "Switch layers" in out and "6, every 1 FFN(s), 4 experts each" in out and "tokenizer.json" in out
+    out = _table_text(capsys.readouterr().out)
+    assert "Switch layers (encoder)" in out and "Switch layers (decoder)" in out and "tokenizer.json" in out
+    assert out.count("3 of 3: 0, 1, 2") == 2 and "4 per Switch layer" in out
+    assert "factor 1.5 in training, 2 in evaluation" in out  # a capacity asked for: not dropless
     sparse = from_pretrained(tmp_path / "sparse")
     assert sparse.config.moe.num_experts == 4 and sparse.config.moe.capacity_factor == 1.5
+    assert not sparse.config.moe.dropless
     with pytest.raises(ValueError, match=r"moe.FIELD=VALUE only \(got d_model=8\)"):
         cli(["upcycle", str(dense), str(tmp_path / "x"), "--experts", "4", "--set", "d_model=8"])
 

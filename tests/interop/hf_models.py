@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from switchformer import build_model  # noqa: E402
+from switchformer.interop.checkpoint_io import config_for_hf_weights  # noqa: E402
 from switchformer.interop.hf_config import config_from_hf  # noqa: E402
 from switchformer.interop.hf_keys import from_hf_state_dict  # noqa: E402
 
@@ -30,10 +31,11 @@ BASE: dict[str, Any] = {
 }
 
 
-def tiny_hf(seed: int = 0, *, weight_scale: float | None = None, **changes: Any):
-    """A random HF model in eval mode; encoder/decoder embeddings equal ``shared`` as in real checkpoints
-    (transformers 5 leaves them untied when ``tie_word_embeddings=False``). ``weight_scale`` re-draws the
-    matrices with std ``weight_scale / sqrt(fan_in)``: 3 makes greedy decoding vary from token to token."""
+def tiny_hf(seed: int = 0, *, weight_scale: float | None = None, own_stack_tables: bool = False, **changes: Any):
+    """A random HF model in eval mode; encoder/decoder embeddings equal ``shared`` as in released checkpoints,
+    unless ``own_stack_tables`` keeps the three tables transformers 5 draws for an untied model
+    (``tie_word_embeddings=False``). ``weight_scale`` re-draws the matrices with std ``weight_scale /
+    sqrt(fan_in)``: 3 makes greedy decoding vary from token to token."""
     torch.manual_seed(seed)
     config = transformers.SwitchTransformersConfig(**(BASE | changes))
     model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
@@ -42,16 +44,18 @@ def tiny_hf(seed: int = 0, *, weight_scale: float | None = None, **changes: Any)
             embedding = any(part in name for part in ("shared", "embed_tokens", "relative_attention_bias"))
             if weight_scale and param.dim() == 2 and not embedding:
                 param.normal_(0.0, weight_scale * param.shape[1] ** -0.5)
-        model.encoder.embed_tokens.weight.copy_(model.shared.weight)
-        model.decoder.embed_tokens.weight.copy_(model.shared.weight)
+        if not own_stack_tables:
+            model.encoder.embed_tokens.weight.copy_(model.shared.weight)
+            model.decoder.embed_tokens.weight.copy_(model.shared.weight)
     return model
 
 
 def ours_from_hf(hf_model):
     """Our model with the HF model's weights and HF's routing semantics (through the config and key maps)."""
-    config = config_from_hf(hf_model.config)
+    state = hf_model.state_dict()
+    config = config_for_hf_weights(config_from_hf(hf_model.config), state)
     model = build_model(config).eval()
-    model.load_state_dict(from_hf_state_dict(hf_model.state_dict(), config))
+    model.load_state_dict(from_hf_state_dict(state, config))
     return model
 
 

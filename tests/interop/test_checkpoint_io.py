@@ -163,16 +163,19 @@ def test_weight_errors_name_the_key(tmp_path, edit, message):
     assert str(tmp_path) in str(error.value)
 
 
-def test_unsupported_hf_placement_is_a_clear_error(tmp_path):
+def test_a_placement_that_disagrees_with_the_weights_is_a_clear_error(tmp_path):
+    """A dense decoder loads (a layout transformers can build), but not over weights holding a Switch layer."""
     _hf_folder(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"num_sparse_decoder_layers": 5}))  # decoder dense
-    with pytest.raises(CheckpointError, match=r"sparse encoder layers \[1\] and sparse decoder layers \[\]"):
+    assert load_config(tmp_path).decoder_sparse_layers == ()
+    message = r"missing: \[decoder\.block\.1\.layer\.2\.mlp\.wi\.weight, .*does config\.json describe these weights"
+    with pytest.raises(CheckpointError, match=message):
         from_pretrained(tmp_path)
 
 
 def test_gated_checkpoint_in_t5_1_1_naming_loads(tmp_path):
-    """Switch-XXL style: feed_forward_proj='gated-gelu', wi_0 (gate) and wi_1 (linear) per expert and dense FFN."""
+    """Switch-XXL style: dense_act_fn='gated-gelu', wi_0 (gate) and wi_1 (linear) per expert and dense FFN."""
     torch.manual_seed(0)
     model = build_model(_tiny(activation="gated-gelu", tie_word_embeddings=False))
     hf_state = to_hf_state_dict(model.state_dict(), model.config)
@@ -180,11 +183,34 @@ def test_gated_checkpoint_in_t5_1_1_naming_loads(tmp_path):
     assert torch.equal(hf_state["encoder.block.1.layer.1.mlp.experts.expert_2.wi_0.weight"], expert[:, :48].T)
     assert torch.equal(hf_state["encoder.block.0.layer.1.mlp.wi_1.weight"], model.encoder.blocks[0].ffn.wi.weight[48:])
     save_file(hf_state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    fields = config_to_hf(model.config.replace(activation="relu")) | {"feed_forward_proj": "gated-gelu"}
+    fields = config_to_hf(model.config.replace(activation="relu")) | {"dense_act_fn": "gated-gelu"}
     del fields["switchformer_config"]
     (tmp_path / "config.json").write_text(json.dumps(fields))
     back = from_pretrained(tmp_path)
     assert back.config.activation.value == "gated-gelu" and _same_weights(back, model)
+    # T5's feed_forward_proj is ignored, as transformers' Switch port ignores it: these weights disagree with a
+    # config that says ReLU, and the error says which field decides.
+    (tmp_path / "config.json").write_text(
+        json.dumps(fields | {"dense_act_fn": "relu", "feed_forward_proj": "gated-gelu"})
+    )
+    with pytest.raises(
+        CheckpointError, match=r"gated \(wi_0, wi_1\) FFNs but the config's activation is 'relu'.*dense_act_fn"
+    ):
+        from_pretrained(tmp_path)
+
+
+def test_a_feed_forward_proj_transformers_ignores_leaves_the_model_as_transformers_runs_it(tmp_path):
+    hf_model = _hf_folder(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"feed_forward_proj": "gated-gelu"}))
+    theirs = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ours = from_pretrained(tmp_path)
+    assert ours.config.activation.value == "relu" and _same_weights(ours, ours_from_hf(hf_model))
+    ids, mask, dec = batch()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        got = ours(ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_sharded_pytorch_bin_loads_and_a_missing_shard_is_named(tmp_path):

@@ -70,7 +70,7 @@ def test_config_json_details():
     config = config_from_hf(data)
     assert (config.eos_token_id, config.decoder_start_token_id, config.pad_token_id) == (1, 3, 3)
     assert config.d_kv == 8 and config.moe.router_jitter == 0.01 and config.moe.load_balancing_loss_coef == 1e-3
-    assert config_from_hf(dict(BASE, feed_forward_proj="gated-gelu")).activation.value == "gated-gelu"
+    assert config_from_hf(dict(BASE, dense_act_fn="gated-gelu")).activation.value == "gated-gelu"
     with pytest.raises(ConfigError, match="'gelu_new' is not supported"):
         config_from_hf(dict(BASE, dense_act_fn="gelu_new"))
     with pytest.raises(ConfigError, match="model_type='t5'"):
@@ -88,3 +88,16 @@ def test_released_switch_base_shape_maps_to_our_preset():
     fields = ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "decoder_layers", "sparse_every", "vocab_size")
     assert [getattr(config, f) for f in fields] == [getattr(preset, f) for f in fields]
     assert config.moe.num_experts == preset.moe.num_experts == 8
+
+
+@pytest.mark.parametrize("value", ["gated-gelu", "gated-silu", "gelu", "relu"])
+def test_feed_forward_proj_is_ignored_as_transformers_ignores_it(value, caplog):
+    """transformers' Switch port builds its FFNs from dense_act_fn alone; T5's feed_forward_proj changes nothing."""
+    with caplog.at_level(logging.WARNING):
+        config = config_from_hf(dict(BASE, feed_forward_proj=value))
+    assert config == config_from_hf(BASE) and config.activation.value == "relu"
+    assert ("feed_forward_proj" in caplog.text) == (value != "relu")
+    hf = transformers.SwitchTransformersConfig(**BASE, feed_forward_proj=value)
+    with torch.device("meta"):
+        model = transformers.SwitchTransformersForConditionalGeneration(hf)
+    assert type(model.encoder.block[0].layer[1].mlp.act).__name__ == "ReLU"  # what transformers runs

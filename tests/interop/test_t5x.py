@@ -25,8 +25,9 @@ def _config(**changes) -> ModelConfig:
         _config(),
         _config(activation="gated-gelu", tie_word_embeddings=False, sparse_every=1),
         _config(moe=None, init_scale=1.0),
+        _config(sparse_layers=(0, 1, 2), decoder_sparse_layers=(1,)),  # no one sparse_every places these
     ],
-    ids=["switch-base-like", "switch-xxl-like", "dense-t5"],
+    ids=["switch-base-like", "switch-xxl-like", "dense-t5", "per-stack-placement"],
 )
 def test_t5x_round_trip_is_exact_and_the_config_is_inferred(config):
     torch.manual_seed(0)

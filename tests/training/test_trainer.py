@@ -199,7 +199,7 @@ def test_an_unknown_compile_backend_is_a_clear_error(toy, tmp_path):
 
 
 def test_cpu_training_keeps_freed_memory_in_the_process():
-    from switchformer.training.host_memory import keep_freed_memory
+    from switchformer.host_memory import keep_freed_memory
 
     # glibc on Linux (this suite's platforms); a second call is the cached first answer.
     assert keep_freed_memory() is True and keep_freed_memory() is True

@@ -26,7 +26,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_preset: str 
         parser,
         "--set",
         "overrides",
-        "override any model config field, e.g. --set moe.capacity_factor=1.0 --set d_model=512 (repeatable)",
+        "override any model config field, e.g. --set moe.capacity_factor=1.0 --set d_model=512 (repeatable); "
+        "moe.priority=confidence is not causal in decoders with a capacity, and capacity makes cached decoding "
+        "differ from a full forward when tokens are dropped (docs/routing-caveats.md)",
     )
 
 
@@ -43,6 +45,16 @@ def given_fields(args: argparse.Namespace, fields: Iterable[str]) -> dict[str, A
 
 def model_config_from_args(preset: str, overrides: list[str]) -> ModelConfig:
     return get_preset(preset).with_overrides(overrides)
+
+
+def switch_layer_rows(config: ModelConfig) -> list[tuple[str, str]]:
+    """One ``(label, "k of n: indices")`` row per stack: where the Switch layers are."""
+    rows = []
+    for stack in config.stacks:
+        layers = config.switch_layers(stack)
+        where = ", ".join(map(str, layers)) if layers else "none (dense)"
+        rows.append((f"Switch layers ({stack.value})", f"{len(layers)} of {config.stack_layers(stack)}: {where}"))
+    return rows
 
 
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:

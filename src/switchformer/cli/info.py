@@ -8,7 +8,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from switchformer.cli.common import model_config_from_args
+from switchformer.cli.common import model_config_from_args, switch_layer_rows
 from switchformer.models.flops import model_size
 from switchformer.presets import preset_names
 
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     table.add_row(f"forward FLOPs per token (context {args.context_length})", f"{size.flops_per_token:,}")
     if config.moe is not None:
         table.add_row("experts per Switch layer / top-k", f"{config.moe.num_experts} / {config.moe.top_k}")
-        table.add_row("Switch layer every N FFNs", str(config.sparse_every))
+        for label, value in switch_layer_rows(config):
+            table.add_row(label, value)
     Console().print(table)
     return 0

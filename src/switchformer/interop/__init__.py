@@ -25,19 +25,27 @@ Deliberate differences from the ``transformers`` port (also in docs/interop.md),
   training only, so evaluation parity is unaffected). The router always runs in float32 (HF: ``router_dtype``;
   others are logged). Fresh initialisation is the paper's truncated normal with scale 0.1 (HF: std 1.0 for the
   router); initialisation does not matter when weights are loaded.
-- **Placement of Switch layers.** The same rule as HF (layer ``i`` is sparse when ``i % step == 1``, or every
-  layer for step 1) with one ``sparse_every`` for both stacks: HF configs whose encoder and decoder placements
-  differ are refused. HF quirk reproduced: ``num_sparse_*_layers=0`` still makes layer 1 sparse; a dense HF stack
-  needs ``num_sparse_*_layers > num_layers``, which is what exporting a dense model writes.
-- **Embeddings.** One embedding serves the encoder, the decoder and (tied) the output layer. transformers 5
-  unties ``encoder/decoder.embed_tokens`` from ``shared`` when ``tie_word_embeddings=False`` (and would
-  initialise them at random if absent): loading checks they equal ``shared``; exporting untied models writes them.
-- **Expressiveness.** HF's Switch port has no gated FFN (only ``dense_act_fn`` relu/gelu), no top-k > 1, no
-  decoder-only model, no "no token left behind" or batch-prioritised routing, and no expert dropout distinct from
-  ``dropout_rate``. Gated checkpoints in T5.1.1 naming (``wi_0``/``wi_1``, ``feed_forward_proj="gated-gelu"``,
-  as Switch-XXL) load here; exporting gated, top-k or decoder-only models to HF raises, other options warn.
-  Our full config travels in the HF ``config.json`` as ``switchformer_config`` and is restored on load as long
-  as the HF fields still agree with it.
+- **Placement of Switch layers.** HF places them per stack (``num_sparse_encoder_layers``,
+  ``num_sparse_decoder_layers``: layer ``i`` is sparse when ``i % step == 1``, or every layer for step 1). Loading
+  gives one ``sparse_every`` when its rule reproduces both stacks, else the explicit per-stack ``sparse_layers``
+  and ``decoder_sparse_layers``, so every layout HF can build loads (a dense stack, stacks of different depths).
+  HF quirk reproduced: ``num_sparse_*_layers=0`` still makes layer 1 sparse; a dense HF stack needs
+  ``num_sparse_*_layers > num_layers``, which is what exporting a dense stack writes. Exporting a placement HF's
+  rule cannot produce raises.
+- **Embeddings.** Tied models (``tie_word_embeddings=true``) have one table for the encoder, the decoder and the
+  output layer; loading checks that any stored copies equal ``shared.weight``. Untied models as transformers 5
+  builds them read the encoder's and the decoder's tokens from ``encoder/decoder.embed_tokens``, which may
+  differ: ``from_pretrained`` then gives the model ``input_embeddings='per-stack'`` (our ``shared`` is the
+  encoder's table, ``decoder_embed`` the decoder's), else one table (transformers 4 files store ``shared.weight``
+  alone). An untied model's ``shared.weight``, which transformers' forward does not read, is not kept: exporting
+  writes the encoder's table there.
+- **Expressiveness.** HF's Switch port has no gated FFN, no top-k > 1, no decoder-only model, no "no token left
+  behind" or batch-prioritised routing, and no expert dropout distinct from ``dropout_rate``. Its FFN is the one
+  ``dense_act_fn`` names (relu, gelu); T5's ``feed_forward_proj`` is ignored there and here. Gated checkpoints in
+  T5.1.1 naming (``wi_0``/``wi_1``) load here with ``dense_act_fn="gated-gelu"`` (the value transformers' config
+  documents for them, which it cannot build); exporting gated, top-k or decoder-only models to HF raises, other
+  options warn. Our full config travels in the HF ``config.json`` as ``switchformer_config`` and is restored on
+  load as long as the HF fields still agree with it.
 - **Generation.** Greedy decoding equals ``transformers.generate(do_sample=False)`` token for token; beam search
   ranks hypotheses like HF's (same scores); finished sequences are always padded with ``pad_token_id``.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import importlib.metadata
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,10 @@ import torch
 from switchformer.config import ConfigError
 from switchformer.interop.files import read_json, read_weights, write_json, write_weights
 from switchformer.interop.hf_config import MODEL_TYPE, config_from_hf, config_to_hf
-from switchformer.interop.hf_keys import from_hf_state_dict, to_hf_state_dict
+from switchformer.interop.hf_keys import embeddings_differ, from_hf_state_dict, to_hf_state_dict
 from switchformer.interop.key_map import CheckpointError, ParamMapping, expected_shapes, to_ours
 from switchformer.models.base import SwitchModelBase
-from switchformer.models.config import ModelConfig
+from switchformer.models.config import InputEmbeddings, ModelConfig
 from switchformer.models.factory import build_model
 from switchformer.run_folder import is_run_folder, resolve_checkpoint
 
@@ -76,7 +77,11 @@ def _download(repo_id: str) -> Path:  # pragma: no cover - needs the network
 
 
 def load_config(path_or_name: str | Path) -> ModelConfig:
-    """The :class:`ModelConfig` of a checkpoint folder (either format), without reading weights."""
+    """The :class:`ModelConfig` of a checkpoint folder (either format), without reading weights.
+
+    An untied Hugging Face checkpoint whose encoder and decoder tables differ loads with
+    ``input_embeddings='per-stack'``, which only the weights tell (:func:`from_pretrained` reads them).
+    """
     folder = resolve_checkpoint_folder(path_or_name)
     config, _ = _read_config(folder)
     return config
@@ -115,12 +120,23 @@ def from_pretrained(path_or_name: str | Path, *, dtype: torch.dtype | None = tor
     tensors = read_weights(folder)
     source = str(folder)
     if fmt is CheckpointFormat.HF:
+        config = config_for_hf_weights(config, tensors)
         state = from_hf_state_dict(tensors, config, source=source)
     else:
         identity = [ParamMapping(key, (key,)) for key in expected_shapes(config)]
         state = to_ours(tensors, identity, config=config, source=source)
     logger.info("loading %s checkpoint %s", fmt.value, folder)
     return model_from_state_dict(config, state, dtype=dtype)
+
+
+def config_for_hf_weights(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """``config`` with the input embeddings the weights have: transformers 5 gives an untied model's encoder and
+    decoder tables of their own, so when they differ the model gets ``input_embeddings='per-stack'``."""
+    if config.tie_word_embeddings or config.input_embeddings is InputEmbeddings.PER_STACK:
+        return config
+    if embeddings_differ(hf_state):
+        return config.replace(input_embeddings=InputEmbeddings.PER_STACK)
+    return config
 
 
 def model_from_state_dict(

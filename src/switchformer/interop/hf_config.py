@@ -15,7 +15,7 @@ from typing import Any
 
 from switchformer.config import ConfigError
 from switchformer.layers.activation import Activation
-from switchformer.models.config import ModelConfig
+from switchformer.models.config import ModelConfig, Stack, every_nth_layer
 from switchformer.moe.config import Gate, Grouping, MoEConfig, OverflowPolicy, RoutingPriority
 
 logger = logging.getLogger(__name__)
@@ -53,8 +53,10 @@ HF_DEFAULTS: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 
-# HF activation names -> ours. ``dense_act_fn`` holds an ACT2FN key; ``feed_forward_proj`` is T5's field, which
-# checkpoints with T5.1.1-style gated experts (Switch-XXL) use.
+# ``dense_act_fn`` -> ours: the one field transformers' Switch port reads for the FFN (an ACT2FN key: relu, gelu).
+# The gated values are the ones its config documents for T5.1.1-style experts (Switch-XXL); transformers itself
+# cannot build them, switchformer loads their ``wi_0``/``wi_1`` weights. T5's ``feed_forward_proj`` is not read:
+# the port ignores it, so a config.json carrying it runs the FFN ``dense_act_fn`` names.
 _ACTIVATIONS = {
     "relu": Activation.RELU,
     "gelu": Activation.GELU,
@@ -76,27 +78,31 @@ def hf_sparse_layers(num_layers: int, num_sparse: int) -> list[int]:
     return [i for i in range(num_layers) if step == 1 or i % step == 1]
 
 
-def _our_sparse_layers(num_layers: int, sparse_every: int) -> list[int]:
-    return [i for i in range(num_layers) if sparse_every == 1 or i % sparse_every == 1]
-
-
-def _num_sparse_for(num_layers: int, layers: list[int]) -> int:
+def _num_sparse_for(num_layers: int, layers: tuple[int, ...]) -> int:
     """A ``num_sparse_*_layers`` value for which transformers builds exactly ``layers`` as sparse."""
     for candidate in [*range(1, num_layers + 1), num_layers + 1]:
-        if hf_sparse_layers(num_layers, candidate) == layers:
+        if tuple(hf_sparse_layers(num_layers, candidate)) == layers:
             return candidate
     raise ConfigError(
-        f"sparse layers {layers} of a {num_layers}-layer stack have no equivalent in transformers' placement "
-        f"(layer i is sparse when i % (num_layers // num_sparse) == 1); choose another sparse_every"
+        f"sparse layers {list(layers)} of a {num_layers}-layer stack have no equivalent in transformers' placement "
+        "(layer i is sparse when i % (num_layers // num_sparse) == 1, or every layer); choose another "
+        "sparse_every or sparse_layers, or save with format='switchformer'"
     )
 
 
 def _activation(data: Mapping[str, Any]) -> Activation:
-    name = data.get("feed_forward_proj") or data.get("dense_act_fn", HF_DEFAULTS["dense_act_fn"])
+    name = data.get("dense_act_fn", HF_DEFAULTS["dense_act_fn"])
     if name not in _ACTIVATIONS:
         raise ConfigError(
-            f"HF config activation {name!r} is not supported: switchformer implements {sorted(_ACTIVATIONS)} "
-            "(dense_act_fn or feed_forward_proj)"
+            f"HF config dense_act_fn={name!r} is not supported: switchformer implements {sorted(_ACTIVATIONS)}"
+        )
+    ignored = data.get("feed_forward_proj")
+    if ignored is not None and ignored != name:
+        logger.warning(
+            "HF config feed_forward_proj=%r is ignored, as transformers' Switch port ignores it: the FFN follows "
+            "dense_act_fn=%r",
+            ignored,
+            name,
         )
     return _ACTIVATIONS[name]
 
@@ -110,24 +116,28 @@ def _scalar_id(data: Mapping[str, Any], key: str) -> int | None:
     return value
 
 
-def find_sparse_every(
+def placement_fields(
     enc_layers: list[int], dec_layers: list[int], num_layers: int, num_decoder_layers: int
-) -> int | None:
-    """Our ``sparse_every`` placing Switch layers exactly at ``enc_layers`` and ``dec_layers``, if one does."""
+) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields placing Switch layers exactly at ``enc_layers`` and ``dec_layers``.
+
+    One ``sparse_every`` when its rule gives both stacks' layers (the paper's every-other placement, the released
+    checkpoints), else the explicit per-stack lists.
+    """
     for every in range(1, max(num_layers, num_decoder_layers) + 2):
-        if _our_sparse_layers(num_layers, every) == enc_layers and _our_sparse_layers(num_decoder_layers, every) == (
-            dec_layers
-        ):
-            return every
-    return None
+        if every_nth_layer(num_layers, every) == tuple(enc_layers) and every_nth_layer(
+            num_decoder_layers, every
+        ) == tuple(dec_layers):
+            return {"sparse_every": every}
+    return {"sparse_layers": tuple(enc_layers), "decoder_sparse_layers": tuple(dec_layers)}
 
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
     """Our config for a ``SwitchTransformersConfig`` or its ``config.json`` dict, with HF's routing semantics.
 
     A copy of our own config embedded by :func:`config_to_hf` is returned instead when the HF fields still agree
-    with it. Raises :class:`ConfigError` for configs we cannot reproduce (different encoder/decoder placement
-    of Switch layers, unknown activations, another ``model_type``).
+    with it. Raises :class:`ConfigError` for configs we cannot reproduce (unknown activations, another
+    ``model_type``). Every placement of Switch layers transformers can build loads, stack by stack.
     """
     data = dict(hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict())
     derived = _derive(data)
@@ -155,16 +165,9 @@ def _derive(data: Mapping[str, Any]) -> ModelConfig:
     num_decoder_layers = get("num_decoder_layers") or num_layers
     enc_sparse = hf_sparse_layers(num_layers, get("num_sparse_encoder_layers"))
     dec_sparse = hf_sparse_layers(num_decoder_layers, get("num_sparse_decoder_layers"))
-    moe, sparse_every = None, 2
+    moe, placement = None, {}
     if enc_sparse or dec_sparse:
-        every = find_sparse_every(enc_sparse, dec_sparse, num_layers, num_decoder_layers)
-        if every is None:
-            raise ConfigError(
-                f"HF config has sparse encoder layers {enc_sparse} and sparse decoder layers {dec_sparse}; "
-                "switchformer places Switch layers identically in both stacks (one sparse_every), so this "
-                "config is not supported"
-            )
-        sparse_every = every
+        placement = placement_fields(enc_sparse, dec_sparse, num_layers, num_decoder_layers)
         if get("router_dtype") != "float32":
             logger.warning("router_dtype=%s: switchformer always routes in float32", get("router_dtype"))
         moe = MoEConfig(
@@ -196,11 +199,11 @@ def _derive(data: Mapping[str, Any]) -> ModelConfig:
         relative_attention_num_buckets=get("relative_attention_num_buckets"),
         relative_attention_max_distance=get("relative_attention_max_distance"),
         tie_word_embeddings=bool(get("tie_word_embeddings")),
-        sparse_every=sparse_every,
         moe=moe,
         pad_token_id=pad,
         eos_token_id=1 if eos is None else eos,
         decoder_start_token_id=pad if start is None else start,  # T5 starts decoding from the pad token
+        **placement,
     )
 
 
@@ -240,8 +243,7 @@ def _hf_fields(config: ModelConfig, *, warn: bool) -> dict[str, Any]:
             "(only dense_act_fn relu/gelu); save this model with format='switchformer'"
         )
     num_layers, num_decoder_layers = config.num_layers, config.decoder_layers
-    enc = _our_sparse_layers(num_layers, config.sparse_every) if config.moe is not None else []
-    dec = _our_sparse_layers(num_decoder_layers, config.sparse_every) if config.moe is not None else []
+    enc, dec = config.switch_layers(Stack.ENCODER), config.switch_layers(Stack.DECODER)
     out: dict[str, Any] = {
         "model_type": MODEL_TYPE,
         "architectures": ["SwitchTransformersForConditionalGeneration"],

@@ -10,15 +10,20 @@ relative position bias belongs to the stack, HF's to block 0's self-attention. T
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
 
 from switchformer.interop.key_map import CheckpointError, ParamMapping, Transform, to_external, to_ours
-from switchformer.models.config import ModelConfig
+from switchformer.models.config import InputEmbeddings, ModelConfig, Stack
 
-# Tied copies of the embedding that HF checkpoints may carry besides ``shared.weight``.
+logger = logging.getLogger(__name__)
+
+# The stacks' own input embeddings: copies of ``shared.weight`` when tied, tables of their own in transformers 5
+# when untied.
 _EMBEDDING_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+_DECODER_EMBEDDING = _EMBEDDING_ALIASES[1]
 
 
 def _attention(ours: str, hf: str) -> list[ParamMapping]:
@@ -51,12 +56,12 @@ def _ffn(config: ModelConfig, ours: str, hf: str, *, sparse: bool) -> list[Param
     return mappings
 
 
-def _stack(config: ModelConfig, name: str, num_layers: int) -> list[ParamMapping]:
-    decoder = name == "decoder"
+def _stack(config: ModelConfig, stack: Stack) -> list[ParamMapping]:
+    name, decoder, sparse = stack.value, stack is Stack.DECODER, config.switch_layers(stack)
     ffn_layer = 2 if decoder else 1
     bias = f"{name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     mappings = [ParamMapping(f"{name}.position_bias.embedding.weight", (bias,))]
-    for i in range(num_layers):
+    for i in range(config.stack_layers(stack)):
         ours, hf = f"{name}.blocks.{i}", f"{name}.block.{i}.layer"
         mappings.append(ParamMapping(f"{ours}.self_attn_norm.weight", (f"{hf}.0.layer_norm.weight",)))
         mappings += _attention(f"{ours}.self_attn", f"{hf}.0.SelfAttention")
@@ -64,33 +69,48 @@ def _stack(config: ModelConfig, name: str, num_layers: int) -> list[ParamMapping
             mappings.append(ParamMapping(f"{ours}.cross_attn_norm.weight", (f"{hf}.1.layer_norm.weight",)))
             mappings += _attention(f"{ours}.cross_attn", f"{hf}.1.EncDecAttention")
         mappings.append(ParamMapping(f"{ours}.ffn_norm.weight", (f"{hf}.{ffn_layer}.layer_norm.weight",)))
-        mappings += _ffn(config, f"{ours}.ffn", f"{hf}.{ffn_layer}.mlp", sparse=config.is_sparse_layer(i))
+        mappings += _ffn(config, f"{ours}.ffn", f"{hf}.{ffn_layer}.mlp", sparse=i in sparse)
     mappings.append(ParamMapping(f"{name}.final_norm.weight", (f"{name}.final_layer_norm.weight",)))
     return mappings
 
 
 def hf_key_map(config: ModelConfig) -> list[ParamMapping]:
-    """Every parameter of the encoder-decoder ``config`` describes, with its HF name(s) and transform."""
+    """Every parameter of the encoder-decoder ``config`` describes, with its HF name(s) and transform.
+
+    Our ``shared`` is the encoder's input embedding; with ``input_embeddings='per-stack'`` the decoder's is
+    ``decoder_embed`` (HF ``decoder.embed_tokens``).
+    """
     if not config.is_encoder_decoder:
         raise ValueError("transformers' Switch Transformers port is encoder-decoder only; this model is decoder-only")
     mappings = [ParamMapping("shared.weight", ("shared.weight",))]
+    if config.input_embeddings is InputEmbeddings.PER_STACK:
+        mappings.append(ParamMapping("decoder_embed.weight", (_DECODER_EMBEDDING,)))
     if not config.tie_word_embeddings:
         mappings.append(ParamMapping("lm_head.weight", ("lm_head.weight",)))
-    mappings += _stack(config, "encoder", config.num_layers)
-    mappings += _stack(config, "decoder", config.decoder_layers)
+    mappings += _stack(config, Stack.ENCODER)
+    mappings += _stack(config, Stack.DECODER)
     return mappings
 
 
 def to_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> HF names, tied weights stored once (as ``transformers`` saves them).
 
-    Untied models also get ``encoder/decoder.embed_tokens.weight`` copies: transformers 5 ties those to
-    ``shared`` only when ``tie_word_embeddings`` is true, and would otherwise initialise them at random.
+    Untied models also get ``encoder/decoder.embed_tokens.weight``, the tables transformers 5 reads its inputs
+    from when ``tie_word_embeddings`` is false (it would otherwise initialise them at random); ``shared.weight``,
+    which its forward then does not read, holds the encoder's table.
     """
     out = to_external(state, hf_key_map(config), source="HF export")
     if not config.tie_word_embeddings:
-        out |= {alias: out["shared.weight"].clone() for alias in _EMBEDDING_ALIASES}
+        out |= {alias: out["shared.weight"].clone() for alias in _EMBEDDING_ALIASES if alias not in out}
     return out
+
+
+def embeddings_differ(hf_state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the checkpoint's encoder and decoder read their tokens from different tables (transformers 5,
+    untied): such a checkpoint needs ``input_embeddings='per-stack'``."""
+    shared = hf_state.get("shared.weight")
+    encoder, decoder = (hf_state.get(alias, shared) for alias in _EMBEDDING_ALIASES)
+    return encoder is not None and decoder is not None and not torch.equal(encoder, decoder)
 
 
 def from_hf_state_dict(
@@ -98,21 +118,53 @@ def from_hf_state_dict(
 ) -> dict[str, torch.Tensor]:
     """HF tensors -> our state dict; ``source`` (e.g. the folder) names the checkpoint in errors.
 
-    Tied duplicates (``encoder.embed_tokens``, ``decoder.embed_tokens``, and ``lm_head`` when tied) are accepted
-    when they equal ``shared.weight``; a checkpoint that stores the embedding only under an alias still loads.
+    Tied checkpoints keep one table: their duplicates (``encoder.embed_tokens``, ``decoder.embed_tokens`` and
+    ``lm_head``) must equal ``shared.weight``, and a checkpoint that stores it only under an alias still loads.
+    Untied ones load the tables transformers' forward reads: ``encoder/decoder.embed_tokens`` (``shared.weight``
+    standing in for an absent one, as transformers 4 files store it alone). Their ``shared.weight`` is then
+    read by nothing and not kept.
     """
+    gated_weights = any(key.endswith(".wi_0.weight") for key in hf_state)
+    if gated_weights != config.activation.is_gated:
+        raise CheckpointError(
+            f"{source}: the weights hold {'gated (wi_0, wi_1)' if gated_weights else 'ungated (wi)'} FFNs but the "
+            f"config's activation is {config.activation.value!r}; transformers' Switch port reads dense_act_fn "
+            "(not feed_forward_proj), so config.json needs dense_act_fn "
+            + ("'gated-gelu' or 'gated-silu'" if gated_weights else "'relu' or 'gelu'")
+        )
     hf_state = dict(hf_state)
-    if "shared.weight" not in hf_state:
-        for alias in _EMBEDDING_ALIASES:
-            if alias in hf_state:
-                hf_state["shared.weight"] = hf_state[alias]
-                break
-    tied = [*_EMBEDDING_ALIASES, *(["lm_head.weight"] if config.tie_word_embeddings else [])]
     shared = hf_state.get("shared.weight")
-    for alias in tied:
-        if alias in hf_state and shared is not None and not torch.equal(hf_state[alias], shared):
-            raise CheckpointError(
-                f"{source}: {alias} differs from shared.weight, but switchformer shares one embedding between "
-                "the encoder, the decoder" + (" and the output layer" if config.tie_word_embeddings else "")
-            )
-    return to_ours(hf_state, hf_key_map(config), config=config, source=source, ignorable=set(tied).__contains__)
+    if shared is None:
+        shared = next((hf_state[alias] for alias in _EMBEDDING_ALIASES if alias in hf_state), None)
+    if config.tie_word_embeddings:
+        why = "switchformer ties the encoder's, the decoder's and the output layer's weights to it"
+        _require_equal(hf_state, [*_EMBEDDING_ALIASES, "lm_head.weight"], "shared.weight", shared, source, why)
+    else:
+        encoder = hf_state.get(_EMBEDDING_ALIASES[0], shared)
+        if shared is not None and encoder is not None and not torch.equal(shared, encoder):
+            logger.info("%s: shared.weight is not kept: an untied model reads encoder.embed_tokens instead", source)
+        shared = encoder
+        if config.input_embeddings is InputEmbeddings.SHARED:
+            why = "this config gives both stacks one table (from_pretrained chooses input_embeddings='per-stack')"
+            _require_equal(hf_state, [_DECODER_EMBEDDING], _EMBEDDING_ALIASES[0], shared, source, why)
+        elif _DECODER_EMBEDDING not in hf_state and shared is not None:
+            hf_state[_DECODER_EMBEDDING] = shared
+    if shared is not None:
+        hf_state["shared.weight"] = shared
+    needed = {key for m in hf_key_map(config) for key in m.external}
+    ignorable = {*_EMBEDDING_ALIASES, "lm_head.weight"} - needed
+    return to_ours(hf_state, hf_key_map(config), config=config, source=source, ignorable=ignorable.__contains__)
+
+
+def _require_equal(
+    hf_state: Mapping[str, torch.Tensor],
+    copies: list[str],
+    name: str,
+    reference: torch.Tensor | None,
+    source: str,
+    why: str,
+) -> None:
+    """Each of ``copies`` present in the checkpoint must equal ``reference`` (the tensor named ``name``)."""
+    for copy in copies:
+        if copy in hf_state and reference is not None and not torch.equal(hf_state[copy], reference):
+            raise CheckpointError(f"{source}: {copy} differs from {name}, but {why}")

@@ -22,11 +22,11 @@ import torch
 
 from switchformer.config import ConfigError
 from switchformer.interop.checkpoint_io import model_from_state_dict
-from switchformer.interop.hf_config import find_sparse_every
+from switchformer.interop.hf_config import placement_fields
 from switchformer.interop.key_map import CheckpointError, ParamMapping, Transform, to_external, to_ours
 from switchformer.layers.activation import Activation
 from switchformer.models.base import SwitchModelBase
-from switchformer.models.config import ModelConfig
+from switchformer.models.config import InputEmbeddings, ModelConfig, Stack
 from switchformer.moe.config import MoEConfig
 
 logger = logging.getLogger(__name__)
@@ -64,11 +64,11 @@ def _ffn(config: ModelConfig, ours: str, mlp: str, *, sparse: bool) -> list[Para
     return mappings
 
 
-def _stack(config: ModelConfig, name: str, num_layers: int) -> list[ParamMapping]:
-    decoder = name == "decoder"
+def _stack(config: ModelConfig, stack: Stack) -> list[ParamMapping]:
+    name, decoder, sparse = stack.value, stack is Stack.DECODER, config.switch_layers(stack)
     bias = ParamMapping(f"{name}.position_bias.embedding.weight", (f"{name}/relpos_bias/rel_embedding",))
     mappings = [ParamMapping(bias.ours, bias.external, Transform.TRANSPOSE)]
-    for i in range(num_layers):
+    for i in range(config.stack_layers(stack)):
         ours, t5x = f"{name}.blocks.{i}", f"{name}/layers_{i}"
         if decoder:
             mappings.append(
@@ -83,7 +83,7 @@ def _stack(config: ModelConfig, name: str, num_layers: int) -> list[ParamMapping
             mappings.append(ParamMapping(f"{ours}.self_attn_norm.weight", (f"{t5x}/pre_attention_layer_norm/scale",)))
             mappings += _attention(f"{ours}.self_attn", f"{t5x}/attention")
         mappings.append(ParamMapping(f"{ours}.ffn_norm.weight", (f"{t5x}/pre_mlp_layer_norm/scale",)))
-        mappings += _ffn(config, f"{ours}.ffn", f"{t5x}/mlp", sparse=config.is_sparse_layer(i))
+        mappings += _ffn(config, f"{ours}.ffn", f"{t5x}/mlp", sparse=i in sparse)
     norm = "decoder_norm" if decoder else "encoder_norm"
     mappings.append(ParamMapping(f"{name}.final_norm.weight", (f"{name}/{norm}/scale",)))
     return mappings
@@ -93,10 +93,12 @@ def t5x_key_map(config: ModelConfig) -> list[ParamMapping]:
     """Every parameter of the encoder-decoder ``config`` describes, with its T5X name(s) and transform."""
     if not config.is_encoder_decoder:
         raise ConfigError("T5X Switch checkpoints are encoder-decoder; this config is decoder-only")
+    if config.input_embeddings is InputEmbeddings.PER_STACK:
+        raise ConfigError("T5X checkpoints have one token embedder; input_embeddings='per-stack' has two")
     mappings = [ParamMapping("shared.weight", ("token_embedder/embedding",))]
     if not config.tie_word_embeddings:
         mappings.append(ParamMapping("lm_head.weight", ("decoder/logits_dense/kernel",), Transform.TRANSPOSE))
-    return mappings + _stack(config, "encoder", config.num_layers) + _stack(config, "decoder", config.decoder_layers)
+    return mappings + _stack(config, Stack.ENCODER) + _stack(config, Stack.DECODER)
 
 
 def _to_tensor(value: Any) -> torch.Tensor:
@@ -157,15 +159,9 @@ def t5x_config(params: Mapping[str, Any], **changes: Any) -> ModelConfig:
     sparse_dec = [i for i in dec if f"decoder/layers_{i}/mlp/router/router_weights/w/kernel" in p]
     gated = any(key.endswith("wi_0/kernel") for key in p)
     wi = next(p[key] for key in p if re.search(r"/mlp/(expert/)?wi(_0)?/kernel$", key))
-    moe, every = None, 2
+    moe, placement = None, {}
     if sparse or sparse_dec:
-        found = find_sparse_every(sparse, sparse_dec, len(enc), len(dec))
-        if found is None:
-            raise CheckpointError(
-                f"T5X params: Switch layers at encoder {sparse} / decoder {sparse_dec} do not follow switchformer's "
-                "placement (layer i is sparse when i % sparse_every == 1, the same in both stacks)"
-            )
-        every = found
+        placement = placement_fields(sparse, sparse_dec, len(enc), len(dec))
         first = sparse[0] if sparse else sparse_dec[0]
         stack = "encoder" if sparse else "decoder"
         num_experts = p[f"{stack}/layers_{first}/mlp/router/router_weights/w/kernel"].shape[1]
@@ -182,11 +178,10 @@ def t5x_config(params: Mapping[str, Any], **changes: Any) -> ModelConfig:
         "activation": Activation.GATED_GELU if gated else Activation.RELU,
         "relative_attention_num_buckets": buckets,
         "tie_word_embeddings": "decoder/logits_dense/kernel" not in p,
-        "sparse_every": every,
         "moe": moe,
         "init_scale": 0.1 if moe is not None else 1.0,
     }
-    return ModelConfig(**(fields | changes))
+    return ModelConfig(**(fields | placement | changes))
 
 
 def from_t5x(

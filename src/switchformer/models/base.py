@@ -17,7 +17,7 @@ from switchformer.layers.kv_cache import DecoderCache
 from switchformer.layers.linear_cross_entropy import linear_cross_entropy
 from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
-from switchformer.models.config import ModelConfig
+from switchformer.models.config import InputEmbeddings, ModelConfig
 from switchformer.models.outputs import LayerRouting, ModelOutput
 from switchformer.models.stack import StackOutput, set_activation_checkpointing
 from switchformer.moe.layer import SwitchFFN
@@ -27,12 +27,18 @@ if TYPE_CHECKING:
 
 
 class SwitchModelBase(nn.Module):
-    """Token embedding (shared by all stacks), tied or untied output head, T5 init and the total loss."""
+    """Token embeddings, tied or untied output head, T5 init and the total loss.
+
+    ``shared`` embeds the tokens of every stack, unless ``input_embeddings='per-stack'`` gives the decoder its own
+    ``decoder_embed`` (``shared`` is then the encoder's).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        per_stack = config.input_embeddings is InputEmbeddings.PER_STACK
+        self.decoder_embed = nn.Embedding(config.vocab_size, config.d_model) if per_stack else None
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def finish_init(self) -> None:
@@ -49,6 +55,8 @@ class SwitchModelBase(nn.Module):
         scale, d_model = self.config.init_scale, self.config.d_model
         trunc = InitKind.SCALED_TRUNC_NORMAL
         rules = {"shared.weight": InitRule(InitKind.NORMAL, 1.0)}
+        if self.decoder_embed is not None:
+            rules["decoder_embed.weight"] = InitRule(InitKind.NORMAL, 1.0)
         if self.lm_head is not None:
             rules["lm_head.weight"] = InitRule(trunc, scale, fan_in=d_model)
         for prefix, module in self.named_modules():
@@ -82,6 +90,11 @@ class SwitchModelBase(nn.Module):
             raise RuntimeError(f"no init rule for {sorted(parameters.keys() - rules.keys())}")
         for name, param in parameters.items():
             seeded_fill_(param, rules[name], seed=seed, name=name, global_shape=param.shape)
+
+    @property
+    def decoder_embedding(self) -> nn.Embedding:
+        """The table the decoder stack reads its tokens from."""
+        return self.decoder_embed if self.decoder_embed is not None else self.shared
 
     def set_activation_checkpointing(self, every: int = 1) -> int:
         """Recompute every ``every``-th block in the backward pass (0 = off); see ``models.stack``."""

@@ -15,6 +15,28 @@ class Architecture(enum.Enum):
     DECODER_ONLY = "decoder-only"  # a causal language model built from the same blocks
 
 
+class Stack(enum.Enum):
+    """A stack of blocks. A decoder-only model has one, its DECODER, sized by ``num_layers``."""
+
+    ENCODER = "encoder"
+    DECODER = "decoder"
+
+
+class InputEmbeddings(enum.Enum):
+    """Which token embedding tables the stacks of an encoder-decoder read their inputs from."""
+
+    SHARED = "shared"  # one table for encoder and decoder (T5, Mesh-TF, transformers 4)
+    PER_STACK = "per-stack"  # encoder and decoder each have their own (transformers 5 builds untied models so)
+
+
+def every_nth_layer(num_layers: int, every: int) -> tuple[int, ...]:
+    """``sparse_every``'s placement: layers 1, 1 + every, ... of ``num_layers`` (all of them for ``every=1``).
+
+    The Hugging Face port's rule (its ``sparse_step``), which places the released checkpoints' Switch layers.
+    """
+    return tuple(i for i in range(num_layers) if every == 1 or i % every == 1)
+
+
 @dataclasses.dataclass
 class ModelConfig(Config):
     """A T5 / Switch Transformer. ``moe=None`` gives the FLOP-matched dense baseline from the same code."""
@@ -33,8 +55,13 @@ class ModelConfig(Config):
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     tie_word_embeddings: bool = True  # tied logits are scaled by d_model ** -0.5 (Mesh-TF)
+    input_embeddings: InputEmbeddings = InputEmbeddings.SHARED  # 'per-stack' needs untied word embeddings
     init_scale: float = 1.0  # the paper uses 0.1 for Switch models
     sparse_every: int = 2  # a Switch layer replaces every N-th FFN: layers 1, 1+N, ... (1 = every layer)
+    # Explicit placement per stack, overriding sparse_every for that stack: indices of the blocks whose FFN is a
+    # Switch layer, () for a dense stack. sparse_layers is the encoder's (a decoder-only model's one stack's).
+    sparse_layers: tuple[int, ...] | None = None
+    decoder_sparse_layers: tuple[int, ...] | None = None  # an encoder-decoder's decoder
     moe: MoEConfig | None = None
     pad_token_id: int = 0
     eos_token_id: int = 1
@@ -63,9 +90,34 @@ class ModelConfig(Config):
         self.check(self.relative_attention_max_distance >= 2, "relative_attention_max_distance", "must be >= 2")
         self.check(self.init_scale > 0, "init_scale", "must be > 0 (the paper uses 0.1 for Switch models)")
         self.check(self.sparse_every >= 1, "sparse_every", "must be >= 1 (1 = every FFN is a Switch layer)")
+        self._check_placement("sparse_layers", self.num_layers)
+        if self.is_encoder_decoder:
+            self._check_placement("decoder_sparse_layers", self.decoder_layers)
+        else:
+            self.check(
+                self.decoder_sparse_layers is None,
+                "decoder_sparse_layers",
+                "must be None for a decoder-only model: its one stack's Switch layers are sparse_layers",
+            )
+        if self.input_embeddings is InputEmbeddings.PER_STACK:
+            self.check(
+                self.is_encoder_decoder and not self.tie_word_embeddings,
+                "input_embeddings",
+                "'per-stack' needs an encoder-decoder with tie_word_embeddings=false (a tied output layer shares "
+                "the one input embedding)",
+            )
         for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
             self.check(
                 0 <= getattr(self, name) < self.vocab_size, name, f"must be in [0, vocab_size={self.vocab_size})"
+            )
+
+    def _check_placement(self, field: str, num_layers: int) -> None:
+        layers = getattr(self, field)
+        if layers is not None:
+            self.check(
+                all(0 <= i < num_layers for i in layers) and list(layers) == sorted(set(layers)),
+                field,
+                f"must be None (use sparse_every) or strictly increasing layer indices in [0, {num_layers})",
             )
 
     # -- derived ------------------------------------------------------------------------------------
@@ -85,11 +137,30 @@ class ModelConfig(Config):
     def is_encoder_decoder(self) -> bool:
         return self.architecture is Architecture.ENCODER_DECODER
 
-    def is_sparse_layer(self, index: int) -> bool:
-        """Layer ``index`` of a stack holds a Switch FFN (the Hugging Face port's placement, for interop)."""
+    @property
+    def stacks(self) -> tuple[Stack, ...]:
+        return (Stack.ENCODER, Stack.DECODER) if self.is_encoder_decoder else (Stack.DECODER,)
+
+    def stack_layers(self, stack: Stack) -> int:
+        """Blocks in ``stack``: ``num_layers`` for the encoder or a decoder-only model's stack."""
+        return self.decoder_layers if stack is Stack.DECODER and self.is_encoder_decoder else self.num_layers
+
+    def switch_layers(self, stack: Stack) -> tuple[int, ...]:
+        """Indices of the blocks of ``stack`` whose FFN is a Switch layer (none for a dense model).
+
+        The explicit ``sparse_layers`` / ``decoder_sparse_layers`` when set, else :func:`every_nth_layer`.
+        """
         if self.moe is None:
-            return False
-        return self.sparse_every == 1 or index % self.sparse_every == 1
+            return ()
+        first = stack is Stack.ENCODER or not self.is_encoder_decoder
+        explicit = self.sparse_layers if first else self.decoder_sparse_layers
+        if explicit is not None:
+            return explicit
+        return every_nth_layer(self.stack_layers(stack), self.sparse_every)
+
+    @property
+    def num_switch_layers(self) -> int:
+        return sum(len(self.switch_layers(stack)) for stack in self.stacks)
 
     def resolved_moe(self) -> MoEConfig:
         """The MoE config with ``expert_dropout=None`` resolved to the model's dropout rate."""

@@ -7,7 +7,7 @@ import torch
 from switchformer.labels import IGNORE_INDEX
 from switchformer.layers.kv_cache import DecoderCache
 from switchformer.models.base import SwitchModelBase
-from switchformer.models.config import Architecture, ModelConfig
+from switchformer.models.config import Architecture, ModelConfig, Stack
 from switchformer.models.outputs import ModelOutput
 from switchformer.models.stack import TransformerStack
 
@@ -22,7 +22,7 @@ class SwitchLM(SwitchModelBase):
         if config.architecture is not Architecture.DECODER_ONLY:
             raise ValueError(f"SwitchLM needs architecture='decoder-only', got {config.architecture.value!r}")
         super().__init__(config)
-        self.decoder = TransformerStack(config, num_layers=config.num_layers, causal=True, cross_attention=False)
+        self.decoder = TransformerStack(config, Stack.DECODER)
         self.finish_init()
 
     def count_labels(self, labels: torch.Tensor) -> int:

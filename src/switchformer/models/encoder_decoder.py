@@ -7,7 +7,7 @@ import torch
 from switchformer.labels import IGNORE_INDEX
 from switchformer.layers.kv_cache import DecoderCache
 from switchformer.models.base import SwitchModelBase
-from switchformer.models.config import Architecture, ModelConfig
+from switchformer.models.config import Architecture, ModelConfig, Stack
 from switchformer.models.outputs import ModelOutput
 from switchformer.models.stack import StackOutput, TransformerStack
 
@@ -27,8 +27,8 @@ class SwitchTransformer(SwitchModelBase):
                 f"SwitchTransformer needs architecture='encoder-decoder', got {config.architecture.value!r}"
             )
         super().__init__(config)
-        self.encoder = TransformerStack(config, num_layers=config.num_layers, causal=False, cross_attention=False)
-        self.decoder = TransformerStack(config, num_layers=config.decoder_layers, causal=True, cross_attention=True)
+        self.encoder = TransformerStack(config, Stack.ENCODER)
+        self.decoder = TransformerStack(config, Stack.DECODER)
         self.finish_init()
 
     def shift_right(self, labels_BS: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ class SwitchTransformer(SwitchModelBase):
         # Positions whose label is ignored are padding: keep them out of expert slots and the router losses.
         routing_mask = labels != IGNORE_INDEX if labels is not None and decoder_attention_mask is None else None
         decoder = self.decoder(
-            self.shared(decoder_input_ids),
+            self.decoder_embedding(decoder_input_ids),
             attention_mask=decoder_attention_mask,
             memory_BMD=encoder_output.hidden_states,
             memory_mask=attention_mask,

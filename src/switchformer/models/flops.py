@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from switchformer.models.config import ModelConfig
+from switchformer.models.config import ModelConfig, Stack
 from switchformer.moe.layer import SwitchFFN
 
 
@@ -48,20 +48,16 @@ def flops_per_token(config: ModelConfig, *, context_length: int = 512) -> int:
     attention_proj = 4 * d * inner
     attention_scores = 2 * context_length * inner  # q.k and attention-weighted values
 
-    def ffn(layer: int) -> int:
-        if not config.is_sparse_layer(layer):
-            return ffn_dense
-        assert config.moe is not None
-        return config.moe.top_k * ffn_dense + d * config.moe.num_experts
+    def stack(which: Stack) -> int:
+        attention_blocks = 2 if which is Stack.DECODER and config.is_encoder_decoder else 1  # cross-attention
+        layers, sparse = config.stack_layers(which), len(config.switch_layers(which))
+        macs = layers * attention_blocks * (attention_proj + attention_scores) + (layers - sparse) * ffn_dense
+        if sparse:
+            assert config.moe is not None
+            macs += sparse * (config.moe.top_k * ffn_dense + d * config.moe.num_experts)
+        return macs
 
-    def stack(num_layers: int, attention_blocks: int) -> int:
-        return sum(attention_blocks * (attention_proj + attention_scores) + ffn(i) for i in range(num_layers))
-
-    if config.is_encoder_decoder:
-        macs = stack(config.num_layers, 1) + stack(config.decoder_layers, 2)
-    else:
-        macs = stack(config.num_layers, 1)
-    return 2 * (macs + d * vocab)
+    return 2 * (sum(stack(which) for which in config.stacks) + d * vocab)
 
 
 def model_size(config: ModelConfig, *, context_length: int = 512) -> ModelSize:

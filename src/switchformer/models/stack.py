@@ -6,6 +6,7 @@ Shape legend: B batch, S new positions, P cached positions, L = P + S key positi
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 import torch.utils.checkpoint
@@ -15,7 +16,8 @@ from switchformer.layers.kv_cache import DecoderCache
 from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
 from switchformer.models.block import TransformerBlock
-from switchformer.models.config import ModelConfig
+from switchformer.models.config import ModelConfig, Stack
+from switchformer.moe.config import RoutingCaveatWarning, RoutingPriority
 from switchformer.moe.layer import MoEOutput
 from switchformer.moe.router import jitter_streams_for_recompute
 
@@ -27,13 +29,28 @@ class StackOutput:
     cache: DecoderCache | None
 
 
+CONFIDENCE_IN_A_DECODER = (
+    "MoEConfig.priority='confidence' with a capacity (dropless=False) in a decoder stack: a later token can take an "
+    "earlier token's expert slot, so earlier positions' outputs depend on later tokens (the model is not causal, "
+    "and cached decoding differs from training). Use priority='position' or dropless=True for a causal model; see "
+    "docs/routing-caveats.md"
+)
+
+
 def _mask_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
 class TransformerStack(nn.Module):
-    def __init__(self, config: ModelConfig, *, num_layers: int, causal: bool, cross_attention: bool) -> None:
+    def __init__(self, config: ModelConfig, stack: Stack) -> None:
+        """The encoder (bidirectional), or a decoder: causal, cross-attending in an encoder-decoder."""
         super().__init__()
+        causal = stack is Stack.DECODER
+        cross_attention = causal and config.is_encoder_decoder
+        sparse = set(config.switch_layers(stack))
+        moe = config.moe
+        if causal and sparse and moe is not None and moe.priority is RoutingPriority.CONFIDENCE and not moe.dropless:
+            warnings.warn(CONFIDENCE_IN_A_DECODER, RoutingCaveatWarning, stacklevel=3)
         self.causal = causal
         self.route_padding = config.moe is None or not config.moe.ignore_padding_tokens
         self.position_bias = RelativePositionBias(
@@ -43,8 +60,8 @@ class TransformerStack(nn.Module):
             max_distance=config.relative_attention_max_distance,
         )
         self.blocks = nn.ModuleList(
-            TransformerBlock(config, sparse=config.is_sparse_layer(i), cross_attention=cross_attention)
-            for i in range(num_layers)
+            TransformerBlock(config, sparse=i in sparse, cross_attention=cross_attention)
+            for i in range(config.stack_layers(stack))
         )
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)

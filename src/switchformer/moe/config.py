@@ -9,10 +9,19 @@ from switchformer.config import Config
 
 
 class RoutingPriority(enum.Enum):
-    """Which tokens claim an expert's slots first when it is over capacity."""
+    """Which tokens claim an expert's slots first when it is over capacity.
 
-    POSITION = "position"  # flattened-batch order, as in the paper and Mesh-TF
-    CONFIDENCE = "confidence"  # batch-prioritised routing (V-MoE): most confident router decisions first
+    With a capacity that binds, ``CONFIDENCE`` lets a later token take the slot of an earlier one, so in a
+    decoder (causal) stack an earlier position's output depends on later tokens: not causal. Building such a
+    model warns once; see docs/routing-caveats.md.
+    """
+
+    POSITION = "position"  # flattened-batch order, as in the paper and Mesh-TF; causal within a sequence
+    CONFIDENCE = "confidence"  # batch-prioritised routing (V-MoE): most confident first; leaks the future in decoders
+
+
+class RoutingCaveatWarning(UserWarning):
+    """A routing option whose outputs depend on more than they seem to (docs/routing-caveats.md)."""
 
 
 class OverflowPolicy(enum.Enum):
@@ -47,18 +56,27 @@ class ExpertKernel(enum.Enum):
 
 @dataclasses.dataclass
 class MoEConfig(Config):
-    """Routing, capacity and expert settings of a Switch layer (Fedus et al. 2021, section 2)."""
+    """Routing, capacity and expert settings of a Switch layer (Fedus et al. 2021, section 2).
+
+    Two caveats of capacity-limited routing (docs/routing-caveats.md): with ``priority='confidence'`` a decoder's
+    earlier positions depend on later tokens whenever the capacity binds; and since capacity is computed per
+    routing group, cached decoding (one new token per group, never dropped) and a full forward over the sequence
+    (which may drop tokens) can give different outputs when tokens are dropped, as in transformers. Dropless
+    routing (``dropless=True``) has neither.
+    """
 
     num_experts: int = 8
     top_k: int = 1  # 1 = Switch routing; 2 = the paper's top-2 "MoE" baseline (gates renormalised)
-    capacity_factor: float = 1.25  # training; expert capacity = factor * tokens_per_group / num_experts
+    # Expert capacity = factor * tokens_per_group / num_experts: tokens past it are dropped, so a full forward and
+    # cached decoding (one-token groups) differ when it binds (docs/routing-caveats.md).
+    capacity_factor: float = 1.25  # training
     eval_capacity_factor: float = 2.0  # used in eval mode (the released configs evaluate at 2.0)
     min_capacity: int = 4  # flaxformer's floor, so tiny groups still fit a few tokens per expert
     expert_capacity: int | None = None  # a fixed capacity per group, overriding the factors (Hugging Face port)
     dropless: bool = False  # no capacity and no drops: every expert takes all tokens routed to it
     grouping: Grouping = Grouping.TOKENS
     group_size: int = 1024  # tokens per group with grouping='tokens'; the last group holds the remainder
-    priority: RoutingPriority = RoutingPriority.POSITION
+    priority: RoutingPriority = RoutingPriority.POSITION  # 'confidence' is not causal in decoders with a capacity
     overflow: OverflowPolicy = OverflowPolicy.DROP
     gate: Gate = Gate.PROBABILITY  # top-1 only: 'straight-through' stops the gate shrinking outputs to ~1/E early on
     router_jitter: float = 0.01  # multiplicative uniform noise on the router's copy of its input, training only

@@ -22,6 +22,7 @@ import torch
 
 from switchformer import __version__
 from switchformer.errors import CheckpointError
+from switchformer.host_memory import keep_freed_memory
 from switchformer.labels import IGNORE_INDEX
 from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import ModelConfig
@@ -45,7 +46,6 @@ from switchformer.training.config import NonFinitePolicy, Precision, TrainConfig
 from switchformer.training.denormals import flushed_denormals
 from switchformer.training.diagnostics import first_non_finite_module, last_non_finite_gradient
 from switchformer.training.evaluation import evaluate_over_ranks, model_forward
-from switchformer.training.host_memory import keep_freed_memory
 from switchformer.training.metrics import MetricsWriter, RoutingAccumulator
 from switchformer.training.optim import build_optimizer, build_scheduler, optimizer_kind
 from switchformer.training.strategy import SingleProcess
