@@ -114,7 +114,7 @@ def test_with_the_gate_pinned_to_one_the_upcycled_model_computes_the_dense_model
 def test_checkpoints_round_trip_and_bad_inputs_are_refused(tmp_path):
     dense = dense_model()
     dense.save_pretrained(tmp_path / "dense")
-    from_path = upcycle(tmp_path / "dense", moe=NO_DROP)
+    from_path = upcycle(from_pretrained(tmp_path / "dense"), moe=NO_DROP)
     from_path.save_pretrained(tmp_path / "sparse")
     reloaded = from_pretrained(tmp_path / "sparse")
     assert reloaded.config == from_path.config

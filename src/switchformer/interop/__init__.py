@@ -62,6 +62,11 @@ from switchformer.interop.hf_config import config_from_hf, config_to_hf
 from switchformer.interop.hf_keys import from_hf_state_dict, hf_key_map, to_hf_state_dict
 from switchformer.interop.key_map import CheckpointError, ParamMapping, Transform
 from switchformer.interop.t5x import from_t5x, t5x_config, t5x_key_map, to_t5x
+from switchformer.models.base import SwitchModelBase
+
+# Models know no file formats (interop sits above them); they get the HF-style method from here, so that
+# ``model.save_pretrained(folder, format="hf")`` is ``save_pretrained(model, folder, format="hf")``.
+SwitchModelBase.save_pretrained = save_pretrained  # type: ignore[attr-defined]
 
 __all__ = [
     "CheckpointError",

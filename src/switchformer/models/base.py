@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -99,14 +98,6 @@ class SwitchModelBase(nn.Module):
     def set_activation_checkpointing(self, every: int = 1) -> int:
         """Recompute every ``every``-th block in the backward pass (0 = off); see ``models.stack``."""
         return set_activation_checkpointing(self, every)
-
-    def save_pretrained(
-        self, path: str | Path, *, format: str = "switchformer", max_shard_bytes: int | None = None
-    ) -> Path:
-        """Write a checkpoint folder; ``format='hf'`` loads with transformers (see ``switchformer.interop``)."""
-        from switchformer.interop.checkpoint_io import save_pretrained
-
-        return save_pretrained(self, path, format=format, max_shard_bytes=max_shard_bytes)
 
     def generate(self, *, input_ids: torch.Tensor, **kwargs: Any) -> GenerationOutput:
         """Greedy, beam or sampled continuations with the KV cache (``switchformer.models.generation.generate``)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,23 +98,22 @@ def upcycled_config(dense: ModelConfig, moe: MoEConfig, *, sparse_every: int | N
 
 
 def upcycle(
-    model_or_path: SwitchModelBase | str | Path,
+    dense: SwitchModelBase,
     *,
     moe: MoEConfig,
     sparse_every: int | None = None,
     router_init_scale: float = ROUTER_INIT_SCALE,
     seed: int = 0,
 ) -> SwitchModelBase:
-    """A Switch model (eval mode) from a dense model or checkpoint folder; ``seed`` draws the routers.
+    """A Switch model (eval mode) from a dense model (``switchformer.from_pretrained`` loads one from a folder);
+    ``seed`` draws the routers.
 
     With ``moe=upcycling_moe(E)`` its logits equal the dense model's until training starts; with the paper's gate
     they are scaled by the routers' probabilities (see the module docstring). The dense model is not modified; the
     experts are copies, so training one leaves the others unchanged.
     """
-    from switchformer.interop.checkpoint_io import from_pretrained, model_from_state_dict
     from switchformer.models.factory import build_model
 
-    dense = from_pretrained(model_or_path) if isinstance(model_or_path, str | Path) else model_or_path
     config = upcycled_config(dense.config, moe, sparse_every=sparse_every)
     with torch.device("meta"):
         layout = build_model(config)  # names and shapes only
@@ -137,7 +135,9 @@ def upcycle(
         if module.router.bias is not None:
             state[f"{name}.router.bias"] = torch.zeros(experts, dtype=wi_DF.dtype)
         upcycled.append(name)
-    model = model_from_state_dict(config, state, dtype=None)
+    model = build_model(config, device="meta")
+    model.load_state_dict(state, assign=True)  # adopts the tensors: no second copy, no random init
+    model.eval()
     logger.info("upcycled %d FFNs into Switch layers of %d experts: %s", len(upcycled), moe.num_experts, upcycled)
     return model
 
