@@ -80,10 +80,30 @@ def launch(command: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]
 
 
 def kill_job(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the launcher and every process it started."""
-    with contextlib.suppress(ProcessLookupError):  # it may have ended already
+    """SIGKILL the launcher and every process it started: torchrun starts its workers in sessions of their own,
+    so killing the launcher's process group alone would leave them running."""
+    family = [process.pid, *_descendants(process.pid)]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):  # it may have ended already
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``, from /proc (children's children included)."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent_of[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parent_of.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def finish(process: subprocess.Popen[bytes], log: Path, timeout: float = LAUNCH_TIMEOUT_S) -> int:
