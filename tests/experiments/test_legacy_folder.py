@@ -13,6 +13,8 @@ import pytest
 from switchformer.cli.main import main
 from switchformer.experiments.folder import load_plan
 from switchformer.experiments.plan import SHORT_NAMES, plan_runs
+from switchformer.models.config import ModelConfig
+from switchformer.training.config import TrainConfig
 from switchformer.training.metrics import read_metrics
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "legacy"
@@ -50,11 +52,15 @@ def test_the_flat_plan_loads_with_every_field_where_it_now_lives_and_plans_the_r
     assert data.to_dict() == saved["data"] and data.source == "corpus"
     specs = {name: json.loads((legacy / "runs" / name / "spec.json").read_text()) for name in RUNS}
     vocab = specs["dense-seed0"]["model"]["vocab_size"]  # the trained tokenizer's
-    assert {spec.name: spec.to_dict() for spec in plan_runs(plan, vocab)} == specs
+    planned = {spec.name: spec for spec in plan_runs(plan, vocab)}
+    assert planned.keys() == specs.keys()
+    for name, saved_spec in specs.items():  # fields added to the model since keep their defaults
+        assert {**planned[name].to_dict(), "model": None} == {**saved_spec, "model": None}
+        assert planned[name].model == ModelConfig.from_dict(saved_spec["model"])
     checkpoint = json.loads(
         (legacy / "runs" / "switch-2" / "checkpoints" / "step-00000004" / "config.json").read_text()
     )
-    assert plan.train_config(0).to_dict() == checkpoint["train"]
+    assert plan.train_config(0) == TrainConfig.from_dict(checkpoint["train"])
 
 
 def test_the_old_folder_replots(legacy, monkeypatch):
