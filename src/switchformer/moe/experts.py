@@ -1,7 +1,7 @@
-"""Stacked expert feed-forward networks, run as batched or grouped matmuls.
+"""Stacked expert feed-forward networks, run as batched, grouped or per-expert matmuls.
 
 Shape legend: E experts, C rows per expert (capacity), R rows in all, D d_model, F d_ff, M activation width
-multiplier (2 for gated activations).
+multiplier (2 for gated activations); X and Y the inner and outer width of one of the two products.
 """
 
 from __future__ import annotations
