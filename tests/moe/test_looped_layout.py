@@ -55,13 +55,13 @@ def test_short_sequences_with_a_large_fixed_capacity_match_reference(kernel):
 
 
 def test_padding_tokens_claim_no_row_and_match_reference():
-    layer = _layer(num_experts=3, capacity_factor=1.0, min_capacity=1, grouping="batch", kernel=LOOP)
-    x = torch.randn(2, 8, D)
-    mask = torch.ones(2, 8, dtype=torch.bool)
-    mask[0, 5:] = False
-    mask[1, 6:] = False
-    _check(layer, x, [16], token_mask=mask)
+    """Top-2 over per-sequence groups with a capacity that binds: padding takes neither a slot nor a row."""
+    layer = _layer(num_experts=3, top_k=2, grouping="sequence", expert_capacity=3, kernel=LOOP)
+    x = torch.randn(3, 6, D)
+    mask = torch.arange(6) < torch.tensor([[6], [4], [1]])
+    _check(layer, x, [6, 6, 6], token_mask=mask)
     out = layer(x, token_mask=mask)
+    assert float(out.dropped_fraction) > 0, "the test must exercise dropping"
     assert torch.all(out.hidden_states[~mask] == 0)
     batch, _ = layer.dispatcher.dispatch(x.reshape(-1, D), out.routing)
     assert batch.layout is Layout.LOOPED and batch.rows.shape[0] == int(out.routing.keep.sum())
