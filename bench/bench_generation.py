@@ -59,6 +59,12 @@ TRANSFORMERS, OURS, OURS_BF16 = "transformers", "switchformer", "switchformer bf
 def parse_args(argv: list[str]):
     p = harness.argument_parser(__doc__, repeats=3)
     p.add_argument("--quick", action="store_true", help="greedy at batch 4 and the 4 x 64 forward only")
+    p.add_argument(
+        "--decoding",
+        nargs="*",
+        default=["greedy-1", "greedy-4", "beam-1", "beam-4"],
+        help="STRATEGY-BATCH decoding cases (beam search keeps 4 beams)",
+    )
     p.add_argument("--weights", type=Path, help="folder to keep the random checkpoint in (built if missing)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -66,11 +72,12 @@ def parse_args(argv: list[str]):
     p.add_argument("--bf16", action="store_true", help="also decode with our bf16 weights (routers float32)")
     p.add_argument("--quiet-load", type=float, default=0.5, help="wait for the 1-minute load to fall below this")
     p.add_argument("--max-wait", type=float, default=1200, help="seconds to wait for quiet before measuring anyway")
+    p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning step")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--profile", action="store_true", help="print an op-level profile of our greedy decoding")
     args = p.parse_args(argv)
     if args.quick:
-        args.forward = ["4x64"]
+        args.decoding, args.forward, args.no_finetune = ["greedy-4"], ["4x64"], True
     return args
 
 
@@ -234,12 +241,13 @@ def main(argv: list[str]) -> None:
             ours[OURS_BF16] = from_pretrained(folder, dtype=torch.bfloat16)
 
     cases: list[Case] = []
-    for batch, beams in [(4, 1)] if args.quick else [(1, 1), (4, 1), (1, 4), (4, 4)]:
-        cases += generation_cases(hf, ours, batch, beams, args)
+    for spec in args.decoding:
+        strategy, batch = spec.split("-")
+        cases += generation_cases(hf, ours, int(batch), 4 if strategy == "beam" else 1, args)
     for spec in args.forward:
         batch, length = (int(v) for v in spec.split("x"))
         cases.append(forward_case(hf, ours[OURS], batch, length))
-    if not args.quick:
+    if not args.no_finetune:
         cases.append(finetune_case(hf, ours[OURS]))
 
     checks = {case.name: case.check() for case in cases}
@@ -267,7 +275,7 @@ def main(argv: list[str]) -> None:
     print_cases(args, cases, times, memory, checks, list(ours))
     print_decoding_steps(args, cases, times, hits, ours, bandwidth)
     if args.profile:
-        profile_decoding(next(case for case in cases if case.name == "greedy, batch 4"))
+        profile_decoding(next(case for case in cases if case.decoding is not None))
 
 
 def print_cases(args, cases: list[Case], times, memory, checks, ours: list[str]) -> None:
