@@ -13,8 +13,9 @@ Decoding never stops at eos: both generate exactly ``--new-tokens`` tokens. The 
 batch in training mode with dropout and router jitter off (``switchformer finetune``'s step without the
 optimizer), under glibc settings that keep freed memory (``harness.KEEP_FREED_MEMORY``).
 
-Each case runs for both libraries in the same rounds (``harness.interleaved_medians``), after waiting for the
-1-minute load average to fall below ``--quiet-load``. A decoding step's time is (generate ``N`` tokens - generate
+Each group of cases (decoding, forwards, the fine-tuning step) runs in a fresh process. Each case runs for both
+libraries in the same rounds (``harness.interleaved_medians``), after waiting for the 1-minute load average to
+fall below ``--quiet-load``. A decoding step's time is (generate ``N`` tokens - generate
 1) / (N - 1). Its floor is the bytes of weights the step must read over the memory bandwidth of a 1 GiB tensor
 copy (bytes read plus bytes written): the decoder's weights without the cross-attention keys and values (computed
 once), of each Switch layer only the experts that got a token (counted in our run), and the output layer.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +56,7 @@ SHAPE = {
     "decoder_start_token_id": 0,
 }
 TRANSFORMERS, OURS, OURS_BF16 = "transformers", "switchformer", "switchformer bf16"
+GROUPS = ("decoding", "forward", "finetune")
 
 
 def parse_args(argv: list[str]):
@@ -68,13 +71,14 @@ def parse_args(argv: list[str]):
     p.add_argument("--weights", type=Path, help="folder to keep the random checkpoint in (built if missing)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--forward", nargs="+", default=["4x64", "8x512", "2x2048"], help="BATCHxLENGTH encoder inputs")
+    p.add_argument("--forward", nargs="*", default=["4x64", "8x512", "2x2048"], help="BATCHxLENGTH encoder inputs")
     p.add_argument("--bf16", action="store_true", help="also decode with our bf16 weights (routers float32)")
     p.add_argument("--quiet-load", type=float, default=0.5, help="wait for the 1-minute load to fall below this")
     p.add_argument("--max-wait", type=float, default=1200, help="seconds to wait for quiet before measuring anyway")
     p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning step")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--profile", action="store_true", help="print an op-level profile of our greedy decoding")
+    p.add_argument("--group", choices=GROUPS, help="measure one group of cases in this process (see main)")
     args = p.parse_args(argv)
     if args.quick:
         args.decoding, args.forward, args.no_finetune = ["greedy-4"], ["4x64"], True
@@ -166,7 +170,7 @@ def finetune_case(hf, ours: torch.nn.Module, batch: int = 4, length: int = 256, 
             model.train()
             loss = forward()
             loss.backward()
-            losses[label] = float(loss)
+            losses[label] = float(loss.detach())
             model.eval()
 
         return run
@@ -176,12 +180,15 @@ def finetune_case(hf, ours: torch.nn.Module, batch: int = 4, length: int = 256, 
         OURS: step(OURS, ours, lambda: ours(ids, attention_mask=mask, labels=labels).loss),
     }
 
+    params = [*hf.parameters(), *ours.parameters()]
+
     def check() -> str:
-        runs[TRANSFORMERS]()
-        runs[OURS]()
+        for label in (TRANSFORMERS, OURS):
+            runs[label]()
+            for p in params:  # one model's gradients at a time: each is as large as the model
+                p.grad = None
         return f"loss {abs(losses[OURS] - losses[TRANSFORMERS]) / losses[TRANSFORMERS]:.1e}"
 
-    params = [*hf.parameters(), *ours.parameters()]
     return Case(f"fine-tuning step {batch} x {length} -> {target}", batch * (length + target), runs, check, params)
 
 
@@ -228,26 +235,37 @@ def step_bytes(model: torch.nn.Module, hit_per_layer: float) -> float:
 
 
 def main(argv: list[str]) -> None:
+    """Each group of cases (decoding, forwards, the fine-tuning step) runs in a fresh process, one after the other,
+    from one weights folder: the groups' memory never adds up (a fine-tuning step holds a model's gradients, and
+    glibc is told to keep freed memory, see ``harness.configure``)."""
     args = parse_args(argv)
+    if args.group is None:
+        asked = {"decoding": args.decoding, "forward": args.forward, "finetune": not args.no_finetune}
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = build_weights(args.weights or Path(scratch))
+            for group in (g for g in GROUPS if asked[g]):
+                command = [sys.executable, sys.argv[0], *argv, "--weights", str(folder), "--group", group]
+                subprocess.run(command, check=True)
+        return
     harness.configure(threads=args.threads, huge_pages=True)
     import transformers
 
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = build_weights(args.weights or Path(scratch))
-        hf = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(folder).eval()
-        hf.generation_config.eos_token_id = None  # exactly --new-tokens tokens, as ours with eos_token_id=-1
-        ours = {OURS: from_pretrained(folder)}
-        if args.bf16:
-            ours[OURS_BF16] = from_pretrained(folder, dtype=torch.bfloat16)
+    hf = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(args.weights).eval()
+    hf.generation_config.eos_token_id = None  # exactly --new-tokens tokens, as ours with eos_token_id=-1
+    ours = {OURS: from_pretrained(args.weights)}
+    if args.bf16 and args.group == "decoding":
+        ours[OURS_BF16] = from_pretrained(args.weights, dtype=torch.bfloat16)
 
     cases: list[Case] = []
-    for spec in args.decoding:
-        strategy, batch = spec.split("-")
-        cases += generation_cases(hf, ours, int(batch), 4 if strategy == "beam" else 1, args)
-    for spec in args.forward:
-        batch, length = (int(v) for v in spec.split("x"))
-        cases.append(forward_case(hf, ours[OURS], batch, length))
-    if not args.no_finetune:
+    if args.group == "decoding":
+        for spec in args.decoding:
+            strategy, batch = spec.split("-")
+            cases += generation_cases(hf, ours, int(batch), 4 if strategy == "beam" else 1, args)
+    elif args.group == "forward":
+        for spec in args.forward:
+            batch, length = (int(v) for v in spec.split("x"))
+            cases.append(forward_case(hf, ours[OURS], batch, length))
+    else:
         cases.append(finetune_case(hf, ours[OURS]))
 
     checks = {case.name: case.check() for case in cases}
@@ -273,9 +291,10 @@ def main(argv: list[str]) -> None:
         drop_grads()
         times |= {(case.name, label): seconds for label, seconds in medians.items()}
     print_cases(args, cases, times, memory, checks, list(ours))
-    print_decoding_steps(args, cases, times, hits, ours, bandwidth)
-    if args.profile:
-        profile_decoding(next(case for case in cases if case.decoding is not None))
+    if hits:
+        print_decoding_steps(args, cases, times, hits, ours, bandwidth)
+        if args.profile:
+            profile_decoding(next(case for case in cases if case.decoding is not None))
 
 
 def print_cases(args, cases: list[Case], times, memory, checks, ours: list[str]) -> None:

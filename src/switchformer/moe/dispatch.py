@@ -40,8 +40,9 @@ class DispatchState:
     row_of_claim: torch.Tensor  # [T, K] expert row holding each claim's result; R (a zero row) when dropped
 
 
-def choose_layout(kernel: ExpertKernel, device: torch.device, *, dropless: bool = False) -> Layout:
-    """The layout of one call: the kernel's, or for ``kernel='auto'`` the fastest that adds no device sync.
+def choose_layout(kernel: ExpertKernel, device: torch.device) -> Layout:
+    """The layout of one call: the kernel's, or for ``kernel='auto'`` one whose cost follows the kept tokens and
+    that adds no device sync.
 
     CUDA takes grouped GEMM (offsets on the device). CPU code traced by ``torch.compile`` takes the padded layout:
     its size is static (no graph break with a capacity), and grouped GEMM's tracing (meta) kernel accepts only
@@ -147,7 +148,7 @@ class LocalDispatcher(TokenDispatcher):
             num_experts=self.num_experts,
             num_groups=routing.num_groups,
             capacity=routing.capacity,
-            layout=choose_layout(self.kernel, x_TD.device, dropless=routing.capacity is None),
+            layout=choose_layout(self.kernel, x_TD.device),
         )
         # Each row names its source token; empty rows (and dropped claims, parked at row R) name token T (zeros).
         token_C = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(k)
