@@ -15,10 +15,11 @@ optimizer), under glibc settings that keep freed memory (``harness.KEEP_FREED_ME
 
 Each group of cases (decoding, forwards, the fine-tuning step) runs in a fresh process. Each case runs for both
 libraries in the same rounds (``harness.interleaved_medians``), after waiting for the 1-minute load average to
-fall below ``--quiet-load``. A decoding step's time is (generate ``N`` tokens - generate
-1) / (N - 1). Its floor is the bytes of weights the step must read over the memory bandwidth of a 1 GiB tensor
-copy (bytes read plus bytes written): the decoder's weights without the cross-attention keys and values (computed
-once), of each Switch layer only the experts that got a token (counted in our run), and the output layer.
+fall below ``--quiet-load``. A decoding step's time is (generate ``N`` tokens - generate 1) / (N - 1). Its floor
+is the bytes of weights the step must read over the memory bandwidth of a 1 GiB tensor copy (bytes read plus
+bytes written): the decoder's weights without the cross-attention keys and values (computed once), of each Switch
+layer only the experts that got a token (counted in our run), and the output layer. The matmul floor is the same
+bytes over the rate at which ``torch.mm`` itself streams weights for as many rows as the step has.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Case:
     check: Callable[[], str]
     params: list[torch.Tensor] = dataclasses.field(default_factory=list)  # whose gradients a run produces
     decoding: str | None = None  # the case that generates one token with the same inputs (a decoding case)
+    rows: int = 0  # a decoding case's rows per step: batch x beams
 
 
 def build_weights(folder: Path) -> Path:
@@ -137,7 +139,7 @@ def generation_cases(hf, ours: dict[str, torch.nn.Module], batch: int, beams: in
         return f"tokens differ: {', '.join(differ)}" if differ else "same tokens"
 
     first = Case(f"{name}, first token", batch, runs(1), lambda: "-")
-    return [Case(name, batch * args.new_tokens, full, check, decoding=first.name), first]
+    return [Case(name, batch * args.new_tokens, full, check, decoding=first.name, rows=batch * beams), first]
 
 
 def forward_case(hf, ours: torch.nn.Module, batch: int, length: int, decoder_len: int = 16) -> Case:
@@ -202,6 +204,21 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
         dst.copy_(src)
         samples.append(time.perf_counter() - start)
     return 2 * src.numel() * 4 / statistics.median(samples[1:])
+
+
+def matmul_bandwidth(rows: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Bytes of weights per second that ``x @ W`` streams for ``rows`` rows of ``x``, over 768 x 3072 matrices (an
+    expert's first) numerous enough to hold 512 MiB, beyond the last-level cache: the matmul library's own floor."""
+    one = 768 * 3072 * torch.finfo(dtype).bits // 8
+    weights = torch.randn(-(-(2**29) // one), 768, 3072).to(dtype)
+    x = torch.randn(rows, 768).to(dtype)
+    samples = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for w in weights:
+            torch.mm(x, w)
+        samples.append(time.perf_counter() - start)
+    return weights.numel() * weights.element_size() / statistics.median(samples[1:])
 
 
 def experts_hit(model: torch.nn.Module, run: Callable[[], object]) -> float:
@@ -292,7 +309,9 @@ def main(argv: list[str]) -> None:
         times |= {(case.name, label): seconds for label, seconds in medians.items()}
     print_cases(args, cases, times, memory, checks, list(ours))
     if hits:
-        print_decoding_steps(args, cases, times, hits, ours, bandwidth)
+        dtypes = {next(model.decoder.parameters()).dtype for model in ours.values()}
+        streams = {(c.rows, dtype): matmul_bandwidth(c.rows, dtype) for c in cases if c.rows for dtype in dtypes}
+        print_decoding_steps(args, cases, times, hits, ours, bandwidth, streams)
         if args.profile:
             profile_decoding(next(case for case in cases if case.decoding is not None))
 
@@ -315,26 +334,31 @@ def print_cases(args, cases: list[Case], times, memory, checks, ours: list[str])
     print(markdown_table([*columns, Column("check")], rows))
 
 
-def print_decoding_steps(args, cases: list[Case], times, hits, ours: dict[str, torch.nn.Module], bandwidth) -> None:
+def print_decoding_steps(args, cases: list[Case], times, hits, ours: dict[str, torch.nn.Module], bandwidth, streams):
+    """A decoding step's time beside its floors: the weight bytes it reads over the copy bandwidth, and over the
+    bandwidth at which the matmul library streams weights for as many rows (``matmul_bandwidth``)."""
     labels = [TRANSFORMERS, *ours]
     columns = [Column("case"), Column("experts hit a layer", lambda v: f"{v:.2f}")]
     columns += [Column(f"{label} ms / step", ms) for label in labels]
     for label in ours:
         columns += [Column(f"{label} MB / step", lambda v: f"{v / 1e6:.0f}"), Column(f"{label} floor ms", ms)]
-        columns += [Column(f"{label} / floor", ratio)]
+        columns += [Column(f"{label} / floor", ratio), Column(f"{label} / matmul floor", ratio)]
     rows = []
     for case in cases:
         if case.decoding is None:
             continue
         steps = [(times[case.name, lab] - times[case.decoding, lab]) / (args.new_tokens - 1) for lab in labels]
         row = [case.name, hits[case.name], *steps]
-        for label, step in zip(ours, steps[1:], strict=True):
-            nbytes = step_bytes(ours[label], hits[case.name])
-            row += [nbytes, nbytes / bandwidth, step / (nbytes / bandwidth)]
+        for model, step in zip(ours.values(), steps[1:], strict=True):
+            nbytes = step_bytes(model, hits[case.name])
+            stream = streams[case.rows, next(model.decoder.parameters()).dtype]
+            row += [nbytes, nbytes / bandwidth, step * bandwidth / nbytes, step * stream / nbytes]
         rows.append(row)
+    rates = ", ".join(f"{n} rows {dtype}: {value / 1e9:.1f} GB/s" for (n, dtype), value in streams.items())
     print(
         f"\ndecoding step = (time of {args.new_tokens} tokens - time of 1) / {args.new_tokens - 1}; floor = weight "
-        f"bytes a step reads / {bandwidth / 1e9:.1f} GB/s"
+        f"bytes a step reads / {bandwidth / 1e9:.1f} GB/s (copy); matmul floor = the same bytes / the rate at which "
+        f"torch.mm streams 768 x 3072 weights for the step's rows ({rates})"
     )
     print(markdown_table(columns, rows))
 
