@@ -48,6 +48,19 @@ def configure(*, threads: int, huge_pages: bool, keep_freed_memory: bool = True)
     torch.set_num_threads(threads)
 
 
+def wait_until_quiet(threshold: float, max_wait_s: float, *, poll_s: float = 15.0) -> float:
+    """Wait until the 1-minute load average is below ``threshold`` (others share the cores), at most ``max_wait_s``
+    seconds; returns the load when the wait ended, to report with the timings."""
+    deadline = time.monotonic() + max_wait_s
+    load = os.getloadavg()[0]
+    if load >= threshold:
+        print(f"waiting up to {max_wait_s:.0f} s for the load ({load:.2f}) to drop below {threshold}", flush=True)
+    while load >= threshold and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        load = os.getloadavg()[0]
+    return load
+
+
 def machine_summary() -> str:
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")

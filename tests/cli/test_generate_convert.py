@@ -24,6 +24,13 @@ def test_generate_from_a_training_run_folder(trained_run, capsys):
                  "--max-new-tokens", "4"]) == 0  # fmt: skip
 
 
+def test_generate_with_bf16_weights(trained_run, capsys):
+    capsys.readouterr()
+    text = "def <extra_id_0>(self):"
+    assert main(["generate", str(trained_run), text, "--max-new-tokens", "3", "--dtype", "bf16"]) == 0
+    assert "def <extra_id_0>(self):\n  -> " in capsys.readouterr().out
+
+
 def test_convert_to_hf_and_back(trained_run, tmp_path, capsys):
     import transformers
 

@@ -10,6 +10,8 @@ from switchformer.interop import from_pretrained
 from switchformer.interop.checkpoint_io import resolve_checkpoint_folder
 from switchformer.models.generation import DecodingStrategy, GenerationConfig, generate
 
+DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("generate", help="continue texts with a checkpoint (needs its tokenizer.json)")
@@ -23,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="weights' precision (bf16: the routers stay float32)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -33,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(f"{folder}: no tokenizer.json to encode the texts with")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    model = from_pretrained(folder)
+    model = from_pretrained(folder, dtype=DTYPES[args.dtype])
     config = GenerationConfig(
         strategy=args.strategy, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
         length_penalty=args.length_penalty, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

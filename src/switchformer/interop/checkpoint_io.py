@@ -21,7 +21,7 @@ from switchformer.interop.files import read_json, read_weights, write_json, writ
 from switchformer.interop.hf_config import MODEL_TYPE, config_from_hf, config_to_hf
 from switchformer.interop.hf_keys import embeddings_differ, from_hf_state_dict, to_hf_state_dict
 from switchformer.interop.key_map import CheckpointError, ParamMapping, expected_shapes, to_ours
-from switchformer.models.base import SwitchModelBase
+from switchformer.models.base import SwitchModelBase, cast_weights
 from switchformer.models.config import InputEmbeddings, ModelConfig
 from switchformer.models.factory import build_model
 from switchformer.run_folder import is_run_folder, resolve_checkpoint
@@ -112,8 +112,10 @@ def from_pretrained(path_or_name: str | Path, *, dtype: torch.dtype | None = tor
     """Load a Hugging Face Switch Transformers checkpoint or a switchformer one, in eval mode.
 
     ``path_or_name`` is a folder, or (when no such path exists) a Hub repository id such as
-    ``google/switch-base-8``. ``dtype=None`` keeps the stored precision. HF checkpoints load with HF's routing
-    semantics (``grouping='sequence'`` and a fixed ``expert_capacity``), so logits match ``transformers``.
+    ``google/switch-base-8``. ``dtype`` is the weights' precision (``None`` keeps the stored one); with
+    ``torch.bfloat16`` the routers stay float32 (``models.base.cast_weights``), the rest reads half the bytes.
+    HF checkpoints load with HF's routing semantics (``grouping='sequence'`` and a fixed ``expert_capacity``), so
+    logits match ``transformers``.
     """
     folder = resolve_checkpoint_folder(path_or_name)
     config, fmt = _read_config(folder)
@@ -142,12 +144,14 @@ def config_for_hf_weights(config: ModelConfig, hf_state: Mapping[str, torch.Tens
 def model_from_state_dict(
     config: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype | None = torch.float32
 ) -> SwitchModelBase:
-    """Build the model on the meta device (no memory, no random init) and adopt ``state``'s tensors; eval mode."""
+    """Build the model on the meta device (no memory, no random init) and adopt ``state``'s tensors; eval mode.
+
+    ``dtype`` casts every weight but the routers' (see :func:`~switchformer.models.base.cast_weights`)."""
     with torch.device("meta"):
         model = build_model(config)
     model.load_state_dict(state, assign=True)
     if dtype is not None:
-        model.to(dtype)
+        cast_weights(model, dtype)
     return model.eval()
 
 

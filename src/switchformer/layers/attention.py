@@ -61,9 +61,8 @@ class Attention(nn.Module):
             kv = cache
         else:
             source = x_BSD if memory_BMD is None else memory_BMD
-            kv = LayerKV(self._heads(source, self.k), self._heads(source, self.v))
-            if cache is not None:
-                kv = LayerKV(torch.cat([cache.key, kv.key], 2), torch.cat([cache.value, kv.value], 2))
+            key, value = self._heads(source, self.k), self._heads(source, self.v)
+            kv = LayerKV(key, value) if cache is None else cache.append(key, value)
         dropout = self.dropout if self.training else 0.0
         key, value = kv.key.to(q_BHSK.dtype), kv.value.to(q_BHSK.dtype)
         if explicit_attention_pays(q_BHSK, key, bias):

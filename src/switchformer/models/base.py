@@ -20,6 +20,7 @@ from switchformer.models.config import InputEmbeddings, ModelConfig
 from switchformer.models.outputs import LayerRouting, ModelOutput
 from switchformer.models.stack import StackOutput, set_activation_checkpointing
 from switchformer.moe.layer import SwitchFFN
+from switchformer.moe.router import Router
 
 if TYPE_CHECKING:
     from switchformer.models.generation import GenerationOutput
@@ -160,6 +161,21 @@ class SwitchModelBase(nn.Module):
             encoder_hidden_states=encoder_hidden_states,
             cache=cache,
         )
+
+
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model``'s floating-point weights to ``dtype`` in place, except the routers', which stay float32.
+
+    Selective precision (paper, section 2.4): the router's softmax and top-1 choice are what a low precision
+    destabilises, and its weights are a few thousand numbers per layer, so they keep full precision while the rest
+    (the bytes a decoding step reads) halves in bf16. Returns ``model``.
+    """
+    for module in model.modules():
+        target = torch.float32 if isinstance(module, Router) else dtype
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != target:
+                param.data = param.data.to(target)
+    return model
 
 
 def token_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,10 +111,9 @@ class _Decoder:
     def reorder(self, index_N: torch.Tensor) -> None:
         """Keep rows ``index_N`` (beam search: the surviving beams' caches)."""
         assert self.cache is not None
-        self.cache = self.cache.reorder(index_N)
-        self.mask = self.mask.index_select(0, index_N)
-        if self.memory is not None:
-            self.memory = StackOutput(self.memory.hidden_states.index_select(0, index_N), [], None)
+        # A beam only ever takes the place of a beam of the same input: the encoder output, the attention mask and
+        # the cross-attention keys and values of each row, equal over an input's beams, stay where they are.
+        self.cache = self.cache.reorder_beams(index_N)
 
 
 @torch.no_grad()

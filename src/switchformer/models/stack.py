@@ -90,9 +90,9 @@ class TransformerStack(nn.Module):
         past = cache.length if cache is not None else 0
         total = past + new
         device = embeds_BSD.device
-        neg = _mask_value(torch.float32)
 
         self_bias = self.position_bias(new, total, query_offset=past)  # [1, H, S, L]
+        neg = _mask_value(self_bias.dtype)  # float32, or bf16 where the weights are (float32's would overflow it)
         blocked = torch.zeros(1, 1, new, total, dtype=torch.bool, device=device)
         if self.causal:
             query_pos = torch.arange(new, device=device)[:, None] + past

@@ -49,9 +49,10 @@ class Grouping(enum.Enum):
 class ExpertKernel(enum.Enum):
     """How expert matmuls are executed; all give the same result, they differ in speed."""
 
-    AUTO = "auto"  # grouped GEMM on CUDA, capacity-padded batched matmul on CPU
+    AUTO = "auto"  # chosen per call (see moe.dispatch.choose_layout): grouped GEMM on CUDA, a loop on CPU
     PADDED_BMM = "padded-bmm"  # tokens scattered into an [experts, capacity, d_model] buffer, then torch.bmm
     GROUPED_MM = "grouped-mm"  # tokens sorted by expert, torch._grouped_mm over ragged groups (no padding)
+    LOOP = "loop"  # tokens sorted by expert, one matmul per expert holding tokens (reads the counts on the host)
 
 
 @dataclasses.dataclass

@@ -40,21 +40,38 @@ class DispatchState:
     row_of_claim: torch.Tensor  # [T, K] expert row holding each claim's result; R (a zero row) when dropped
 
 
-def choose_layout(kernel: ExpertKernel, device: torch.device, *, dropless: bool = False) -> Layout:
-    """Grouped GEMM where it is tuned (CUDA) and for dropless routing; capacity-padded bmm otherwise on CPU.
+def choose_layout(kernel: ExpertKernel, device: torch.device) -> Layout:
+    """The layout of one call: the kernel's, or for ``kernel='auto'`` one whose cost follows the kept tokens and
+    that adds no device sync.
 
-    Measured on 2 CPU threads: with a capacity the padded bmm is as fast or faster (4096 tokens, 128 experts:
-    346 vs 386 ms fwd+bwd); dropless, padding every expert to the busiest one costs more than grouped GEMM loses
-    (515 vs 435 ms), and the grouped layout needs no host sync for its size. Under ``torch.compile`` on CPU,
-    dropless keeps the padded layout: grouped GEMM's tracing (meta) kernel accepts only bfloat16 there.
+    CUDA takes grouped GEMM (offsets on the device). CPU code traced by ``torch.compile`` takes the padded layout:
+    its size is static (no graph break with a capacity), and grouped GEMM's tracing (meta) kernel accepts only
+    bfloat16 there. Eager CPU code takes the looped layout: reading the counts is no sync on the CPU (there is no
+    queue of device work to wait for), and then each expert computes exactly its kept rows and an expert without
+    tokens is never read, so the cost follows the tokens, not the capacity (``bench/bench_generation.py``).
     """
     if kernel is ExpertKernel.PADDED_BMM:
         return Layout.PADDED
     if kernel is ExpertKernel.GROUPED_MM:
         return Layout.GROUPED
-    if device.type == "cuda" or (dropless and not torch.compiler.is_compiling()):
+    if kernel is ExpertKernel.LOOP:
+        return Layout.LOOPED
+    if device.type == "cuda":
         return Layout.GROUPED
-    return Layout.PADDED
+    if torch.compiler.is_compiling():
+        return Layout.PADDED
+    return Layout.LOOPED
+
+
+@dataclasses.dataclass
+class RowArrangement:
+    """Where each kept claim sits among the expert rows (what :func:`arrange_rows` decides)."""
+
+    row_of_claim: torch.Tensor  # [T, K] int64 expert row of each claim; num_rows (past the end) when dropped
+    tokens_per_expert: torch.Tensor  # [E] int64 kept claims per expert
+    rows_per_expert: int  # PADDED: rows each expert owns (kept claims first, then empty rows); otherwise 0
+    num_rows: int  # R, the rows the experts compute
+    layout: Layout  # the layout asked for, or GROUPED where a skewed dropless batch would pad too much
 
 
 def arrange_rows(
@@ -67,13 +84,16 @@ def arrange_rows(
     num_groups: int,
     capacity: int | None,
     layout: Layout,
-) -> tuple[torch.Tensor, torch.Tensor, int, Layout]:
-    """Give each kept claim an expert row; returns ``(row_of_claim_TK, tokens_per_expert_E, rows_per_expert, layout)``.
+) -> RowArrangement:
+    """Give each kept claim an expert row.
 
     Within an expert, rows follow group order and, inside a group, slot order, so no slot is left empty between
-    claims. ``rows_per_expert`` is the padded capacity (``num_groups * capacity``); in dropless mode it is the
-    busiest expert's count, which needs one host sync. A dropless batch so skewed that padding would more than
-    double the rows falls back to the grouped layout, which never pads (except under ``torch.compile`` on CPU).
+    claims. The padded layout gives every expert the rows its busiest case can need: ``num_groups * capacity``,
+    but never more than the ``T`` tokens (a token claims an expert at most once), so a batch of short groups (a
+    decoding step) does not pay for a capacity it cannot fill; in dropless mode it is the busiest expert's count,
+    which needs one host sync. A dropless batch so skewed that padding would more than double the rows falls back
+    to the grouped layout, which never pads (except under ``torch.compile`` on CPU). The looped layout has exactly
+    the kept claims' rows (their count is read on the host); the grouped one has a row for every claim.
     """
     num_tokens, k = expert_index_TK.shape
     device = expert_index_TK.device
@@ -89,7 +109,7 @@ def arrange_rows(
     rows_per_expert = 0
     if layout is Layout.PADDED:
         if capacity is not None:
-            rows_per_expert = num_groups * capacity
+            rows_per_expert = min(num_groups * capacity, num_tokens)
         else:
             rows_per_expert = max(int(tokens_per_expert_E.max().item()), 1)
             # (not while torch.compile traces CPU code: see choose_layout)
@@ -100,11 +120,11 @@ def arrange_rows(
         num_rows = num_experts * rows_per_expert
         row_TK = expert_index_TK * rows_per_expert + row_in_expert_TK
     else:
-        num_rows = num_tokens * k
+        num_rows = int(tokens_per_expert_E.sum()) if layout is Layout.LOOPED else num_tokens * k
         start_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
         row_TK = start_E[expert_index_TK] + row_in_expert_TK
     row_TK = torch.where(keep_TK, row_TK, num_rows)
-    return row_TK, tokens_per_expert_E, rows_per_expert, layout
+    return RowArrangement(row_TK, tokens_per_expert_E, rows_per_expert, num_rows, layout)
 
 
 class LocalDispatcher(TokenDispatcher):
@@ -120,7 +140,7 @@ class LocalDispatcher(TokenDispatcher):
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[ExpertBatch, DispatchState]:
         num_tokens, k = routing.expert_index.shape
-        row_TK, tokens_per_expert_E, rows_per_expert, layout = arrange_rows(
+        rows = arrange_rows(
             routing.expert_index,
             routing.keep,
             routing.group_index,
@@ -128,18 +148,17 @@ class LocalDispatcher(TokenDispatcher):
             num_experts=self.num_experts,
             num_groups=routing.num_groups,
             capacity=routing.capacity,
-            layout=choose_layout(self.kernel, x_TD.device, dropless=routing.capacity is None),
+            layout=choose_layout(self.kernel, x_TD.device),
         )
-        num_rows = self.num_experts * rows_per_expert if layout is Layout.PADDED else num_tokens * k
         # Each row names its source token; empty rows (and dropped claims, parked at row R) name token T (zeros).
         token_C = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(k)
-        row_token = torch.full((num_rows + 1,), num_tokens, dtype=torch.long, device=x_TD.device)
-        row_token.scatter_(0, row_TK.reshape(-1), token_C)
-        rows_RD = _GatherRows.apply(x_TD, row_token[:num_rows], row_TK)
+        row_token = torch.full((rows.num_rows + 1,), num_tokens, dtype=torch.long, device=x_TD.device)
+        row_token.scatter_(0, rows.row_of_claim.reshape(-1), token_C)
+        rows_RD = _GatherRows.apply(x_TD, row_token[: rows.num_rows], rows.row_of_claim)
         batch = ExpertBatch(
-            rows=rows_RD, layout=layout, capacity=rows_per_expert, tokens_per_expert=tokens_per_expert_E
+            rows=rows_RD, layout=rows.layout, capacity=rows.rows_per_expert, tokens_per_expert=rows.tokens_per_expert
         )
-        return batch, DispatchState(row_of_claim=row_TK)
+        return batch, DispatchState(row_of_claim=rows.row_of_claim)
 
     def combine(self, y_RD: torch.Tensor, routing: Routing, state: DispatchState) -> torch.Tensor:
         """``sum_k gate_k * E_k(x)`` per token; dropped claims (row R) add nothing."""

@@ -1,7 +1,7 @@
-"""Stacked expert feed-forward networks, run as batched or grouped matmuls.
+"""Stacked expert feed-forward networks, run as batched, grouped or per-expert matmuls.
 
 Shape legend: E experts, C rows per expert (capacity), R rows in all, D d_model, F d_ff, M activation width
-multiplier (2 for gated activations).
+multiplier (2 for gated activations); X and Y the inner and outer width of one of the two products.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from switchformer.layers.initialization import InitKind, InitRule, apply_init_ru
 
 
 class Layout(enum.Enum):
-    PADDED = "padded"  # rows == E * capacity; expert e owns rows [e * capacity, (e + 1) * capacity)
-    GROUPED = "grouped"  # rows sorted by expert; expert e owns tokens_per_expert[e] consecutive rows
+    PADDED = "padded"  # rows == E * capacity; expert e owns rows [e * capacity, (e + 1) * capacity); torch.bmm
+    GROUPED = "grouped"  # rows sorted by expert; expert e owns tokens_per_expert[e] consecutive rows; grouped GEMM
+    LOOPED = "looped"  # as GROUPED, exactly the kept claims' rows; one matmul per expert holding rows (host counts)
 
 
 @dataclasses.dataclass
@@ -27,8 +28,8 @@ class ExpertBatch:
 
     rows: torch.Tensor  # [R, D]
     layout: Layout
-    capacity: int  # PADDED: rows per expert; GROUPED: unused (0)
-    tokens_per_expert: torch.Tensor  # [E] int64 GROUPED: rows of each expert (rows past their sum are ignored)
+    capacity: int  # PADDED: rows per expert; GROUPED, LOOPED: unused (0)
+    tokens_per_expert: torch.Tensor  # [E] int64 GROUPED, LOOPED: rows of each expert (rows past their sum are zero)
 
 
 def local_part(weight: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,9 @@ class GroupedExperts(nn.Module):
         if batch.layout is Layout.PADDED:
             x_ECD = rows_RD.view(self.num_experts, batch.capacity, self.d_model)
             dropout = self.dropout.p if self.training else 0.0
-            return _PaddedExperts.apply(x_ECD, wi, wo, self.activation, dropout).view(-1, self.d_model)
+            return _ExpertFFN.apply(x_ECD, wi, wo, self.activation, dropout).view(-1, self.d_model)
+        if batch.layout is Layout.LOOPED:  # the counts are read on the host: no device to wait for on CPU
+            return self._looped(rows_RD, wi, wo, batch.tokens_per_expert.tolist())
         return self._grouped(rows_RD, wi, wo, batch.tokens_per_expert)
 
     def _grouped(
@@ -102,64 +105,117 @@ class GroupedExperts(nn.Module):
             rows_RD = torch.where(counted_R1, rows_RD, 0)
             h_RF = self.dropout(apply_activation(torch._grouped_mm(rows_RD, wi, offs=offsets), self.activation))
             return torch.where(counted_R1, torch._grouped_mm(h_RF, wo, offs=offsets), 0)
-        # Portable fallback: one matmul per expert over its slice of rows (needs the counts on the host).
-        counts = tokens_per_expert.tolist()
-        outputs, start = [], 0
-        for expert, (wi_e, wo_e) in enumerate(zip(wi.unbind(0), wo.unbind(0), strict=True)):
-            stop = start + counts[expert]
-            h = self.dropout(apply_activation(rows_RD[start:stop] @ wi_e, self.activation))
-            outputs.append(h @ wo_e)
-            start = stop
-        outputs.append(rows_RD.new_zeros(rows_RD.shape[0] - start, self.d_model))
-        return torch.cat(outputs, 0)
+        # Portable fallback: the looped layout's kernel over the same rows (needs the counts on the host).
+        return self._looped(rows_RD, wi, wo, tokens_per_expert.tolist())
+
+    def _looped(self, rows_RD: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        dropout = self.dropout.p if self.training else 0.0
+        return _ExpertFFN.apply(rows_RD, wi, wo, self.activation, dropout, _PerExpertMatmuls(counts))
 
 
-class _PaddedExperts(torch.autograd.Function):
-    """``bmm(dropout(act(bmm(x, wi))), wo)`` over ``[E, C, *]`` buffers, with a leaner backward than autograd's.
+class _BatchedMatmuls:
+    """The padded layout's products: ``[E, C, *]`` buffers, one batched matmul each."""
 
-    Saves ``x`` and one ``[E, C, M*F]`` tensor: ReLU's output (it also tells where the input was positive, and where
+    @staticmethod
+    def product(x_ECX: torch.Tensor, w_EXY: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x_ECX, w_EXY)
+
+    @staticmethod
+    def weight_grad(x_ECX: torch.Tensor, grad_ECY: torch.Tensor, like_w: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x_ECX.transpose(1, 2), grad_ECY)
+
+
+@dataclasses.dataclass
+class _PerExpertMatmuls:
+    """The looped layout's products: expert ``e`` owns ``counts[e]`` consecutive rows of a ``[R, *]`` tensor.
+
+    One matmul per expert that holds rows, written in place into one output: an expert without rows is never
+    read, and rows past the counts' sum are zero. Slicing the weights here, inside an autograd function, allocates
+    no per-expert full-size gradient (the backward writes each expert's slice of one gradient tensor).
+    """
+
+    counts: list[int]
+
+    def product(self, x_RX: torch.Tensor, w_EXY: torch.Tensor) -> torch.Tensor:
+        out_RY = x_RX.new_empty(x_RX.shape[0], w_EXY.shape[-1])
+        start = 0
+        for expert, count in enumerate(self.counts):
+            if count:
+                torch.mm(x_RX[start : start + count], w_EXY[expert], out=out_RY[start : start + count])
+            start += count
+        out_RY[start:].zero_()
+        return out_RY
+
+    def weight_grad(self, x_RX: torch.Tensor, grad_RY: torch.Tensor, like_w: torch.Tensor) -> torch.Tensor:
+        grad_EXY = torch.empty_like(like_w, dtype=grad_RY.dtype)
+        start = 0
+        for expert, count in enumerate(self.counts):
+            rows = slice(start, start + count)
+            if count:
+                torch.mm(x_RX[rows].t(), grad_RY[rows], out=grad_EXY[expert])
+            else:
+                grad_EXY[expert].zero_()
+            start += count
+        return grad_EXY
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """``wo(dropout(act(wi x)))`` per expert, over the padded layout's ``[E, C, *]`` buffers (batched matmuls, the
+    default) or the looped layout's sorted rows (``matmuls=_PerExpertMatmuls(counts)``), with a leaner backward
+    than autograd's.
+
+    Saves ``x`` and one ``[..., M*F]`` tensor: ReLU's output (it also tells where the input was positive, and where
     dropout struck), or else the activation's input, re-activated in backward (cheap next to the matmuls). The
     activation's and dropout's gradients are taken in place in the matmul's output, so the backward's peak holds
-    two ``[E, C, F]`` buffers where autograd holds three, and no extra gradient buffer is allocated.
+    two ``[..., F]`` buffers where autograd holds three, and no extra gradient buffer is allocated.
     """
 
     @staticmethod
     def forward(
-        ctx, x_ECD: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, activation: Activation, dropout: float
+        ctx,
+        x: torch.Tensor,
+        wi: torch.Tensor,
+        wo: torch.Tensor,
+        activation: Activation,
+        dropout: float,
+        matmuls: type[_BatchedMatmuls] | _PerExpertMatmuls = _BatchedMatmuls,
     ) -> torch.Tensor:
-        a_ECF = torch.bmm(x_ECD, wi)
-        keep_ECF = None
+        a = matmuls.product(x, wi)
+        keep = None
         if dropout:  # dropout's mask, drawn from the global generator as nn.Dropout would
-            keep_ECF = torch.rand((*a_ECF.shape[:-1], wo.shape[1]), device=a_ECF.device) >= dropout
+            keep = torch.rand((*a.shape[:-1], wo.shape[1]), device=a.device) >= dropout
         if activation is Activation.RELU:
-            h_ECF = a_ECF.relu_()
-            if keep_ECF is not None:
-                h_ECF.mul_(keep_ECF).mul_(1.0 / (1.0 - dropout))
-            ctx.save_for_backward(x_ECD, wi, wo, h_ECF, None)
+            h = a.relu_()
+            if keep is not None:
+                h.mul_(keep).mul_(1.0 / (1.0 - dropout))
+            ctx.save_for_backward(x, wi, wo, h, None)
         else:
-            h_ECF = _dropout(apply_activation(a_ECF, activation), keep_ECF, dropout)
-            ctx.save_for_backward(x_ECD, wi, wo, a_ECF, keep_ECF)
-        ctx.activation, ctx.dropout = activation, dropout
-        return torch.bmm(h_ECF, wo)
+            h = _dropout(apply_activation(a, activation), keep, dropout)
+            ctx.save_for_backward(x, wi, wo, a, keep)
+        ctx.activation, ctx.dropout, ctx.matmuls = activation, dropout, matmuls
+        return matmuls.product(h, wo)
 
     @staticmethod
-    def backward(ctx, grad_ECD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_ECD, wi, wo, saved_ECF, keep_ECF = ctx.saved_tensors
-        activation, dropout = ctx.activation, ctx.dropout
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, wi, wo, saved, keep = ctx.saved_tensors
+        activation, dropout, matmuls = ctx.activation, ctx.dropout, ctx.matmuls
         relu = activation is Activation.RELU
-        h_ECF = saved_ECF if relu else _dropout(apply_activation(saved_ECF, activation), keep_ECF, dropout)
-        grad_wo = torch.bmm(h_ECF.transpose(1, 2), grad_ECD) if ctx.needs_input_grad[2] else None
-        grad_h_ECF = torch.bmm(grad_ECD, wo.transpose(1, 2))
+        h = saved if relu else _dropout(apply_activation(saved, activation), keep, dropout)
+        grad_wo = matmuls.weight_grad(h, grad, wo) if ctx.needs_input_grad[2] else None
+        grad_h = matmuls.product(grad, wo.transpose(1, 2))
         if relu:  # zero where ReLU or dropout zeroed the output (in place), scale what dropout kept
-            grad_a_ECF = torch.ops.aten.threshold_backward.grad_input(grad_h_ECF, h_ECF, 0, grad_input=grad_h_ECF)
+            grad_a = torch.ops.aten.threshold_backward.grad_input(grad_h, h, 0, grad_input=grad_h)
             if dropout:
-                grad_a_ECF.mul_(1.0 / (1.0 - dropout))
+                grad_a.mul_(1.0 / (1.0 - dropout))
         else:
-            del h_ECF
-            grad_a_ECF = _activation_backward(_dropout(grad_h_ECF, keep_ECF, dropout), saved_ECF, activation)
-        grad_wi = torch.bmm(x_ECD.transpose(1, 2), grad_a_ECF) if ctx.needs_input_grad[1] else None
-        grad_x = torch.bmm(grad_a_ECF, wi.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_wi, grad_wo, None, None
+            del h
+            grad_a = _activation_backward(_dropout(grad_h, keep, dropout), saved, activation)
+        grad_wi = matmuls.weight_grad(x, grad_a, wi) if ctx.needs_input_grad[1] else None
+        grad_x = matmuls.product(grad_a, wi.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_wi, grad_wo, None, None, None
+
+
+_PaddedExperts = _ExpertFFN  # with its default matmuls: the padded layout's kernel
 
 
 def _dropout(h: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:

@@ -64,11 +64,12 @@ class SwitchFFN(nn.Module):
     :class:`MoEConfig` fields (``top_k``, ``eval_capacity_factor``, ``group_size``, ``dropless``, ...).
 
     Host synchronisation (the hot path otherwise keeps every decision on the device, and with a capacity it
-    traces under ``torch.compile`` without a graph break): the grouped layout (CUDA, and dropless routing in eager
-    CPU code; ``torch._grouped_mm``) takes the per-expert offsets on the device, and only its fallback for builds
-    without grouped GEMM reads the counts (``.tolist()``). The padded layout, with dropless routing (compiled CPU
-    code, or ``kernel='padded-bmm'``), reads the busiest expert's count once per call to size the padding
-    (``.item()``, a graph break). ``overflow='next-best'`` checks once per re-routing round for dropped tokens.
+    traces under ``torch.compile`` without a graph break): the grouped layout (CUDA; ``torch._grouped_mm``) takes
+    the per-expert offsets on the device, and only its fallback for builds without grouped GEMM reads the counts
+    (``.tolist()``). The looped layout (eager CPU code) reads the counts on the host, where no device queue has to
+    drain, to size its rows and loop over the experts. The padded layout, with dropless routing (compiled CPU code,
+    or ``kernel='padded-bmm'``), reads the busiest expert's count once per call to size the padding (``.item()``, a
+    graph break). ``overflow='next-best'`` checks once per re-routing round for dropped tokens.
 
     Host memory: building the layer tells glibc to keep freed memory in the process
     (:func:`switchformer.host_memory.keep_freed_memory`), so that on CPU each step's fresh expert gradients are

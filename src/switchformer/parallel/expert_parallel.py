@@ -24,7 +24,7 @@ from switchformer.config import ConfigError
 from switchformer.moe.assignment import Routing
 from switchformer.moe.config import ExpertKernel
 from switchformer.moe.dispatch import DispatchState, LocalDispatcher, TokenDispatcher, arrange_rows, choose_layout
-from switchformer.moe.experts import ExpertBatch, GroupedExperts, Layout
+from switchformer.moe.experts import ExpertBatch, GroupedExperts
 from switchformer.moe.layer import SwitchFFN
 from switchformer.parallel.collectives import all_to_all_rows, exchange_counts
 from switchformer.parallel.mesh import ParallelLayout
@@ -125,7 +125,7 @@ class AllToAllDispatcher(TokenDispatcher):
         counts_B = recv_PL.reshape(-1)  # blocks: (source, local expert)
         block_M = torch.arange(ep_size * num_local, device=device).repeat_interleave(counts_B, output_size=num_received)
         block_start_B = torch.cumsum(counts_B, 0) - counts_B
-        row_M, tokens_per_expert_L, rows_per_expert, layout = arrange_rows(
+        rows = arrange_rows(
             (block_M % num_local)[:, None],
             torch.ones(num_received, 1, dtype=torch.bool, device=device),
             torch.div(block_M, num_local, rounding_mode="floor"),
@@ -135,14 +135,16 @@ class AllToAllDispatcher(TokenDispatcher):
             capacity=None,
             layout=choose_layout(self.kernel, device),
         )
-        row_M = row_M.view(-1)
-        num_rows = num_local * rows_per_expert if layout is Layout.PADDED else num_received
+        row_M = rows.row_of_claim.view(-1)
         # Each expert row names its received row; padding rows read an appended zero row.
-        source_R = torch.full((num_rows,), num_received, dtype=torch.long, device=device)
+        source_R = torch.full((rows.num_rows,), num_received, dtype=torch.long, device=device)
         source_R.scatter_(0, row_M, torch.arange(num_received, device=device))
         x_ext = torch.cat([x_MD, x_MD.new_zeros(1, x_MD.shape[-1])], 0)
         rows_RD = x_ext.index_select(0, source_R)
-        return ExpertBatch(rows_RD, layout, capacity=rows_per_expert, tokens_per_expert=tokens_per_expert_L), row_M
+        batch = ExpertBatch(
+            rows_RD, rows.layout, capacity=rows.rows_per_expert, tokens_per_expert=rows.tokens_per_expert
+        )
+        return batch, row_M
 
 
 def apply_expert_parallel(model: nn.Module, layout: ParallelLayout) -> nn.Module:
