@@ -131,3 +131,16 @@ def test_best_tracker_breaks_exact_match_ties_by_validation_loss():
     by_loss = BestTracker(Metric.VAL_LOSS, min_delta=0.1)
     assert [by_loss.update({"step": i, "exact_match": 0.0, "val_loss": v}) for i, v in enumerate([2.0, 1.95, 1.8])] == [
         True, False, True]  # fmt: skip
+
+
+def test_bf16_finetuning_trains_bf16_weights_with_float32_routers(tmp_path, task):
+    checkpoint = write_checkpoint(tmp_path / "start", tiny_config())
+    result = finetune(checkpoint, train=task[0], validation=task[1], run_dir=tmp_path / "run",
+                      config=task_config(dtype="bf16"), train_config=train_config(steps=50, eval_every=25),
+                      tensorboard=False)  # fmt: skip
+    assert result.best["val_loss"] < result.before["val_loss"] - 1
+    best = from_pretrained(result.best_dir, dtype=None)  # as saved
+    dtypes = {name: p.dtype for name, p in best.named_parameters()}
+    routers = {name for name in dtypes if ".router." in name}
+    assert routers and all(dtypes[name] == torch.float32 for name in routers)
+    assert {dtypes[name] for name in dtypes.keys() - routers} == {torch.bfloat16}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import types
 
 import pytest
+import torch
 
 from switchformer.cli.main import main
 from switchformer.finetune import finetune
@@ -88,3 +89,20 @@ def test_a_torchrun_finetune_needs_an_output_folder(tmp_path, monkeypatch, capsy
     argv = ["finetune", str(tmp_path / "start"), "--train", "t.jsonl", "--validation", "v.jsonl"]
     assert main(argv) == 2
     assert "a torchrun launch needs --output" in capsys.readouterr().err
+
+
+def test_bf16_finetuning_on_2_ranks_keeps_bf16_shards_and_float32_routers(tmp_path):
+    """``--dtype bf16``: each rank streams its shards of the checkpoint into bf16 (routers float32), trains them,
+    and the best model is saved in those precisions; the losses follow one process's bf16 run (bf16 rounding of
+    differently reduced gradients apart)."""
+    checkpoint = write_checkpoint(tmp_path / "start", tiny_config())
+    train, validation = write_task(tmp_path / "task", train=64, validation=9)
+    args = [str(checkpoint), "--train", str(train), "--validation", str(validation), *ARGS, "--dtype", "bf16"]
+    single = finetune_cli(args, str(tmp_path / "single"))
+    ranks = run_and_check(finetune_cli, 2, timeout_s=300, args=args, output=str(tmp_path / "parallel"))
+    for weights in (single["best_weights"], ranks[0]["best_weights"]):
+        dtypes = {name: tensor.dtype for name, tensor in weights.items()}
+        assert {dtypes[n] for n in dtypes if ".router." in n} == {torch.float32}
+        assert {dtypes[n] for n in dtypes if ".router." not in n} == {torch.bfloat16}
+    for got, expected in zip(ranks[0]["metrics"], single["metrics"], strict=True):
+        assert got["loss"] == pytest.approx(expected["loss"], abs=0.05), got["step"]

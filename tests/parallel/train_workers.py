@@ -83,7 +83,7 @@ def finetune_cli(args: list[str], output: str) -> dict[str, object]:
         evaluation.generate = library_generate
     folder = Path(output)
     best = json.loads((folder / "best" / "best.json").read_text())
-    weights = from_pretrained(folder / "best").state_dict()
+    weights = from_pretrained(folder / "best", dtype=None).state_dict()  # as saved
     return {
         "metrics": read_metrics(folder),
         "evals": read_eval_log(folder),

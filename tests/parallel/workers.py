@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from switchformer import ModelConfig, MoEConfig, SwitchFFN, build_model
 from switchformer.errors import CheckpointError
+from switchformer.local_blocks import local_block
 from switchformer.models.stack import set_activation_checkpointing
 from switchformer.parallel import (
     Backend,
@@ -35,7 +36,6 @@ from switchformer.parallel import (
     mean_over_ranks,
     slice_global_batch,
 )
-from switchformer.parallel.materialize import local_block
 from switchformer.run_folder import step_dir_name
 from switchformer.training.checkpoint import save_checkpoint
 from switchformer.training.config import OptimizerKind, TrainConfig
@@ -455,3 +455,22 @@ def _time_failure(step) -> dict[str, Any]:
     except CollectiveError as error:
         return {"error": str(error), "seconds": time.monotonic() - started}
     return {"error": None, "seconds": time.monotonic() - started}
+
+
+# -- streamed checkpoint loads -------------------------------------------------------------------------------
+def check_streamed_load(dims: dict[str, int], folder: str, bf16: bool) -> dict[str, Any]:
+    """Fill this rank's shards from a safetensors checkpoint (as ``finetune`` does under torchrun) and return the
+    bytes it read and the logits of a fixed batch (the same on every rank)."""
+    from switchformer.interop.checkpoint_io import open_checkpoint
+
+    layout = join(dims)
+    checkpoint = open_checkpoint(folder)
+    model = build_model(checkpoint.config, device="meta")
+    checkpoint.cast(model, torch.bfloat16 if bf16 else torch.float32)
+    model = DistributedStrategy(layout).prepare_model(model, device=layout.device, seed=1, fill=checkpoint.fill)
+    generator = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(2, 64, (4, 7), generator=generator)
+    decoder_input_ids = torch.randint(2, 64, (4, 5), generator=generator)
+    with torch.no_grad():
+        logits = model.eval()(input_ids, decoder_input_ids=decoder_input_ids).logits
+    return {"bytes_read": checkpoint.files.bytes_read, "logits": logits.float()}

@@ -28,7 +28,7 @@ from switchformer.cli.common import (
     require_output_under_torchrun,
     torchrun_job,
 )
-from switchformer.finetune.config import BadRowPolicy, FinetuneConfig, Metric
+from switchformer.finetune.config import BadRowPolicy, FinetuneConfig, Metric, WeightsDtype
 from switchformer.finetune.run import FinetuneResult, finetune
 from switchformer.training.callbacks import ProgressBar
 from switchformer.training.checkpoint import latest_checkpoint, load_checkpoint
@@ -45,7 +45,7 @@ DEFAULT_TRAIN = {
     "keep_checkpoints": 1,
 }
 # FinetuneConfig fields set from the option of the same name (--max-input-length: max_input_length)
-TASK_FIELDS = ("input_field", "target_field", "batch_size", "max_input_length", "max_target_length")
+TASK_FIELDS = ("input_field", "target_field", "batch_size", "max_input_length", "max_target_length", "dtype")
 DROPOUT_FIELDS = ("dropout", "expert_dropout")
 EVALUATION_FIELDS = ("metric", "eval_examples")
 
@@ -69,6 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     task.add_argument("--batch-size", type=int, help="pairs per optimizer step (default 16)")
     task.add_argument("--max-input-length", type=int, help="input tokens, eos included (default 512)")
     task.add_argument("--max-target-length", type=int, help="target tokens, eos included (default 128)")
+    task.add_argument(
+        "--dtype",
+        choices=[d.value for d in WeightsDtype],
+        help="the weights' precision while fine-tuning (default float32; bf16 keeps the routers float32)",
+    )
     task.add_argument("--dropout", type=float, help="dropout outside the experts (default 0.1, the paper's)")
     task.add_argument("--expert-dropout", type=float, help="dropout inside the experts (default 0.4, the paper's)")
     task.add_argument("--metric", choices=[m.value for m in Metric], help="picks the best model (default exact_match)")

@@ -7,10 +7,8 @@ import argparse
 import torch
 
 from switchformer.interop import from_pretrained
-from switchformer.interop.checkpoint_io import resolve_checkpoint_folder
+from switchformer.interop.checkpoint_io import DTYPES, resolve_checkpoint_folder
 from switchformer.models.generation import DecodingStrategy, GenerationConfig, generate
-
-DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

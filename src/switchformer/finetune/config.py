@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+import torch
+
 from switchformer.config import Config
 
 
@@ -13,6 +15,17 @@ class BadRowPolicy(enum.Enum):
 
     ERROR = "error"  # refuse the file, listing every bad line
     SKIP = "skip"  # leave them out, logging each bad line with its reason
+
+
+class WeightsDtype(enum.Enum):
+    """The weights' precision while fine-tuning (checkpoints stream into it, block by block)."""
+
+    FLOAT32 = "float32"
+    BF16 = "bf16"  # the routers stay float32 (the paper's selective precision); half the memory of float32
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float32 if self is WeightsDtype.FLOAT32 else torch.bfloat16
 
 
 class Metric(enum.Enum):
@@ -46,6 +59,7 @@ class FinetuneConfig(Config):
     eval_examples: int | None = None  # exact match on the first N validation rows; None = all of them
     baseline_eval: bool = True  # measure exact match once before the first step (reported as "before")
     shuffle_seed: int = 0  # training order: a fresh permutation of the rows per epoch from (seed, epoch)
+    dtype: WeightsDtype = WeightsDtype.FLOAT32  # the weights' precision (checkpoints load straight into it)
 
     def validate(self) -> None:
         self.check(bool(self.input_field), "input_field", "must name a JSON field")

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from switchformer.data.tokenizer import SwitchTokenizer, TokenizerNotFoundError, sentinel_token
 from switchformer.finetune.batches import Example, ShuffledBatches, encode_pairs, validation_batches
 from switchformer.finetune.callbacks import (
@@ -23,10 +25,11 @@ from switchformer.finetune.callbacks import (
     read_eval_log,
 )
 from switchformer.finetune.config import FinetuneConfig
-from switchformer.finetune.model import load_for_finetuning
+from switchformer.finetune.model import open_for_finetuning
 from switchformer.finetune.rows import BadRow, read_pairs
-from switchformer.interop.checkpoint_io import from_pretrained, resolve_checkpoint_folder
+from switchformer.interop.checkpoint_io import open_checkpoint, resolve_checkpoint_folder
 from switchformer.models.config import ModelConfig
+from switchformer.models.factory import build_model
 from switchformer.run_folder import latest_run_checkpoint
 from switchformer.training.callbacks import Callback
 from switchformer.training.config import TrainConfig
@@ -125,14 +128,18 @@ def finetune(
     checkpoint (pass the configs the run started with). The tokenizer is ``tokenizer`` or the checkpoint's own.
 
     Under torchrun (``strategy``, every rank calling this with the same arguments and ``run_dir``) each rank trains
-    on its slice of every batch (``batch_size`` must divide by the world size), holding the whole model (data
-    parallelism) or, with expert parallelism, its share of every layer's experts; the result is one process's up
-    to rounding. Exact match is decoded in shares, one per model replica (the ranks of an expert-parallel group
-    decode theirs together). Only the main rank writes; every rank returns the same figures.
+    on its slice of every batch (``batch_size`` must divide by the world size), holding its shards of the model
+    (the strategy's layout: FSDP2 shards, a share of every layer's experts); the result is one process's up to
+    rounding. Exact match is decoded in shares, one per model replica (the ranks of one replica decode theirs
+    together). Only the main rank writes; every rank returns the same figures.
+
+    ``config.dtype`` is the weights' precision while training (bf16: routers float32, the paper's selective
+    precision). Safetensors checkpoints are read block by block, each rank only its shards.
     """
     config = config or FinetuneConfig()
     train_config = train_config or TrainConfig()
     strategy = strategy or SingleProcess()
+    dtype = config.dtype.torch_dtype
     if strategy.world_size > 1:
         if config.batch_size % strategy.world_size:
             raise ValueError(
@@ -144,12 +151,15 @@ def finetune(
     latest = latest_run_checkpoint(run_dir)
     if latest is not None and not resume:
         raise ValueError(f"run folder {run_dir} already holds checkpoints; resume it or choose a new folder")
+    # A meta-device model, allocated by the strategy (each rank its shards) and filled from the checkpoint.
     if resume and latest is not None:
-        model = from_pretrained(latest).train()  # its config already carries the fine-tuning dropout
+        opened = open_checkpoint(latest)  # its config already carries the fine-tuning dropout
+        with torch.device("meta"):
+            model = opened.cast(build_model(opened.config), dtype)
         tokenizer_source: str | Path = run_dir / TOKENIZER_FILE
     else:
-        model = load_for_finetuning(
-            checkpoint, dropout=config.dropout, expert_dropout=config.expert_dropout, overrides=overrides
+        model, opened = open_for_finetuning(
+            checkpoint, dropout=config.dropout, expert_dropout=config.expert_dropout, overrides=overrides, dtype=dtype
         )
         tokenizer_source = tokenizer if tokenizer is not None else resolve_checkpoint_folder(checkpoint)
     loaded_tokenizer = load_tokenizer(tokenizer_source)
@@ -191,6 +201,7 @@ def finetune(
         resume=resume,
         options=options,
         model=model,
+        initial_weights=opened.fill,
         extra_config=extra,
         checkpoint_files={TOKENIZER_FILE: tokenizer_file},
     )

@@ -7,20 +7,24 @@ A folder holds ``config.json`` and the weights (``model.safetensors``, ``pytorch
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import importlib.metadata
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from switchformer.config import ConfigError
+from switchformer.dcp_files import is_dcp_folder
 from switchformer.interop.files import read_json, read_weights, write_json, write_weights
 from switchformer.interop.hf_config import MODEL_TYPE, config_from_hf, config_to_hf
-from switchformer.interop.hf_keys import embeddings_differ, from_hf_state_dict, to_hf_state_dict
+from switchformer.interop.hf_keys import SameTensors, embeddings_differ, hf_sources, to_hf_state_dict
 from switchformer.interop.key_map import CheckpointError, ParamMapping, expected_shapes, to_ours
+from switchformer.interop.streaming import SafetensorsFiles, check_streamable, stream_into
+from switchformer.local_blocks import local_block
 from switchformer.models.base import SwitchModelBase, cast_weights
 from switchformer.models.config import InputEmbeddings, ModelConfig
 from switchformer.models.factory import build_model
@@ -108,35 +112,122 @@ def _read_config(folder: Path) -> tuple[ModelConfig, CheckpointFormat]:
     )
 
 
-def from_pretrained(path_or_name: str | Path, *, dtype: torch.dtype | None = torch.float32) -> SwitchModelBase:
+DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}  # the precisions the command line offers
+
+
+@dataclasses.dataclass
+class OpenCheckpoint:
+    """A checkpoint folder ready to fill a model: its config, and where each of our weights comes from.
+
+    Safetensors weights (one file or an index of shards) are streamed (:mod:`switchformer.interop.streaming`): each
+    parameter's local block (a rank's shard, or all of it) is read from the files when :meth:`fill` runs, so a
+    model larger than memory in float32 loads in bf16, and each rank of a sharded model reads its share only.
+    Other weights (``pytorch_model.bin``, training checkpoints in ``torch.distributed.checkpoint`` form) are read
+    whole when the checkpoint is opened."""
+
+    folder: Path
+    config: ModelConfig
+    format: CheckpointFormat
+    mappings: list[ParamMapping]
+    files: SafetensorsFiles | None  # streamed weights, or None with ``state`` holding them
+    state: dict[str, torch.Tensor] | None = None
+
+    def stored_dtypes(self) -> dict[str, torch.dtype]:
+        """Each of our parameters' precision in the files."""
+        if self.files is None:
+            assert self.state is not None
+            return {name: tensor.dtype for name, tensor in self.state.items()}
+        return {m.ours: self.files.dtype(m.external[0]) for m in self.mappings}
+
+    def cast(self, model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+        """Give the (meta-device) ``model`` its weights' precision: ``dtype`` with float32 routers
+        (:func:`~switchformer.models.base.cast_weights`), or with None the stored precision of each."""
+        if dtype is not None:
+            return cast_weights(model, dtype)
+        stored = self.stored_dtypes()
+        for name, param in model.named_parameters():
+            param.data = param.data.to(stored[name])
+        return model
+
+    def fill(self, model: torch.nn.Module) -> int:
+        """Copy the checkpoint into ``model``'s allocated parameters (each process its local block, see
+        :func:`~switchformer.local_blocks.local_block`); returns the bytes read from the files."""
+        source = str(self.folder)
+        if self.files is not None:
+            before = self.files.bytes_read
+            stream_into(model, self.mappings, self.files, source=source)
+            return self.files.bytes_read - before
+        assert self.state is not None
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                local, offset = local_block(param)
+                block = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
+                local.copy_(self.state[name][block])
+        return sum(t.numel() * t.element_size() for t in self.state.values())
+
+
+def open_checkpoint(path_or_name: str | Path) -> OpenCheckpoint:
+    """Read a checkpoint's config and check its tensors' names and shapes against it, reading no weights but the
+    embedding tables it compares (tied copies must agree; untied ones decide ``input_embeddings``)."""
+    folder = resolve_checkpoint_folder(path_or_name)
+    config, fmt = _read_config(folder)
+    source = str(folder)
+    files = None if is_dcp_folder(folder) else SafetensorsFiles.open(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    if files is None:
+        tensors = read_weights(folder)
+    keys = files.keys() if files is not None else tensors.keys()
+    same = files.same if files is not None else (lambda a, b: torch.equal(tensors[a], tensors[b]))
+    ignorable = _nothing
+    if fmt is CheckpointFormat.HF:
+        config = _config_for_embeddings(config, keys, same)
+        mappings, ignorable = hf_sources(keys, same, config, source=source)
+    else:
+        mappings = [ParamMapping(key, (key,)) for key in expected_shapes(config)]
+    logger.info("loading %s checkpoint %s", fmt.value, folder)
+    if files is None:
+        state = to_ours(tensors, mappings, config=config, source=source, ignorable=ignorable)
+        return OpenCheckpoint(folder, config, fmt, mappings, None, state)
+    check_streamable(expected_shapes(config), mappings, files, source=source, ignorable=ignorable)
+    return OpenCheckpoint(folder, config, fmt, mappings, files)
+
+
+def _nothing(key: str) -> bool:
+    return False
+
+
+def from_pretrained(
+    path_or_name: str | Path, *, dtype: torch.dtype | None = torch.float32, device: torch.device | str = "cpu"
+) -> SwitchModelBase:
     """Load a Hugging Face Switch Transformers checkpoint or a switchformer one, in eval mode.
 
     ``path_or_name`` is a folder, or (when no such path exists) a Hub repository id such as
     ``google/switch-base-8``. ``dtype`` is the weights' precision (``None`` keeps the stored one); with
     ``torch.bfloat16`` the routers stay float32 (``models.base.cast_weights``), the rest reads half the bytes.
-    HF checkpoints load with HF's routing semantics (``grouping='sequence'`` and a fixed ``expert_capacity``), so
-    logits match ``transformers``.
+    The model is built on the meta device, allocated in ``dtype`` on ``device`` and filled tensor by tensor from
+    safetensors files, so loading takes little more memory than the weights in ``dtype``
+    (``bench/bench_streaming_load.py``). HF checkpoints load with HF's routing semantics
+    (``grouping='sequence'`` and a fixed ``expert_capacity``), so logits match ``transformers``.
     """
-    folder = resolve_checkpoint_folder(path_or_name)
-    config, fmt = _read_config(folder)
-    tensors = read_weights(folder)
-    source = str(folder)
-    if fmt is CheckpointFormat.HF:
-        config = config_for_hf_weights(config, tensors)
-        state = from_hf_state_dict(tensors, config, source=source)
-    else:
-        identity = [ParamMapping(key, (key,)) for key in expected_shapes(config)]
-        state = to_ours(tensors, identity, config=config, source=source)
-    logger.info("loading %s checkpoint %s", fmt.value, folder)
-    return model_from_state_dict(config, state, dtype=dtype)
+    checkpoint = open_checkpoint(path_or_name)
+    with torch.device("meta"):
+        model = build_model(checkpoint.config)
+    checkpoint.cast(model, dtype)
+    model.to_empty(device=device)
+    checkpoint.fill(model)
+    return model.eval()
 
 
 def config_for_hf_weights(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]) -> ModelConfig:
     """``config`` with the input embeddings the weights have: transformers 5 gives an untied model's encoder and
     decoder tables of their own, so when they differ the model gets ``input_embeddings='per-stack'``."""
+    return _config_for_embeddings(config, hf_state.keys(), lambda a, b: torch.equal(hf_state[a], hf_state[b]))
+
+
+def _config_for_embeddings(config: ModelConfig, keys: Collection[str], same: SameTensors) -> ModelConfig:
     if config.tie_word_embeddings or config.input_embeddings is InputEmbeddings.PER_STACK:
         return config
-    if embeddings_differ(hf_state):
+    if embeddings_differ(keys, same):
         return config.replace(input_embeddings=InputEmbeddings.PER_STACK)
     return config
 

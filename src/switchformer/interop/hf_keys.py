@@ -11,7 +11,7 @@ relative position bias belongs to the stack, HF's to block 0's self-attention. T
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 
@@ -105,18 +105,25 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> 
     return out
 
 
-def embeddings_differ(hf_state: Mapping[str, torch.Tensor]) -> bool:
+# Tensors that may hold the input embedding (and, tied, the output layer): compared, never loaded twice.
+EMBEDDING_NAMES = ("shared.weight", *_EMBEDDING_ALIASES, "lm_head.weight")
+# Whether two named tensors of a checkpoint hold the same values (a checkpoint read whole or one read in slices).
+SameTensors = Callable[[str, str], bool]
+
+
+def embeddings_differ(keys: Collection[str], same: SameTensors) -> bool:
     """Whether the checkpoint's encoder and decoder read their tokens from different tables (transformers 5,
     untied): such a checkpoint needs ``input_embeddings='per-stack'``."""
-    shared = hf_state.get("shared.weight")
-    encoder, decoder = (hf_state.get(alias, shared) for alias in _EMBEDDING_ALIASES)
-    return encoder is not None and decoder is not None and not torch.equal(encoder, decoder)
+    shared = "shared.weight" if "shared.weight" in keys else None
+    encoder, decoder = (alias if alias in keys else shared for alias in _EMBEDDING_ALIASES)
+    return encoder is not None and decoder is not None and encoder != decoder and not same(encoder, decoder)
 
 
-def from_hf_state_dict(
-    hf_state: Mapping[str, torch.Tensor], config: ModelConfig, *, source: str = "HF state dict"
-) -> dict[str, torch.Tensor]:
-    """HF tensors -> our state dict; ``source`` (e.g. the folder) names the checkpoint in errors.
+def hf_sources(
+    keys: Collection[str], same: SameTensors, config: ModelConfig, *, source: str = "HF state dict"
+) -> tuple[list[ParamMapping], Callable[[str], bool]]:
+    """Where each of our parameters comes from in a HF checkpoint holding ``keys``, and which other tensors it may
+    hold unused; ``source`` (e.g. the folder) names the checkpoint in errors.
 
     Tied checkpoints keep one table: their duplicates (``encoder.embed_tokens``, ``decoder.embed_tokens`` and
     ``lm_head``) must equal ``shared.weight``, and a checkpoint that stores it only under an alias still loads.
@@ -124,7 +131,7 @@ def from_hf_state_dict(
     standing in for an absent one, as transformers 4 files store it alone). Their ``shared.weight`` is then
     read by nothing and not kept.
     """
-    gated_weights = any(key.endswith(".wi_0.weight") for key in hf_state)
+    gated_weights = any(key.endswith(".wi_0.weight") for key in keys)
     if gated_weights != config.activation.is_gated:
         raise CheckpointError(
             f"{source}: the weights hold {'gated (wi_0, wi_1)' if gated_weights else 'ungated (wi)'} FFNs but the "
@@ -132,39 +139,47 @@ def from_hf_state_dict(
             "(not feed_forward_proj), so config.json needs dense_act_fn "
             + ("'gated-gelu' or 'gated-silu'" if gated_weights else "'relu' or 'gelu'")
         )
-    hf_state = dict(hf_state)
-    shared = hf_state.get("shared.weight")
-    if shared is None:
-        shared = next((hf_state[alias] for alias in _EMBEDDING_ALIASES if alias in hf_state), None)
+    shared = next((name for name in ("shared.weight", *_EMBEDDING_ALIASES) if name in keys), None)
+    decoder = None
     if config.tie_word_embeddings:
         why = "switchformer ties the encoder's, the decoder's and the output layer's weights to it"
-        _require_equal(hf_state, [*_EMBEDDING_ALIASES, "lm_head.weight"], "shared.weight", shared, source, why)
+        _require_equal(keys, same, [*_EMBEDDING_ALIASES, "lm_head.weight"], shared, source, why)
     else:
-        encoder = hf_state.get(_EMBEDDING_ALIASES[0], shared)
-        if shared is not None and encoder is not None and not torch.equal(shared, encoder):
+        encoder = _EMBEDDING_ALIASES[0] if _EMBEDDING_ALIASES[0] in keys else shared
+        if shared is not None and encoder is not None and shared != encoder and not same(shared, encoder):
             logger.info("%s: shared.weight is not kept: an untied model reads encoder.embed_tokens instead", source)
         shared = encoder
         if config.input_embeddings is InputEmbeddings.SHARED:
             why = "this config gives both stacks one table (from_pretrained chooses input_embeddings='per-stack')"
-            _require_equal(hf_state, [_DECODER_EMBEDDING], _EMBEDDING_ALIASES[0], shared, source, why)
-        elif _DECODER_EMBEDDING not in hf_state and shared is not None:
-            hf_state[_DECODER_EMBEDDING] = shared
-    if shared is not None:
-        hf_state["shared.weight"] = shared
-    needed = {key for m in hf_key_map(config) for key in m.external}
-    ignorable = {*_EMBEDDING_ALIASES, "lm_head.weight"} - needed
-    return to_ours(hf_state, hf_key_map(config), config=config, source=source, ignorable=ignorable.__contains__)
+            _require_equal(keys, same, [_DECODER_EMBEDDING], shared, source, why)
+        else:
+            decoder = _DECODER_EMBEDDING if _DECODER_EMBEDDING in keys else shared
+    renamed = {"shared.weight": shared, "decoder_embed.weight": decoder}
+    mappings = [
+        ParamMapping(m.ours, (renamed[m.ours],)) if renamed.get(m.ours) is not None else m for m in hf_key_map(config)
+    ]
+    needed = {key for m in mappings for key in m.external}
+    ignorable = set(EMBEDDING_NAMES) - needed
+    return mappings, ignorable.__contains__
+
+
+def from_hf_state_dict(
+    hf_state: Mapping[str, torch.Tensor], config: ModelConfig, *, source: str = "HF state dict"
+) -> dict[str, torch.Tensor]:
+    """HF tensors -> our state dict (see :func:`hf_sources` for the embeddings); ``source`` names the checkpoint
+    in errors."""
+
+    def same(a: str, b: str) -> bool:
+        return torch.equal(hf_state[a], hf_state[b])
+
+    mappings, ignorable = hf_sources(hf_state.keys(), same, config, source=source)
+    return to_ours(hf_state, mappings, config=config, source=source, ignorable=ignorable)
 
 
 def _require_equal(
-    hf_state: Mapping[str, torch.Tensor],
-    copies: list[str],
-    name: str,
-    reference: torch.Tensor | None,
-    source: str,
-    why: str,
+    keys: Collection[str], same: SameTensors, copies: list[str], name: str | None, source: str, why: str
 ) -> None:
-    """Each of ``copies`` present in the checkpoint must equal ``reference`` (the tensor named ``name``)."""
+    """Each of ``copies`` present in the checkpoint must equal the tensor named ``name``."""
     for copy in copies:
-        if copy in hf_state and reference is not None and not torch.equal(hf_state[copy], reference):
+        if copy in keys and name is not None and copy != name and not same(copy, name):
             raise CheckpointError(f"{source}: {copy} differs from {name}, but {why}")

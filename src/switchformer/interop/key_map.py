@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 import torch
 
@@ -116,6 +116,44 @@ def to_external(
     return out
 
 
+def check_sources(
+    keys: Collection[str],
+    mappings: list[ParamMapping],
+    *,
+    source: str,
+    ignorable: Callable[[str], bool] = lambda key: False,
+) -> None:
+    """The external ``keys`` hold every tensor ``mappings`` name and nothing else but ``ignorable`` keys (tied
+    duplicates, optimizer state), so a checkpoint for a different architecture never loads silently."""
+    needed = {key for m in mappings for key in m.external}
+    missing = needed - set(keys)
+    if missing:
+        raise CheckpointError(
+            f"{source}: {len(missing)} tensor(s) the config needs are missing: [{_listing(missing)}] "
+            "(does config.json describe these weights?)"
+        )
+    unknown = {key for key in keys if key not in needed and not ignorable(key)}
+    if unknown:
+        raise CheckpointError(f"{source}: {len(unknown)} unexpected tensor(s) for this config: [{_listing(unknown)}]")
+
+
+def joined(mapping: ParamMapping, parts: list[torch.Tensor], expected: torch.Size, *, source: str) -> torch.Tensor:
+    """``join`` of one mapping's parts (meta tensors give just the shape), checked against the ``expected`` shape."""
+    try:
+        tensor = join(mapping.transform, parts)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{source}: cannot combine {_listing(mapping.external, 2)} into {mapping.ours}: shapes "
+            f"{[tuple(p.shape) for p in parts[:2]]} ({error})"
+        ) from None
+    if tensor.shape != expected:
+        raise CheckpointError(
+            f"{source}: shape mismatch for {mapping.external[0]} -> {mapping.ours}: the config expects "
+            f"{tuple(expected)}, the checkpoint gives {tuple(tensor.shape)}"
+        )
+    return tensor
+
+
 def to_ours(
     external: Mapping[str, torch.Tensor],
     mappings: list[ParamMapping],
@@ -124,39 +162,13 @@ def to_ours(
     source: str,
     ignorable: Callable[[str], bool] = lambda key: False,
 ) -> dict[str, torch.Tensor]:
-    """External tensors -> our state dict, checking that nothing is missing, left over or of the wrong shape.
-
-    ``ignorable`` accepts external keys that may be present without being used (tied duplicates, optimizer
-    state); anything else left over is an error, so a checkpoint for a different architecture never loads
-    silently.
-    """
-    needed = {key for m in mappings for key in m.external}
-    missing = needed - set(external)
-    if missing:
-        raise CheckpointError(
-            f"{source}: {len(missing)} tensor(s) the config needs are missing: [{_listing(missing)}] "
-            "(does config.json describe these weights?)"
-        )
-    unknown = {key for key in external if key not in needed and not ignorable(key)}
-    if unknown:
-        raise CheckpointError(f"{source}: {len(unknown)} unexpected tensor(s) for this config: [{_listing(unknown)}]")
+    """External tensors -> our state dict, checking that nothing is missing, left over (but ``ignorable`` keys, see
+    :func:`check_sources`) or of the wrong shape."""
+    check_sources(external.keys(), mappings, source=source, ignorable=ignorable)
     shapes = expected_shapes(config)
     if set(shapes) != {m.ours for m in mappings}:  # a bug in a key map, never a user error
         raise AssertionError(f"key map does not cover the model: {sorted(set(shapes) ^ {m.ours for m in mappings})}")
     out: dict[str, torch.Tensor] = {}
     for m in mappings:
-        parts = [external[key] for key in m.external]
-        try:
-            tensor = join(m.transform, parts)
-        except RuntimeError as error:
-            raise CheckpointError(
-                f"{source}: cannot combine {_listing(m.external, 2)} into {m.ours}: shapes "
-                f"{[tuple(p.shape) for p in parts[:2]]} ({error})"
-            ) from None
-        if tensor.shape != shapes[m.ours]:
-            raise CheckpointError(
-                f"{source}: shape mismatch for {m.external[0]} -> {m.ours}: the config expects "
-                f"{tuple(shapes[m.ours])}, the checkpoint gives {tuple(tensor.shape)}"
-            )
-        out[m.ours] = tensor.contiguous()
+        out[m.ours] = joined(m, [external[key] for key in m.external], shapes[m.ours], source=source).contiguous()
     return out

@@ -11,18 +11,22 @@ Shape legend: E experts, A/B the two axes of a matrix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from switchformer.errors import CheckpointError
 from switchformer.interop.files import SAFETENSORS, SAFETENSORS_INDEX, read_json
-from switchformer.interop.key_map import ParamMapping, Transform, join
+from switchformer.interop.key_map import ParamMapping, Transform, check_sources, join, joined
+from switchformer.local_blocks import local_block
 
 Block = tuple[slice, ...]
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclasses.dataclass
@@ -37,7 +41,7 @@ class SafetensorsFiles:
     def open(cls, folder: Path) -> SafetensorsFiles | None:
         """The checkpoint's safetensors, or None for a folder without (a ``.bin`` or sharded training one)."""
         if (folder / SAFETENSORS).is_file():
-            with safe_open(str(folder / SAFETENSORS), "pt") as handle:
+            with _opened(folder / SAFETENSORS) as handle:
                 return cls(folder, dict.fromkeys(handle.keys(), SAFETENSORS))
         if (folder / SAFETENSORS_INDEX).is_file():
             weight_map = read_json(folder / SAFETENSORS_INDEX).get("weight_map")
@@ -50,12 +54,30 @@ class SafetensorsFiles:
         return self.file_of.keys()
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(str(self._path(name)), "pt") as handle:
+        with _opened(self._path(name)) as handle:
             return tuple(handle.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        with _opened(self._path(name)) as handle:
+            stored = handle.get_slice(name).get_dtype()
+        if stored not in _DTYPES:
+            raise CheckpointError(f"{self.folder}: {name} is stored as {stored}, not a floating-point type")
+        return _DTYPES[stored]
+
+    def same(self, a: str, b: str, rows: int = 4096) -> bool:
+        """Whether tensors ``a`` and ``b`` hold the same values, compared ``rows`` rows at a time (tied tables)."""
+        shape = self.shape(a)
+        if shape != self.shape(b):
+            return False
+        for start in range(0, shape[0] if shape else 1, rows):
+            block = (slice(start, start + rows),) if shape else None
+            if not torch.equal(self.read(a, block), self.read(b, block)):
+                return False
+        return True
 
     def read(self, name: str, block: Block | None = None) -> torch.Tensor:
         """Tensor ``name``, or its ``block`` (basic slices, one per leading dimension)."""
-        with safe_open(str(self._path(name)), "pt") as handle:
+        with _opened(self._path(name)) as handle:
             tensor = handle.get_tensor(name) if block is None else handle.get_slice(name)[block]
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
@@ -66,14 +88,32 @@ class SafetensorsFiles:
         return self.folder / self.file_of[name]
 
 
-def local_block(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The tensor this process holds of ``param`` (a DTensor's local shard, else all of it) and where it starts."""
-    if not hasattr(param, "to_local"):
-        return param.data, (0,) * param.dim()
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """``safe_open`` with a damaged, crafted or missing file (or tensor) reported as a :class:`CheckpointError`."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            yield handle
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: weight file not found") from None
+    except (SafetensorError, OSError, KeyError) as error:
+        raise CheckpointError(f"{path}: cannot read weights ({type(error).__name__}: {error})") from None
 
-    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return param.to_local(), tuple(int(o) for o in offset)
+
+def check_streamable(
+    shapes: Mapping[str, torch.Size],
+    mappings: list[ParamMapping],
+    files: SafetensorsFiles,
+    *,
+    source: str,
+    ignorable=lambda key: False,
+) -> None:
+    """Before anything is read: the files hold every tensor the mappings name and nothing unexpected, and each
+    of our parameters (``shapes``, the whole model's) gets the shape it needs."""
+    check_sources(files.keys(), mappings, source=source, ignorable=ignorable)
+    for mapping in mappings:
+        parts = [torch.empty(files.shape(name), device="meta") for name in mapping.external]
+        joined(mapping, parts, shapes[mapping.ours], source=source)
 
 
 @torch.no_grad()

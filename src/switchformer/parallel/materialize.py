@@ -4,22 +4,10 @@ weights: the block of each weight a rank holds gets exactly the values the singl
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from switchformer.layers.initialization import seeded_fill_
+from switchformer.local_blocks import local_block
 from switchformer.models.base import SwitchModelBase
-
-
-def local_block(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The tensor this process holds of ``param`` and where it starts in the whole weight (one index per dim).
-
-    Every layout here gives a rank one contiguous block of each weight (experts split on dim 0, FSDP shards on
-    dim 0, or on dim 1 for expert slices of fewer experts than shards)."""
-    if not isinstance(param, DTensor):
-        return param.data, (0,) * param.dim()
-    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return param.to_local(), tuple(int(o) for o in offset)
 
 
 @torch.no_grad()

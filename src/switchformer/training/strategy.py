@@ -10,6 +10,7 @@ every rank writes its shards).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from switchformer.models.base import SwitchModelBase
 from switchformer.training.checkpoint import Checkpoint, load_model_state
 
 Batch = dict[str, torch.Tensor]
+WeightSource = Callable[[nn.Module], object]  # fills an allocated (possibly sharded) model's parameters in place
 
 
 class SingleProcess:
@@ -35,14 +37,24 @@ class SingleProcess:
     replicas = 1
 
     def prepare_model(
-        self, model: SwitchModelBase, *, device: torch.device, seed: int, compute_dtype: torch.dtype | None = None
+        self,
+        model: SwitchModelBase,
+        *,
+        device: torch.device,
+        seed: int,
+        compute_dtype: torch.dtype | None = None,
+        fill: WeightSource | None = None,
     ) -> nn.Module:
-        """Move ``model`` to ``device``; a model on the meta device is allocated there and initialised from
+        """Move ``model`` to ``device``; a model on the meta device is allocated there and filled by ``fill`` (a
+        checkpoint's :meth:`~switchformer.interop.checkpoint_io.OpenCheckpoint.fill`), or else initialised from
         ``seed`` (the weights ``build_model(config, seed=seed)`` gives). ``compute_dtype`` is what autocast computes
-        in (bf16 or None); one process keeps float32 weights and lets autocast cast."""
+        in (bf16 or None); one process keeps its weights' precision and lets autocast cast."""
         if any(p.is_meta for p in model.parameters()):
             model.to_empty(device=device)
-            model.reset_parameters(seed)
+            if fill is not None:
+                fill(model)
+            else:
+                model.reset_parameters(seed)
             return model
         return model.to(device)
 
@@ -119,11 +131,18 @@ class DistributedStrategy(SingleProcess):
         dist.barrier()
 
     def prepare_model(
-        self, model: SwitchModelBase, *, device: torch.device, seed: int, compute_dtype: torch.dtype | None = None
+        self,
+        model: SwitchModelBase,
+        *,
+        device: torch.device,
+        seed: int,
+        compute_dtype: torch.dtype | None = None,
+        fill: WeightSource | None = None,
     ) -> nn.Module:
         """Split the experts, shard with FSDP2 (weights all-gathered in ``compute_dtype``, kept and reduced in
-        float32; routers always float32), then (for a meta-device model) allocate only this rank's shards and fill
-        them with the weights one process would have."""
+        their own precision; routers always float32), then (for a meta-device model) allocate only this rank's
+        shards and fill them: from ``fill`` (a checkpoint read block by block, each rank its own), or with the
+        weights ``seed`` gives one process."""
         from switchformer.parallel import ShardingOptions, apply_expert_parallel, apply_fsdp, materialize
 
         meta = any(p.is_meta for p in model.parameters())
@@ -131,7 +150,10 @@ class DistributedStrategy(SingleProcess):
             model = model.to(self.layout.device)
         apply_expert_parallel(model, self.layout)
         apply_fsdp(model, self.layout, ShardingOptions(param_dtype=compute_dtype))
-        if meta:
+        if meta and fill is not None:
+            model.to_empty(device=self.layout.device)
+            fill(model)
+        elif meta:
             materialize(model, self.layout.device, seed=seed)
         return model
 

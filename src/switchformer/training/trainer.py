@@ -48,7 +48,7 @@ from switchformer.training.diagnostics import first_non_finite_module, last_non_
 from switchformer.training.evaluation import evaluate_over_ranks, model_forward
 from switchformer.training.metrics import MetricsWriter, RoutingAccumulator
 from switchformer.training.optim import build_optimizer, build_scheduler, optimizer_kind
-from switchformer.training.strategy import SingleProcess
+from switchformer.training.strategy import SingleProcess, WeightSource
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,12 @@ def count_tokens(batch: Batch) -> int:
 
 
 class Trainer:
-    """Trains ``model_config`` on ``train_batches``, evaluating on ``validation``, in ``run_dir``."""
+    """Trains ``model_config`` on ``train_batches``, evaluating on ``validation``, in ``run_dir``.
+
+    The model is ``model`` or one built from ``model_config``; on the meta device it is allocated by the strategy
+    (each rank its shards) and filled by ``initial_weights`` (e.g. a checkpoint streamed block by block) or from
+    ``config.seed``.
+    """
 
     def __init__(
         self,
@@ -122,6 +127,7 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         resume: bool = False,
         model: SwitchModelBase | None = None,
+        initial_weights: WeightSource | None = None,
         tensorboard: bool = True,
         checkpoint_files: dict[str, Path] | None = None,
         strategy: SingleProcess | None = None,
@@ -150,7 +156,7 @@ class Trainer:
         if config.activation_checkpointing:
             set_activation_checkpointing(model, config.activation_checkpointing)
         self.model = self.strategy.prepare_model(
-            model, device=self.device, seed=config.seed, compute_dtype=self.amp_dtype
+            model, device=self.device, seed=config.seed, compute_dtype=self.amp_dtype, fill=initial_weights
         )
         if config.compile:
             compile_blocks(self.model, config.compile)  # after expert parallelism swapped in its dispatchers
