@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import harness
 from harness import Column, markdown_table, ms, ratio
@@ -162,24 +163,28 @@ def forward_case(hf, ours: torch.nn.Module, batch: int, length: int, decoder_len
 
 
 def finetune_case(hf, ours: torch.nn.Module, batch: int = 4, length: int = 256, target: int = 32) -> Case:
-    """Forward and backward of one fine-tuning batch in training mode; the models return to eval mode after."""
+    """Forward and backward of one fine-tuning batch in training mode; the models return to eval mode after.
+
+    Each side backpropagates its own loss (token cross-entropy plus its own auxiliary router losses, defined
+    differently); the check compares the token cross-entropy of the two sides' logits."""
     ids, mask = inputs(batch, length)
     labels = inputs(batch, target, seed=2)[0]
-    losses: dict[str, float] = {}
+    token_losses: dict[str, float] = {}
 
-    def step(label: str, model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def step(label: str, model: torch.nn.Module, forward: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
             model.train()
-            loss = forward()
-            loss.backward()
-            losses[label] = float(loss.detach())
+            out = forward()
+            out.loss.backward()
+            logits = out.logits.detach().float()
+            token_losses[label] = float(F.cross_entropy(logits.flatten(0, 1), labels.flatten()))
             model.eval()
 
         return run
 
     runs = {
-        TRANSFORMERS: step(TRANSFORMERS, hf, lambda: hf(input_ids=ids, attention_mask=mask, labels=labels).loss),
-        OURS: step(OURS, ours, lambda: ours(ids, attention_mask=mask, labels=labels).loss),
+        TRANSFORMERS: step(TRANSFORMERS, hf, lambda: hf(input_ids=ids, attention_mask=mask, labels=labels)),
+        OURS: step(OURS, ours, lambda: ours(ids, attention_mask=mask, labels=labels)),
     }
 
     params = [*hf.parameters(), *ours.parameters()]
@@ -189,7 +194,8 @@ def finetune_case(hf, ours: torch.nn.Module, batch: int = 4, length: int = 256, 
             runs[label]()
             for p in params:  # one model's gradients at a time: each is as large as the model
                 p.grad = None
-        return f"loss {abs(losses[OURS] - losses[TRANSFORMERS]) / losses[TRANSFORMERS]:.1e}"
+        difference = abs(token_losses[OURS] - token_losses[TRANSFORMERS]) / token_losses[TRANSFORMERS]
+        return f"token loss {difference:.1e}"
 
     return Case(f"fine-tuning step {batch} x {length} -> {target}", batch * (length + target), runs, check, params)
 
