@@ -20,13 +20,15 @@ import time
 from pathlib import Path
 
 LOAD = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 import switchformer
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak_rss():  # this process image's own peak (ru_maxrss would carry the parent's over fork and exec)
+    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))
+before = peak_rss()
 started = time.perf_counter()
 model = switchformer.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss()
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps({"before": before, "peak": peak, "weights": weights, "seconds": seconds}))
 """

@@ -130,35 +130,62 @@ def stream_into(model: torch.nn.Module, mappings: list[ParamMapping], files: Saf
             continue
         block = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
         try:
-            local.copy_(_read_block(files, mapping, block, tuple(param.shape)))
+            _fill_block(files, mapping, local, block, tuple(param.shape))
         except (RuntimeError, ValueError, IndexError) as error:
             raise CheckpointError(f"{source}: {mapping.ours} does not fit the checkpoint's tensors ({error})") from None
 
 
-def _read_block(files: SafetensorsFiles, mapping: ParamMapping, block: Block, shape: tuple[int, ...]) -> torch.Tensor:
-    """The ``block`` of our tensor, read from only the parts of the external tensors it is made of."""
+def _fill_block(
+    files: SafetensorsFiles, mapping: ParamMapping, out: torch.Tensor, block: Block, shape: tuple[int, ...]
+) -> None:
+    """Write the ``block`` of our tensor (of ``shape``) into ``out``, reading only the parts of the external tensors
+    it is made of, a piece at a time (an expert, or up to ``_PIECE_BYTES`` of rows): nothing as large as the
+    block is ever held besides ``out``."""
     parts = mapping.external
     match mapping.transform:
+        case Transform.COPY if not block:  # a scalar
+            out.copy_(files.read(parts[0]))
         case Transform.COPY:
-            return files.read(parts[0], block)
-        case Transform.TRANSPOSE:
-            return files.read(parts[0], block[::-1]).T
+            for rows, out_rows in _row_pieces(block, out):
+                out[out_rows].copy_(files.read(parts[0], (rows, *block[1:])))
+        case Transform.TRANSPOSE:  # ours[r, c] = external[c, r]
+            for rows, out_rows in _row_pieces(block, out):
+                out[out_rows].copy_(files.read(parts[0], (block[1], rows)).T)
         case Transform.STACK_T:  # ours[e] = part_e.T
             experts, rows, cols = block
-            return torch.stack([files.read(parts[e], (cols, rows)).T for e in range(experts.start, experts.stop)])
+            for i, e in enumerate(range(experts.start, experts.stop)):
+                out[i].copy_(files.read(parts[e], (cols, rows)).T)
         case Transform.STACK_T_GATED:  # ours[e] = [gate_e.T | linear_e.T] along the last axis
             experts, rows, cols = block
-            half = shape[-1] // 2
-            out = [
-                torch.cat([files.read(parts[2 * e + h], (piece, rows)).T for h, piece in _halves(cols, half)], -1)
-                for e in range(experts.start, experts.stop)
-            ]
-            return torch.stack(out)
+            for i, e in enumerate(range(experts.start, experts.stop)):
+                at = 0
+                for h, piece in _halves(cols, shape[-1] // 2):
+                    width = piece.stop - piece.start
+                    out[i, :, at : at + width].copy_(files.read(parts[2 * e + h], (piece, rows)).T)
+                    at += width
         case Transform.CONCAT_ROWS:  # ours = [gate; linear] along the rows
             rows, cols = block
-            half = shape[0] // 2
-            return torch.cat([files.read(parts[h], (piece, cols)) for h, piece in _halves(rows, half)], 0)
-    return join(mapping.transform, [files.read(name) for name in parts])[block]  # whole parts (T5X's layouts)
+            at = 0
+            for h, piece in _halves(rows, shape[0] // 2):
+                height = piece.stop - piece.start
+                out[at : at + height].copy_(files.read(parts[h], (piece, cols)))
+                at += height
+        case _:  # whole parts (T5X's layouts)
+            out.copy_(join(mapping.transform, [files.read(name) for name in parts])[block])
+
+
+_PIECE_BYTES = 16 * 2**20  # rows read at once from a large matrix (an embedding table)
+
+
+def _row_pieces(block: Block, out: torch.Tensor) -> list[tuple[slice, slice]]:
+    """``block``'s leading range cut into pieces of about ``_PIECE_BYTES``: (rows in the tensor, rows of ``out``)."""
+    row_bytes = max(out[0].numel() * 4, 1)  # read in at most float32
+    step = max(_PIECE_BYTES // row_bytes, 1)
+    first = block[0].start
+    return [
+        (slice(start, min(start + step, block[0].stop)), slice(start - first, min(start + step, block[0].stop) - first))
+        for start in range(first, block[0].stop, step)
+    ]
 
 
 def _halves(span: slice, half: int) -> list[tuple[int, slice]]:
