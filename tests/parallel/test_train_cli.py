@@ -61,6 +61,17 @@ def test_router_jitter_matches_one_process_in_any_layout(tmp_path, one_process_r
         runs.assert_same_gradients_at_step_1(run, one_process_run())
 
 
+@pytest.mark.parametrize("grouping", [["--set", "moe.grouping=batch"], ["--set", "moe.group_size=128"]])
+def test_routing_groups_spanning_ranks_route_as_in_one_process(tmp_path, one_process_run, grouping):
+    """A group of the whole batch spans all 4 ranks' slices; groups of 128 tokens span two encoder slices (64
+    tokens each) and all four decoder ones (16 target tokens each, 64 in all): the ranks exchange their claim
+    counts (moe.batch_slices) and keep what one process keeps."""
+    run = tmp_path / "run"
+    flags = ["--set", "moe.grouping=tokens", *grouping]
+    runs.train_on_ranks(4, runs.train_args(*flags, *LAYOUTS["fsdp2-ep2"][1], steps=3), run)
+    _assert_reproduces(run, one_process_run(*flags, steps=3), 3)
+
+
 def test_resharding_4_2_1_4_with_resume_reproduces_the_uninterrupted_run(tmp_path, one_process_run):
     """Two steps per launch: 4 ranks (fsdp2 x ep2, DCP checkpoints), 2 ranks (ep2), one process (reads the DCP
     checkpoint whole, writes safetensors), 4 ranks (hsdp 2x2, shards the one-file checkpoint)."""

@@ -83,7 +83,7 @@ def _reseal(path: Path) -> None:
     """Recompute the manifest, as an attacker who crafts a whole checkpoint folder would."""
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"] = {
-        p.name: {"bytes": p.stat().st_size, "sha256": ckpt._sha256(p)}
+        p.name: {"bytes": p.stat().st_size, "sha256": ckpt.sha256_of(p)}
         for p in sorted(path.iterdir())
         if p.name != "manifest.json"
     }

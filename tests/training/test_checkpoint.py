@@ -89,7 +89,7 @@ def test_a_pickle_payload_is_refused_even_with_a_matching_manifest(tmp_path, mon
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"]["optimizer.pt"] = {
         "bytes": (path / "optimizer.pt").stat().st_size,
-        "sha256": ckpt._sha256(path / "optimizer.pt"),
+        "sha256": ckpt.sha256_of(path / "optimizer.pt"),
     }
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="could not read checkpoint"):

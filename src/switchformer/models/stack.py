@@ -17,9 +17,9 @@ from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
 from switchformer.models.block import TransformerBlock
 from switchformer.models.config import ModelConfig, Stack
+from switchformer.moe.batch_slices import contexts_for_recompute
 from switchformer.moe.config import RoutingCaveatWarning, RoutingPriority
 from switchformer.moe.layer import MoEOutput
-from switchformer.moe.router import jitter_streams_for_recompute
 
 
 @dataclasses.dataclass
@@ -131,9 +131,10 @@ class TransformerStack(nn.Module):
             }
             if recompute and i % self.checkpoint_every == 0:
                 # Keep only the block's input; its forward runs again in the backward pass, with the same dropout
-                # and jitter noise (the RNG state is restored) and, under expert parallelism, the same all-to-alls.
+                # and jitter noise (the RNG state is restored), in the same batch slice and, under expert
+                # parallelism, the same all-to-alls.
                 out = torch.utils.checkpoint.checkpoint(
-                    block, hidden, use_reentrant=False, context_fn=jitter_streams_for_recompute, **inputs
+                    block, hidden, use_reentrant=False, context_fn=contexts_for_recompute, **inputs
                 )
             else:
                 out = block(hidden, **inputs)

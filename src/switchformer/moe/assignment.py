@@ -14,6 +14,7 @@ import dataclasses
 
 import torch
 
+from switchformer.moe.batch_slices import BatchSlice, GroupTotals, current_slice, group_span
 from switchformer.moe.config import Gate, Grouping, MoEConfig, OverflowPolicy, RoutingPriority
 
 
@@ -32,6 +33,7 @@ class Routing:
     token_mask: torch.Tensor  # [T] bool, False for padding tokens (they claim no slot and count in no loss)
     num_groups: int
     capacity: int | None  # slots per expert and group (the largest group's); None in dropless mode
+    group_totals: GroupTotals | None = None  # a group spanning several processes' slices (moe.batch_slices)
 
     @property
     def num_experts(self) -> int:
@@ -111,6 +113,15 @@ def route(
     num_groups = len(sizes)
     group_T = torch.arange(num_tokens, device=device) // sizes[0]
 
+    # A slice of a batch spread over processes (moe.batch_slices): groups may span several slices.
+    batch_slice, span = current_slice(), 1
+    if batch_slice is not None and config.grouping is not Grouping.SEQUENCE and num_tokens > 0:
+        size = num_tokens * batch_slice.count if config.grouping is Grouping.BATCH else config.group_size
+        supported = config.priority is RoutingPriority.POSITION and config.overflow is OverflowPolicy.DROP
+        span = group_span(num_tokens, size, batch_slice, supported=supported or config.dropless)
+    if span > 1:
+        sizes = [num_tokens * span]  # the whole group's tokens, which its capacity follows
+
     if config.dropless:
         capacity, capacity_G = None, None
     else:
@@ -138,8 +149,14 @@ def route(
     segment_TK = group_T[:, None] * experts_per_group + claim_expert_TK
     position_TK = claim_positions(segment_TK.reshape(-1), priority_TK.reshape(-1), num_segments).view(num_tokens, k)
 
+    totals = None
+    if span > 1:
+        assert batch_slice is not None
+        slots_before_TK, totals = _earlier_slices_claims(choice_TK, token_mask_T, num_experts, batch_slice, span)
     if capacity_G is None:
         keep_TK = token_mask_T[:, None].expand(num_tokens, k).clone()
+    elif totals is not None:  # slots the group's other slices take first; kept claims stay a prefix of each expert's
+        keep_TK = token_mask_T[:, None] & (position_TK + slots_before_TK < capacity_G[group_T][:, None])
     else:
         keep_TK = token_mask_T[:, None] & (position_TK < capacity_G[group_T][:, None])
 
@@ -175,7 +192,32 @@ def route(
         token_mask=token_mask_T,
         num_groups=num_groups,
         capacity=capacity,
+        group_totals=totals,
     )
+
+
+def _earlier_slices_claims(
+    choice_TK: torch.Tensor, token_mask_T: torch.Tensor, num_experts: int, batch_slice: BatchSlice, span: int
+) -> tuple[torch.Tensor, GroupTotals]:
+    """For a group spanning ``span`` slices: the slots of each claim's expert that the group takes before this
+    slice's claims of the same choice rank (one process orders all first choices of the group, slice by slice,
+    before any second choice), and the group's totals for the losses. One small gather per layer."""
+    k = choice_TK.shape[1]
+    real_TK = token_mask_T[:, None].expand_as(choice_TK).long()
+    counts_KE = torch.zeros(k, num_experts, dtype=torch.long, device=choice_TK.device)
+    counts_KE.scatter_add_(1, choice_TK.T.contiguous(), real_TK.T.contiguous())
+    mine = torch.cat([counts_KE.reshape(-1), token_mask_T.sum().view(1)])
+    gathered = batch_slice.gather(mine, span)  # [span, K * E + 1]
+    slices_KE = gathered[:, :-1].view(span, k, num_experts)
+    position = batch_slice.index % span
+    group_KE = slices_KE.sum(0)
+    # Choice rank j waits for the group's claims of ranks < j (all slices) and rank j (earlier slices); the
+    # local positions already count this slice's claims of ranks < j.
+    lower_KE = torch.cumsum(group_KE, 0) - group_KE - (torch.cumsum(counts_KE, 0) - counts_KE)
+    before_KE = lower_KE + slices_KE[:position].sum(0)
+    slots_before_TK = before_KE.gather(1, choice_TK.T.contiguous()).T
+    totals = GroupTotals(span=span, chosen=group_KE.sum(0).float(), real_tokens=gathered[:, -1].sum().float())
+    return slots_before_TK, totals
 
 
 def _reroute_overflow(

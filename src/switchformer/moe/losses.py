@@ -10,6 +10,7 @@ import dataclasses
 import torch
 
 from switchformer.moe.assignment import Routing
+from switchformer.moe.batch_slices import GroupTotals
 
 
 def load_balancing_loss(routing: Routing) -> torch.Tensor:
@@ -23,6 +24,11 @@ def load_balancing_loss(routing: Routing) -> torch.Tensor:
     probs_TE, num_experts, num_groups = routing.probs, routing.num_experts, routing.num_groups
     k = routing.choice.shape[1]
     member_GT = _real_tokens_of_groups(routing, probs_TE.dtype)
+    totals = routing.group_totals
+    if totals is not None:  # this slice's share of a group spanning processes (see _spanning_share)
+        fraction_E = totals.chosen / totals.real_tokens.clamp(min=1.0)
+        prob_sum_E = (member_GT @ probs_TE).sum(0)
+        return _spanning_share(num_experts * (fraction_E * prob_sum_E).sum(), totals)
 
     tokens_G = member_GT.sum(1)
     segment_C = (routing.group_index[:, None] * num_experts + routing.choice).reshape(-1)
@@ -48,7 +54,18 @@ def router_z_loss(routing: Routing) -> torch.Tensor:
     """
     valid_T = routing.token_mask.to(routing.logits.dtype)
     squared_T = torch.logsumexp(routing.logits, dim=-1).square() * valid_T
+    if routing.group_totals is not None:
+        return _spanning_share(squared_T.sum(), routing.group_totals)
     return _mean_over_groups(squared_T, valid_T, routing)
+
+
+def _spanning_share(sum_over_slice: torch.Tensor, totals: GroupTotals) -> torch.Tensor:
+    """A slice's loss for a group spanning ``m`` processes' slices: its sum of the group loss's terms over the
+    group's real tokens, times ``m``. The processes' losses are averaged (``parallel.data_parallel``), so the
+    average over ``W`` processes is ``m / W`` times the sum of the group losses: their mean over the ``W / m``
+    groups, which is one process's figure, value and gradient."""
+    real = totals.real_tokens
+    return sum_over_slice / real.clamp(min=1.0) * totals.span * (real > 0).to(sum_over_slice.dtype)
 
 
 def _mean_over_groups(values_T: torch.Tensor, valid_T: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from switchformer.moe.batch_slices import BatchSlice
 from switchformer.parallel.collectives import collective
 from switchformer.parallel.mesh import ParallelLayout
 
@@ -34,9 +35,9 @@ Batch = dict[str, torch.Tensor]
 def slice_global_batch(batch: Batch, layout: ParallelLayout) -> Batch:
     """Rank ``r``'s contiguous ``1/W`` of the global batch (along dim 0), the same on every layout of ``W`` ranks.
 
-    The ranks' tokens concatenated in rank order are the single-process flattened batch, so routing groups that do
-    not straddle a slice (``grouping='sequence'``, or a ``group_size`` dividing the slice's tokens) are the groups
-    one process forms.
+    The ranks' tokens concatenated in rank order are the single-process flattened batch, so routing groups within a
+    slice are the groups one process forms, and groups spanning several slices are routed together inside
+    :func:`batch_slice`'s context (``moe.batch_slices``).
     """
     sizes = {name: value.shape[0] for name, value in batch.items()}
     rows = next(iter(sizes.values()))
@@ -84,3 +85,31 @@ def mean_over_ranks(value: torch.Tensor, layout: ParallelLayout) -> torch.Tensor
     with collective("metric all-reduce", layout.world_group):
         dist.all_reduce(result, group=layout.world_group)
     return (result / layout.world_size).reshape(value.shape)
+
+
+def batch_slice(layout: ParallelLayout) -> BatchSlice:
+    """This rank's place among the slices of the global batch, for routing groups that span slices
+    (:mod:`switchformer.moe.batch_slices`): slice ``rank`` of ``world_size``, as :func:`slice_global_batch` cuts."""
+    return BatchSlice(index=layout.rank, count=layout.world_size, gather=_SliceGather(layout))
+
+
+class _SliceGather:
+    """``all_gather`` among the ``span`` consecutive ranks whose slices make one routing group; the process groups
+    of each span are created once (a collective of every rank, reached by all in the same layer)."""
+
+    def __init__(self, layout: ParallelLayout) -> None:
+        self.world_size = layout.world_size
+        self.groups: dict[int, dist.ProcessGroup | None] = {}
+
+    def __call__(self, tensor: torch.Tensor, span: int) -> torch.Tensor:
+        if span not in self.groups:
+            if span == self.world_size:
+                self.groups[span] = None  # the default group
+            else:
+                blocks = [list(range(start, start + span)) for start in range(0, self.world_size, span)]
+                self.groups[span], _ = dist.new_subgroups_by_enumeration(blocks)
+        group = self.groups[span]
+        parts = [torch.empty_like(tensor) for _ in range(span)]
+        with collective("routing-group all-gather", group):
+            dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.stack(parts)

@@ -74,7 +74,7 @@ class Checkpoint:
     config: dict[str, Any]
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -126,7 +126,7 @@ def save_checkpoint(
             files = sorted(p.name for p in tmp.iterdir())
             manifest = {
                 "step": step,
-                "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files},
+                "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_of(tmp / n)} for n in files},
             }
             _write_json(tmp / MANIFEST, manifest)
             fsync_directory(tmp)
@@ -207,7 +207,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint file {file} is missing")
-        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+        if file.stat().st_size != expected["bytes"] or sha256_of(file) != expected["sha256"]:
             raise CheckpointError(
                 f"checkpoint file {file} is corrupted or truncated (checksum mismatch); use an older checkpoint"
             )

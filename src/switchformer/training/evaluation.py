@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -68,7 +69,8 @@ def evaluate_over_ranks(
         rows = next(iter(batch.values())).shape[0]
         sliced = rows % strategy.world_size == 0
         local = strategy.local_batch(batch) if sliced else batch
-        part = evaluate_model(model, [local], device=device, amp_dtype=amp_dtype)
+        with strategy.batch_slicing() if sliced else contextlib.nullcontext():
+            part = evaluate_model(model, [local], device=device, amp_dtype=amp_dtype)
         scored = [part["val_loss"] * part["val_tokens"], float(part["val_tokens"])]
         if sliced:
             scored = strategy.sum(scored)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -37,17 +36,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from switchformer.errors import CheckpointError
 from switchformer.run_folder import MANIFEST, atomic_write_json, fsync_directory, step_dir_name
-from switchformer.training.checkpoint import save_failure
+from switchformer.training.checkpoint import save_failure, sha256_of
 
 logger = logging.getLogger(__name__)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_entry(path: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ every rank writes its shards).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from switchformer.models.base import SwitchModelBase
+from switchformer.moe.batch_slices import BatchSlice, sliced_batch
 from switchformer.training.checkpoint import Checkpoint, load_model_state
 
 Batch = dict[str, torch.Tensor]
@@ -66,6 +68,11 @@ class SingleProcess:
 
     def local_batch(self, batch: Batch) -> Batch:
         return batch
+
+    def batch_slicing(self) -> contextlib.AbstractContextManager:
+        """Around the forwards of :meth:`local_batch` slices: routing groups longer than a slice are routed as one
+        process would (``switchformer.moe.batch_slices``). One process holds the whole batch."""
+        return contextlib.nullcontext()
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
         """Whether the coming backward should reduce gradients over ranks (off for all but the last micro-batch)."""
@@ -124,6 +131,7 @@ class DistributedStrategy(SingleProcess):
         self.is_main = layout.rank == 0
         self.replica = layout.replica
         self.replicas = layout.dims.dp_replicate
+        self._slice: BatchSlice | None = None
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -166,6 +174,13 @@ class DistributedStrategy(SingleProcess):
         from switchformer.parallel import slice_global_batch
 
         return slice_global_batch(batch, self.layout)
+
+    def batch_slicing(self) -> contextlib.AbstractContextManager:
+        from switchformer.parallel.data_parallel import batch_slice
+
+        if self._slice is None:
+            self._slice = batch_slice(self.layout)
+        return sliced_batch(self._slice)
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
         from switchformer.parallel.fsdp import set_gradient_sync

@@ -342,7 +342,7 @@ class Trainer:
             self.strategy.gradient_sync(self.model, index == len(micro) - 1)  # reduce once, after the last
             # Router jitter draws per global row: the same noise for a token whatever the layout (moe.router).
             first_row = self.strategy.rank * rows * len(micro) + index * rows
-            with jitter_by_row(hash_key(self.config.seed, self.step + 1), first_row):
+            with jitter_by_row(hash_key(self.config.seed, self.step + 1), first_row), self.strategy.batch_slicing():
                 out = self._forward(part)
             ce = out.ce_loss * out.num_label_tokens * ce_scale
             aux = out.aux_loss / len(micro)
@@ -377,7 +377,8 @@ class Trainer:
         parameter nearest the output whose gradient is non-finite. Gradients are recomputed for that: clipping by
         a non-finite norm has scaled every gradient by NaN, which would point at the model's last parameter."""
         micro = split_batch(self.strategy.local_batch(batch), self.config.micro_batches)
-        found = [first_non_finite_module(self.model, lambda part=part: self._forward(part)) for part in micro]
+        with self.strategy.batch_slicing():
+            found = [first_non_finite_module(self.model, lambda part=part: self._forward(part)) for part in micro]
         module = next((name for name in found if name is not None), None)
         if self.strategy.sum([float(module is not None)])[0] > 0:  # all ranks take the same branch
             return f"first non-finite output in layer {module or '(on another rank)'}"
@@ -385,7 +386,8 @@ class Trainer:
         rng = torch.get_rng_state()
         try:
             for part in micro:
-                out = self._forward(part)
+                with self.strategy.batch_slicing():
+                    out = self._forward(part)
                 (out.ce_loss + out.aux_loss).backward()
         finally:
             torch.set_rng_state(rng)
