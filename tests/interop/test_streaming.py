@@ -129,3 +129,20 @@ def test_a_tensor_of_the_wrong_shape_is_refused_before_any_weight_is_read(tmp_pa
     save_file(tensors, path)
     with pytest.raises(CheckpointError, match=r"shape mismatch|cannot combine"):
         from_pretrained(folder)
+
+
+def test_weights_read_whole_fill_one_model_and_are_released(tmp_path):
+    model = build_model(_config(), seed=4).eval()
+    folder = save_pretrained(model, tmp_path / "bin")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    checkpoint = open_checkpoint(folder)
+    assert checkpoint.files is None and checkpoint.state is not None  # .bin files are read whole
+    target = build_model(checkpoint.config, device="meta")
+    target.to_empty(device="cpu")
+    checkpoint.fill(target)
+    assert checkpoint.state is None  # released as copied
+    loaded, saved = target.state_dict(), model.state_dict()
+    assert all(torch.equal(loaded[name], saved[name]) for name in saved)
+    with pytest.raises(RuntimeError, match="already filled a model"):
+        checkpoint.fill(target)

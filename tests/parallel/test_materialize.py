@@ -4,6 +4,7 @@ the whole initial model in each of their layouts and compare it.)"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from switchformer import build_model
@@ -37,3 +38,9 @@ def test_another_seed_gives_other_weights():
     config = workers.tiny_model_config()
     a, b = build_model(config, seed=0).state_dict(), build_model(config, seed=1).state_dict()
     assert all(torch.equal(a[n], b[n]) == bool(a[n].std() == 0) for n in a)  # only the constant norm weights agree
+
+
+def test_initial_weights_fill_only_a_meta_model():
+    config = workers.tiny_model_config()
+    with pytest.raises(ValueError, match="built on the meta device"):
+        SingleProcess().prepare_model(build_model(config), device=torch.device("cpu"), seed=0, fill=lambda m: None)

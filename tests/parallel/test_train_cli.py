@@ -61,7 +61,15 @@ def test_router_jitter_matches_one_process_in_any_layout(tmp_path, one_process_r
         runs.assert_same_gradients_at_step_1(run, one_process_run())
 
 
-@pytest.mark.parametrize("grouping", [["--set", "moe.grouping=batch"], ["--set", "moe.group_size=128"]])
+@pytest.mark.parametrize(
+    "grouping",
+    [
+        ["--set", "moe.grouping=batch"],
+        ["--set", "moe.group_size=128"],
+        ["--set", "moe.grouping=batch", "--micro-batches", "2"],  # each micro-batch's rows as in one process
+    ],
+    ids=["batch", "group-size-128", "batch-micro-batches"],
+)
 def test_routing_groups_spanning_ranks_route_as_in_one_process(tmp_path, one_process_run, grouping):
     """A group of the whole batch spans all 4 ranks' slices; groups of 128 tokens span two encoder slices (64
     tokens each) and all four decoder ones (16 target tokens each, 64 in all): the ranks exchange their claim

@@ -17,7 +17,7 @@ from switchformer.labels import IGNORE_INDEX
 from switchformer.models.base import SwitchModelBase
 from switchformer.models.config import ModelConfig
 from switchformer.training.evaluation import model_forward
-from switchformer.training.trainer import Batch, Trainer, split_batch
+from switchformer.training.trainer import Batch, Trainer, local_micro_batches
 
 
 def aligned_labels(config: ModelConfig, labels_BS: torch.Tensor) -> torch.Tensor:
@@ -46,12 +46,13 @@ class DistillationTrainer(Trainer):
         total = int((aligned_labels(self.model_config, batch["labels"]) != IGNORE_INDEX).sum())
         world = self.strategy.world_size  # each rank's share of the global mean: averaging over W divides again
         hard = soft = 0.0
-        micro = split_batch(self.strategy.local_batch(batch), self.config.micro_batches)
+        micro = local_micro_batches(batch, self.config.micro_batches, self.strategy)
         for index, part in enumerate(micro):
             self.strategy.gradient_sync(self.model, index == len(micro) - 1)  # reduce once, after the last
-            with torch.no_grad():
-                teacher_out = model_forward(self.teacher, part, self.device, self.amp_dtype, return_logits=True)
-            out = model_forward(self.model, part, self.device, self.amp_dtype, return_logits=True)
+            with self.strategy.batch_slicing():  # the teacher's routing groups may span the ranks' slices
+                with torch.no_grad():
+                    teacher_out = model_forward(self.teacher, part, self.device, self.amp_dtype, return_logits=True)
+                out = model_forward(self.model, part, self.device, self.amp_dtype, return_logits=True)
             labels = aligned_labels(self.model_config, part["labels"]).to(self.device)
             terms = distillation_loss(out.logits, teacher_out.logits, labels)
             (terms.mixed_sum(self.teacher_weight) * world / max(total, 1)).backward()

@@ -13,8 +13,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from switchformer.data.tokenizer import SwitchTokenizer, TokenizerNotFoundError, sentinel_token
 from switchformer.finetune.batches import Example, ShuffledBatches, encode_pairs, validation_batches
 from switchformer.finetune.callbacks import (
@@ -27,7 +25,8 @@ from switchformer.finetune.callbacks import (
 from switchformer.finetune.config import FinetuneConfig
 from switchformer.finetune.model import open_for_finetuning
 from switchformer.finetune.rows import BadRow, read_pairs
-from switchformer.interop.checkpoint_io import open_checkpoint, resolve_checkpoint_folder
+from switchformer.interop.checkpoint_io import load_config, resolve_checkpoint_folder
+from switchformer.models.base import cast_weights
 from switchformer.models.config import ModelConfig
 from switchformer.models.factory import build_model
 from switchformer.run_folder import latest_run_checkpoint
@@ -152,15 +151,15 @@ def finetune(
     if latest is not None and not resume:
         raise ValueError(f"run folder {run_dir} already holds checkpoints; resume it or choose a new folder")
     # A meta-device model, allocated by the strategy (each rank its shards) and filled from the checkpoint.
-    if resume and latest is not None:
-        opened = open_checkpoint(latest)  # its config already carries the fine-tuning dropout
-        with torch.device("meta"):
-            model = opened.cast(build_model(opened.config), dtype)
+    if resume and latest is not None:  # the trainer's resume fills the model (each rank its shards)
+        model = cast_weights(build_model(load_config(latest), device="meta"), dtype)  # with the fine-tuning dropout
+        initial_weights = None
         tokenizer_source: str | Path = run_dir / TOKENIZER_FILE
     else:
         model, opened = open_for_finetuning(
             checkpoint, dropout=config.dropout, expert_dropout=config.expert_dropout, overrides=overrides, dtype=dtype
         )
+        initial_weights = opened.fill
         tokenizer_source = tokenizer if tokenizer is not None else resolve_checkpoint_folder(checkpoint)
     loaded_tokenizer = load_tokenizer(tokenizer_source)
     check_tokenizer(loaded_tokenizer, model.config)
@@ -201,7 +200,7 @@ def finetune(
         resume=resume,
         options=options,
         model=model,
-        initial_weights=opened.fill,
+        initial_weights=initial_weights,
         extra_config=extra,
         checkpoint_files={TOKENIZER_FILE: tokenizer_file},
     )

@@ -151,24 +151,29 @@ class OpenCheckpoint:
 
     def fill(self, model: torch.nn.Module) -> int:
         """Copy the checkpoint into ``model``'s allocated parameters (each process its local block, see
-        :func:`~switchformer.local_blocks.local_block`); returns the bytes read from the files."""
+        :func:`~switchformer.local_blocks.local_block`); returns the bytes read from the files. Weights read whole
+        are released as they are copied, so a checkpoint fills one model once."""
         source = str(self.folder)
         if self.files is not None:
             before = self.files.bytes_read
             stream_into(model, self.mappings, self.files, source=source)
             return self.files.bytes_read - before
-        assert self.state is not None
+        if self.state is None:
+            raise RuntimeError(f"{source}: this opened checkpoint already filled a model; open it again")
+        state, self.state = self.state, None
+        read = sum(t.numel() * t.element_size() for t in state.values())
         with torch.no_grad():
             for name, param in model.named_parameters():
                 local, offset = local_block(param)
                 block = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
-                local.copy_(self.state[name][block])
-        return sum(t.numel() * t.element_size() for t in self.state.values())
+                local.copy_(state.pop(name)[block])
+        return read
 
 
 def open_checkpoint(path_or_name: str | Path) -> OpenCheckpoint:
-    """Read a checkpoint's config and check its tensors' names and shapes against it, reading no weights but the
-    embedding tables it compares (tied copies must agree; untied ones decide ``input_embeddings``)."""
+    """Read a checkpoint's config and check its tensors' names and shapes against it. Safetensors weights are not
+    read yet, but for the embedding tables it compares (tied copies must agree; untied ones decide
+    ``input_embeddings``); other weights (``.bin``, sharded training checkpoints) are read whole now."""
     folder = resolve_checkpoint_folder(path_or_name)
     config, fmt = _read_config(folder)
     source = str(folder)
@@ -210,6 +215,8 @@ def from_pretrained(
     (``grouping='sequence'`` and a fixed ``expert_capacity``), so logits match ``transformers``.
     """
     checkpoint = open_checkpoint(path_or_name)
+    if checkpoint.state is not None:  # read whole already: the model adopts those tensors (no second copy)
+        return model_from_state_dict(checkpoint.config, checkpoint.state, dtype=dtype).to(device)
     with torch.device("meta"):
         model = build_model(checkpoint.config)
     checkpoint.cast(model, dtype)

@@ -146,8 +146,8 @@ def hf_sources(
         _require_equal(keys, same, [*_EMBEDDING_ALIASES, "lm_head.weight"], shared, source, why)
     else:
         encoder = _EMBEDDING_ALIASES[0] if _EMBEDDING_ALIASES[0] in keys else shared
-        if shared is not None and encoder is not None and shared != encoder and not same(shared, encoder):
-            logger.info("%s: shared.weight is not kept: an untied model reads encoder.embed_tokens instead", source)
+        if shared is not None and encoder is not None and shared != encoder:
+            logger.info("%s: shared.weight is not read: an untied model reads encoder.embed_tokens instead", source)
         shared = encoder
         if config.input_embeddings is InputEmbeddings.SHARED:
             why = "this config gives both stacks one table (from_pretrained chooses input_embeddings='per-stack')"

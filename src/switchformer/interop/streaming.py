@@ -3,8 +3,9 @@
 The model is built on the meta device, cast to the wanted dtype and allocated empty; then each of our parameters
 is filled from the external tensors the key map names (``key_map.ParamMapping``), one at a time, reading only the
 block of each that this process holds: under expert parallelism a rank reads its experts only, under FSDP2 its
-rows (``safe_open(...).get_slice``). Each file is opened for one tensor and closed again, so the pages read are
-never all mapped at once: peak memory is the model in its dtype plus one tensor.
+rows (``safe_open(...).get_slice``), a piece at a time (an expert, or some MiB of rows). Each file is opened for one
+read and closed again, so the pages read are never all mapped at once: peak memory is the model in its dtype plus
+one piece.
 
 Shape legend: E experts, A/B the two axes of a matrix.
 """
@@ -36,6 +37,7 @@ class SafetensorsFiles:
     folder: Path
     file_of: dict[str, str]
     bytes_read: int = 0  # tensor bytes requested so far (what a rank's share costs)
+    _compared: dict[tuple[str, str], bool] = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, folder: Path) -> SafetensorsFiles | None:
@@ -45,7 +47,8 @@ class SafetensorsFiles:
                 return cls(folder, dict.fromkeys(handle.keys(), SAFETENSORS))
         if (folder / SAFETENSORS_INDEX).is_file():
             weight_map = read_json(folder / SAFETENSORS_INDEX).get("weight_map")
-            if not isinstance(weight_map, dict) or any(Path(f).name != f for f in weight_map.values()):
+            names = weight_map.values() if isinstance(weight_map, dict) else ()
+            if not names or any(not isinstance(f, str) or Path(f).name != f for f in names):
                 raise CheckpointError(f"{folder / SAFETENSORS_INDEX}: no valid 'weight_map' naming each shard")
             return cls(folder, dict(weight_map))
         return None
@@ -61,11 +64,21 @@ class SafetensorsFiles:
         with _opened(self._path(name)) as handle:
             stored = handle.get_slice(name).get_dtype()
         if stored not in _DTYPES:
-            raise CheckpointError(f"{self.folder}: {name} is stored as {stored}, not a floating-point type")
+            raise CheckpointError(
+                f"{self.folder}: {name} is stored as {stored}; this loader reads {', '.join(_DTYPES)} weights "
+                "(convert the checkpoint, e.g. with transformers, to one of them)"
+            )
         return _DTYPES[stored]
 
     def same(self, a: str, b: str, rows: int = 4096) -> bool:
-        """Whether tensors ``a`` and ``b`` hold the same values, compared ``rows`` rows at a time (tied tables)."""
+        """Whether tensors ``a`` and ``b`` hold the same values, compared ``rows`` rows at a time (tied tables);
+        each pair is read once."""
+        pair = (a, b) if a <= b else (b, a)
+        if pair not in self._compared:
+            self._compared[pair] = self._equal(a, b, rows)
+        return self._compared[pair]
+
+    def _equal(self, a: str, b: str, rows: int) -> bool:
         shape = self.shape(a)
         if shape != self.shape(b):
             return False
@@ -131,6 +144,8 @@ def stream_into(model: torch.nn.Module, mappings: list[ParamMapping], files: Saf
         block = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
         try:
             _fill_block(files, mapping, local, block, tuple(param.shape))
+        except (CheckpointError, torch.OutOfMemoryError):  # a damaged file names itself; memory is not the file's
+            raise
         except (RuntimeError, ValueError, IndexError) as error:
             raise CheckpointError(f"{source}: {mapping.ours} does not fit the checkpoint's tensors ({error})") from None
 
@@ -139,8 +154,8 @@ def _fill_block(
     files: SafetensorsFiles, mapping: ParamMapping, out: torch.Tensor, block: Block, shape: tuple[int, ...]
 ) -> None:
     """Write the ``block`` of our tensor (of ``shape``) into ``out``, reading only the parts of the external tensors
-    it is made of, a piece at a time (an expert, or up to ``_PIECE_BYTES`` of rows): nothing as large as the
-    block is ever held besides ``out``."""
+    it is made of, a piece at a time: an expert, up to ``_PIECE_BYTES`` of a matrix's rows, or one half of a fused
+    gated matrix. T5X's kernel layouts, which no streamed checkpoint uses, read their parts whole."""
     parts = mapping.external
     match mapping.transform:
         case Transform.COPY if not block:  # a scalar
@@ -179,7 +194,7 @@ _PIECE_BYTES = 16 * 2**20  # rows read at once from a large matrix (an embedding
 
 def _row_pieces(block: Block, out: torch.Tensor) -> list[tuple[slice, slice]]:
     """``block``'s leading range cut into pieces of about ``_PIECE_BYTES``: (rows in the tensor, rows of ``out``)."""
-    row_bytes = max(out[0].numel() * 4, 1)  # read in at most float32
+    row_bytes = max(out[0].numel() * 8, 1)  # stored in at most 8 bytes an element
     step = max(_PIECE_BYTES // row_bytes, 1)
     first = block[0].start
     return [
@@ -196,8 +211,3 @@ def _halves(span: slice, half: int) -> list[tuple[int, slice]]:
         if start < stop:
             pieces.append((h, slice(start, stop)))
     return pieces
-
-
-def tensors_for_checks(files: SafetensorsFiles, names: Iterable[str]) -> Mapping[str, torch.Tensor]:
-    """The few whole tensors a load checks against each other (e.g. tied embeddings), those that exist."""
-    return {name: files.read(name) for name in names if name in files.file_of}

@@ -117,8 +117,12 @@ def route(
     batch_slice, span = current_slice(), 1
     if batch_slice is not None and config.grouping is not Grouping.SEQUENCE and num_tokens > 0:
         size = num_tokens * batch_slice.count if config.grouping is Grouping.BATCH else config.group_size
-        supported = config.priority is RoutingPriority.POSITION and config.overflow is OverflowPolicy.DROP
-        span = group_span(num_tokens, size, batch_slice, supported=supported or config.dropless)
+        unsupported = None
+        if not config.dropless and config.priority is not RoutingPriority.POSITION:
+            unsupported = f"priority={config.priority.value!r}"
+        elif not config.dropless and config.overflow is not OverflowPolicy.DROP:
+            unsupported = f"overflow={config.overflow.value!r}"
+        span = group_span(num_tokens, size, batch_slice, unsupported=unsupported)
     if span > 1:
         sizes = [num_tokens * span]  # the whole group's tokens, which its capacity follows
 

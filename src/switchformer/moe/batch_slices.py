@@ -9,8 +9,10 @@ per-expert claim counts with the other slices of its group (a few integers per l
 exactly the claims one process keeps, and the auxiliary losses are normalised by the whole group's counts.
 
 Supported where each group is made of whole slices (``group_size`` a multiple of the slice's tokens and the
-slices a multiple of ``m``) with ``priority='position'`` and ``overflow='drop'``; other cases route each slice on
-its own and say so once (:class:`SpanningGroupsWarning`).
+slices a multiple of ``m``), with ``priority='position'`` and ``overflow='drop'``, or dropless with any policy;
+other cases route each slice on its own and say so once (:class:`SpanningGroupsWarning`). One caveat: one process
+averages the auxiliary losses over the groups that hold a real token; spanning groups are averaged over all of
+them, which differs only when a whole group is padding.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -59,6 +62,7 @@ _WARNED: set[str] = set()
 # How many sliced_batch contexts are open in the process: a plain global that torch.compile traces (reading the
 # context variable breaks its graph, which one process, never sliced, then does not pay for).
 _open_slices = 0
+_count_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -66,11 +70,13 @@ def sliced_batch(batch_slice: BatchSlice | None) -> Iterator[None]:
     """Route the forwards run inside as slices of one batch (None: as whole batches, the default)."""
     global _open_slices
     token = _SLICE.set(batch_slice)
-    _open_slices += batch_slice is not None
+    with _count_lock:
+        _open_slices += batch_slice is not None
     try:
         yield
     finally:
-        _open_slices -= batch_slice is not None
+        with _count_lock:
+            _open_slices -= batch_slice is not None
         _SLICE.reset(token)
 
 
@@ -93,27 +99,31 @@ def _entered_together(*contexts: contextlib.AbstractContextManager) -> Iterator[
         yield
 
 
-def group_span(local_tokens: int, group_size: int, batch_slice: BatchSlice, *, supported: bool) -> int:
-    """How many slices each routing group spans (1: groups lie within slices, nothing to exchange)."""
+def group_span(local_tokens: int, group_size: int, batch_slice: BatchSlice, *, unsupported: str | None) -> int:
+    """How many slices each routing group spans (1: groups lie within slices, nothing to exchange).
+    ``unsupported`` names the routing option that cannot decide over slices, if one is set."""
+    if batch_slice.count == 1:
+        return 1
     total = local_tokens * batch_slice.count
     size = max(min(group_size, total), 1)
     if size <= local_tokens and local_tokens % size == 0:
         return 1
     span = size // local_tokens
     whole_slices = size % local_tokens == 0 and batch_slice.count % span == 0
-    if whole_slices and supported:
+    if whole_slices and unsupported is None:
         return span
-    reason = (
-        f"routing groups of {size} tokens over slices of {local_tokens} tokens ({batch_slice.count} slices)"
-        if not whole_slices
-        else "priority='confidence' and overflow='next-best' decide over the whole group at once"
-    )
+    if not whole_slices:
+        reason = f"routing groups of {size} tokens cut through slices of {local_tokens} tokens"
+        fix = "choose a group_size that is a multiple of, or divides, each process's tokens, or grouping='sequence'"
+    else:
+        reason = f"routing groups of {size} tokens span {span} processes' slices, and {unsupported} decides over"
+        reason += " a whole group at once"
+        fix = "keep groups within a process's tokens (a smaller group_size, or grouping='sequence')"
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(
             f"{reason}: each process routes its slice as groups of its own, so capacity and drops differ from one "
-            "process's (choose a group_size that is a multiple of, or divides, each process's tokens, or "
-            "grouping='sequence')",
+            f"process's ({fix})",
             SpanningGroupsWarning,
             stacklevel=3,
         )

@@ -63,7 +63,7 @@ def _spanning_share(sum_over_slice: torch.Tensor, totals: GroupTotals) -> torch.
     """A slice's loss for a group spanning ``m`` processes' slices: its sum of the group loss's terms over the
     group's real tokens, times ``m``. The processes' losses are averaged (``parallel.data_parallel``), so the
     average over ``W`` processes is ``m / W`` times the sum of the group losses: their mean over the ``W / m``
-    groups, which is one process's figure, value and gradient."""
+    groups, one process's figure, value and gradient (one process leaves out groups that are all padding)."""
     real = totals.real_tokens
     return sum_over_slice / real.clamp(min=1.0) * totals.span * (real > 0).to(sum_over_slice.dtype)
 

@@ -9,13 +9,17 @@ Typical use on every rank (launched by torchrun)::
     apply_fsdp(model, layout)                # dense weights and expert slices sharded by FSDP2
     materialize(model, layout.device, seed=0)  # this rank's shards, the weights one process would have
     optimizer = torch.optim.AdamW(model.parameters())  # or ShardedAdafactor
-    out = model(**slice_global_batch(batch, layout)); out.loss.backward()
+    with sliced_batch(batch_slice(layout)):  # routing groups longer than a slice route as in one process
+        out = model(**slice_global_batch(batch, layout))
+    out.loss.backward()
     clip_grad_norm_(model, 1.0, layout); optimizer.step()
+
+(``sliced_batch`` is :func:`switchformer.moe.batch_slices.sliced_batch`.)
 """
 
 from switchformer.parallel.adafactor import ShardedAdafactor
 from switchformer.parallel.collectives import CollectiveError
-from switchformer.parallel.data_parallel import clip_grad_norm_, mean_over_ranks, slice_global_batch
+from switchformer.parallel.data_parallel import batch_slice, clip_grad_norm_, mean_over_ranks, slice_global_batch
 from switchformer.parallel.expert_parallel import (
     AllToAllDispatcher,
     AllToAllState,
@@ -48,6 +52,7 @@ __all__ = [
     "ShardingOptions",
     "apply_expert_parallel",
     "apply_fsdp",
+    "batch_slice",
     "build_layout",
     "clip_grad_norm_",
     "close_parallel",

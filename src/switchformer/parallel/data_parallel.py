@@ -98,16 +98,17 @@ class _SliceGather:
     of each span are created once (a collective of every rank, reached by all in the same layer)."""
 
     def __init__(self, layout: ParallelLayout) -> None:
-        self.world_size = layout.world_size
-        self.groups: dict[int, dist.ProcessGroup | None] = {}
+        self.layout = layout
+        self.groups: dict[int, dist.ProcessGroup] = {}
 
     def __call__(self, tensor: torch.Tensor, span: int) -> torch.Tensor:
         if span not in self.groups:
-            if span == self.world_size:
-                self.groups[span] = None  # the default group
+            world = self.layout.world_size
+            if span == world:
+                self.groups[span] = self.layout.world_group
             else:
-                blocks = [list(range(start, start + span)) for start in range(0, self.world_size, span)]
-                self.groups[span], _ = dist.new_subgroups_by_enumeration(blocks)
+                blocks = [list(range(start, start + span)) for start in range(0, world, span)]
+                self.groups[span], _ = dist.new_subgroups_by_enumeration(blocks, timeout=self.layout.timeout)
         group = self.groups[span]
         parts = [torch.empty_like(tensor) for _ in range(span)]
         with collective("routing-group all-gather", group):

@@ -51,6 +51,7 @@ class SingleProcess:
         checkpoint's :meth:`~switchformer.interop.checkpoint_io.OpenCheckpoint.fill`), or else initialised from
         ``seed`` (the weights ``build_model(config, seed=seed)`` gives). ``compute_dtype`` is what autocast computes
         in (bf16 or None); one process keeps its weights' precision and lets autocast cast."""
+        _check_fill(model, fill)
         if any(p.is_meta for p in model.parameters()):
             model.to_empty(device=device)
             if fill is not None:
@@ -153,6 +154,7 @@ class DistributedStrategy(SingleProcess):
         weights ``seed`` gives one process."""
         from switchformer.parallel import ShardingOptions, apply_expert_parallel, apply_fsdp, materialize
 
+        _check_fill(model, fill)
         meta = any(p.is_meta for p in model.parameters())
         if not meta:
             model = model.to(self.layout.device)
@@ -244,3 +246,11 @@ class DistributedStrategy(SingleProcess):
             torch.set_rng_state(states[self.rank])
         else:  # resumed at another world size: fresh, distinct streams per rank
             torch.manual_seed(seed + self.rank + 1_000_003 * step)
+
+
+def _check_fill(model: nn.Module, fill: WeightSource | None) -> None:
+    if fill is not None and not all(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "initial weights fill a model built on the meta device (build_model(config, device='meta')); this "
+            "model already holds weights"
+        )

@@ -93,6 +93,18 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
     ]
 
 
+def local_micro_batches(batch: Batch, parts: int, strategy: SingleProcess) -> list[Batch]:
+    """This process's share of each of the global batch's ``parts`` micro-batches: micro-batch ``i`` is the same
+    rows as in one process, sliced over the ranks, so routing groups spanning ranks are one process's groups."""
+    rows, world = next(iter(batch.values())).shape[0], strategy.world_size
+    if world > 1 and rows % (parts * world):
+        raise ValueError(
+            f"batch_size={rows} does not split into micro_batches={parts} x {world} ranks: each rank takes an equal "
+            f"slice of every micro-batch; use a batch size divisible by {parts * world}"
+        )
+    return [strategy.local_batch(part) for part in split_batch(batch, parts)]
+
+
 def hash_key(*parts: int) -> int:
     """A 63-bit key from integers (e.g. the seed and the step), the same in every process."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
@@ -151,7 +163,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         torch.manual_seed(config.seed)
         # Built on the meta device and materialised by the strategy: only this rank's shards are ever allocated,
-        # and they hold the weights config.seed gives in one process (layout-independent initialisation).
+        # filled by initial_weights or with the weights config.seed gives in one process (in any layout).
         model = model if model is not None else build_model(model_config, device="meta")
         if config.activation_checkpointing:
             set_activation_checkpointing(model, config.activation_checkpointing)
@@ -332,7 +344,7 @@ class Trainer:
         """Backward over the micro-batches of ``batch``, leaving the global batch's gradient in ``.grad``."""
         self.model.train()
         total_labels = self.model.count_labels(batch["labels"])  # of the global batch, whichever rank holds them
-        micro = split_batch(self.strategy.local_batch(batch), self.config.micro_batches)
+        micro = local_micro_batches(batch, self.config.micro_batches, self.strategy)
         # Each rank's share of the global token mean; gradient averaging over W ranks divides by W again.
         ce_scale = self.strategy.world_size / max(total_labels, 1)
         sums = {"ce_loss": 0.0, "aux_loss": 0.0, "load_balancing_loss": 0.0, "z_loss": 0.0}
@@ -341,7 +353,7 @@ class Trainer:
         for index, part in enumerate(micro):
             self.strategy.gradient_sync(self.model, index == len(micro) - 1)  # reduce once, after the last
             # Router jitter draws per global row: the same noise for a token whatever the layout (moe.router).
-            first_row = self.strategy.rank * rows * len(micro) + index * rows
+            first_row = (index * self.strategy.world_size + self.strategy.rank) * rows
             with jitter_by_row(hash_key(self.config.seed, self.step + 1), first_row), self.strategy.batch_slicing():
                 out = self._forward(part)
             ce = out.ce_loss * out.num_label_tokens * ce_scale
@@ -376,7 +388,7 @@ class Trainer:
         fault may be in any of them; every rank re-runs all of them, so collectives stay matched), else the
         parameter nearest the output whose gradient is non-finite. Gradients are recomputed for that: clipping by
         a non-finite norm has scaled every gradient by NaN, which would point at the model's last parameter."""
-        micro = split_batch(self.strategy.local_batch(batch), self.config.micro_batches)
+        micro = local_micro_batches(batch, self.config.micro_batches, self.strategy)
         with self.strategy.batch_slicing():
             found = [first_non_finite_module(self.model, lambda part=part: self._forward(part)) for part in micro]
         module = next((name for name in found if name is not None), None)
