@@ -32,10 +32,10 @@ def _one_process_logits(folder, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("world", "dims", "bf16"),
     [
-        (2, {"dp_shard": 2}, False),
+        pytest.param(2, {"dp_shard": 2}, False, marks=pytest.mark.slow),
         (2, {"expert_parallel": 2}, True),
         (4, {"dp_shard": 2, "expert_parallel": 2}, False),
-        (4, {"dp_shard": 4}, True),
+        pytest.param(4, {"dp_shard": 4}, True, marks=pytest.mark.slow),
     ],
     ids=["fsdp2", "ep2-bf16", "fsdp2xep2", "fsdp4-bf16"],
 )

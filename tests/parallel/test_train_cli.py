@@ -64,7 +64,7 @@ def test_router_jitter_matches_one_process_in_any_layout(tmp_path, one_process_r
 @pytest.mark.parametrize(
     "grouping",
     [
-        ["--set", "moe.grouping=batch"],
+        pytest.param(["--set", "moe.grouping=batch"], marks=pytest.mark.slow),
         ["--set", "moe.group_size=128"],
         ["--set", "moe.grouping=batch", "--micro-batches", "2"],  # each micro-batch's rows as in one process
     ],
