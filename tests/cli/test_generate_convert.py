@@ -24,6 +24,16 @@ def test_generate_from_a_training_run_folder(trained_run, capsys):
                  "--max-new-tokens", "4"]) == 0  # fmt: skip
 
 
+def test_generate_with_the_stored_weights_prints_what_packed_weights_decode(trained_run, capsys):
+    text = "def <extra_id_0>(self):"
+    outputs = []
+    for extra in ([], ["--no-prepack"]):
+        capsys.readouterr()
+        assert main(["generate", str(trained_run), text, "--max-new-tokens", "6", *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and "  -> " in outputs[0]
+
+
 def test_generate_with_bf16_weights(trained_run, capsys):
     capsys.readouterr()
     text = "def <extra_id_0>(self):"

@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="weights' precision (bf16: the routers stay float32)"
     )
+    parser.add_argument(
+        "--no-prepack",
+        dest="prepack",
+        action="store_false",
+        help="decode with the stored weights (default on CPU: the decoder's weights packed for oneDNN first)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -40,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     config = GenerationConfig(
         strategy=args.strategy, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
         length_penalty=args.length_penalty, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed,
+        seed=args.seed, prepack_weights=args.prepack,
     )  # fmt: skip
     pad = model.config.pad_token_id
     encoded = [tokenizer.encode(text).ids for text in args.texts]

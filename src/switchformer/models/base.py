@@ -16,6 +16,7 @@ from switchformer.layers.kv_cache import DecoderCache
 from switchformer.layers.linear_cross_entropy import linear_cross_entropy
 from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
+from switchformer.layers.prepacked import drop_packed_copies
 from switchformer.models.config import InputEmbeddings, ModelConfig
 from switchformer.models.outputs import LayerRouting, ModelOutput
 from switchformer.models.stack import StackOutput, set_activation_checkpointing
@@ -110,8 +111,16 @@ class SwitchModelBase(nn.Module):
         """How many label tokens of ``labels`` count in the loss (a causal LM drops its first position)."""
         return int((labels != IGNORE_INDEX).sum())
 
+    # How logits are computed from the output layer's input and weight; CPU decoding swaps in packed weights'
+    # product for its duration (``models.prepacked``).
+    output_linear = staticmethod(F.linear)
+
     def logits(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
-        return F.linear(*self.vocab_projection(hidden_BSD))
+        return self.output_linear(*self.vocab_projection(hidden_BSD))
+
+    def vocab_weight(self) -> torch.Tensor:
+        """The output layer's weight ``[V, D]``: ``lm_head``'s, or the shared embedding table when tied."""
+        return self.lm_head.weight if self.lm_head is not None else self.shared.weight
 
     def vocab_projection(self, hidden_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The output layer's input and weight: ``logits = F.linear(input, weight)``."""
@@ -119,6 +128,12 @@ class SwitchModelBase(nn.Module):
             return hidden_BSD, self.lm_head.weight
         # Tied embeddings: rescale before projecting on the vocabulary (Mesh-TF, and T5's released checkpoints).
         return hidden_BSD * self.config.d_model**-0.5, self.shared.weight
+
+    def train(self, mode: bool = True) -> SwitchModelBase:
+        """As ``nn.Module.train``; training mode also drops the packed copies decoding made (their memory)."""
+        if mode:
+            drop_packed_copies(self)
+        return super().train(mode)
 
     def assemble_output(
         self,

@@ -22,6 +22,7 @@ from switchformer.config import Config
 from switchformer.layers.kv_cache import DecoderCache
 from switchformer.models.base import SwitchModelBase
 from switchformer.models.encoder_decoder import SwitchTransformer
+from switchformer.models.prepacked import prepacked_decoder
 from switchformer.models.stack import StackOutput
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class GenerationConfig(Config):
     seed: int = 0  # sampling without an explicit generator draws from torch.Generator().manual_seed(seed)
     eos_token_id: int | None = None  # None = the model config's
     pad_token_id: int | None = None  # None = the model config's
+    # CPU: the decoder multiplies by copies of its weights packed for oneDNN, made once and kept with the model
+    # (about the decoder's weight bytes more memory; models.prepacked). False decodes with the stored weights.
+    prepack_weights: bool = True
 
     def validate(self) -> None:
         self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
@@ -147,13 +151,14 @@ def generate(
         logger.warning("generate() on a model in training mode: dropout and router jitter are active")
     eos = config.eos_token_id if config.eos_token_id is not None else model.config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else model.config.pad_token_id
-    if config.strategy is DecodingStrategy.BEAM:
-        return _beam_search(model, input_ids, attention_mask, config, eos=eos, pad=pad, stop_together=stop_together)
     if config.strategy is DecodingStrategy.SAMPLE and generator is None:
         generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
-    return _greedy_or_sample(
-        model, input_ids, attention_mask, config, eos=eos, pad=pad, generator=generator, stop_together=stop_together
-    )
+    with prepacked_decoder(model, enabled=config.prepack_weights):
+        if config.strategy is DecodingStrategy.BEAM:
+            return _beam_search(model, input_ids, attention_mask, config, eos=eos, pad=pad, stop_together=stop_together)
+        return _greedy_or_sample(
+            model, input_ids, attention_mask, config, eos=eos, pad=pad, generator=generator, stop_together=stop_together
+        )
 
 
 def filter_logits(logits_NV: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
