@@ -19,7 +19,10 @@ fall below ``--quiet-load``. A decoding step's time is (generate ``N`` tokens - 
 is the bytes of weights the step must read over the memory bandwidth of a 1 GiB tensor copy (bytes read plus
 bytes written): the decoder's weights without the cross-attention keys and values (computed once), of each Switch
 layer only the experts that got a token (counted in our run), and the output layer. The matmul floor is the same
-bytes over the rate at which ``torch.mm`` itself streams weights for as many rows as the step has.
+bytes over the rate at which the matmul itself streams weights for as many rows as the step has: ``torch.mm`` on
+the stored weights, or the product with packed copies for the columns that decode with them (``switchformer``, the
+default; ``switchformer stored`` decodes with ``prepack_weights=False``). The decoding group also prints the first
+call's time, which includes packing.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 import harness
 from harness import Column, markdown_table, ms, ratio
 from switchformer import SwitchFFN, from_pretrained
+from switchformer.layers.prepacked import PrepackedWeights, prepack_applies
 from switchformer.models.generation import GenerationConfig, generate
 
 SHAPE = {
@@ -214,17 +218,22 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / statistics.median(samples[1:])
 
 
-def matmul_bandwidth(rows: int, dtype: torch.dtype, repeats: int = 5) -> float:
+def matmul_bandwidth(rows: int, dtype: torch.dtype, packed: bool, repeats: int = 5) -> float:
     """Bytes of weights per second that ``x @ W`` streams for ``rows`` rows of ``x``, over 768 x 3072 matrices (an
-    expert's first) numerous enough to hold 512 MiB, beyond the last-level cache: the matmul library's own floor."""
+    expert's first) numerous enough to hold 512 MiB, beyond the last-level cache: the matmul library's own floor,
+    with ``torch.mm`` on the stored weights or (``packed``) with the copies decoding packs for oneDNN."""
     one = 768 * 3072 * torch.finfo(dtype).bits // 8
     weights = torch.randn(-(-(2**29) // one), 768, 3072).to(dtype)
     x = torch.randn(rows, 768).to(dtype)
+    copies = PrepackedWeights()
+    if packed:
+        for expert in range(len(weights)):
+            copies.expert_product(x, weights, expert)
     samples = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        for w in weights:
-            torch.mm(x, w)
+        for expert, w in enumerate(weights):
+            copies.expert_product(x, weights, expert) if packed else torch.mm(x, w)
         samples.append(time.perf_counter() - start)
     return weights.numel() * weights.element_size() / statistics.median(samples[1:])
 
@@ -328,8 +337,8 @@ def main(argv: list[str]) -> None:
         times |= {(case.name, label): seconds for label, seconds in medians.items()}
     print_cases(args, cases, times, memory, checks, list(ours))
     if hits:
-        dtypes = {next(model.decoder.parameters()).dtype for model in ours.values()}
-        streams = {(c.rows, dtype): matmul_bandwidth(c.rows, dtype) for c in cases if c.rows for dtype in dtypes}
+        kinds = {(next(model.decoder.parameters()).dtype, _packs(label, model)) for label, model in ours.items()}
+        streams = {(c.rows, *kind): matmul_bandwidth(c.rows, *kind) for c in cases if c.rows for kind in kinds}
         print_decoding_steps(args, cases, times, hits, ours, bandwidth, streams)
         if args.profile:
             profile_decoding(next(case for case in cases if case.decoding is not None))
@@ -353,6 +362,11 @@ def print_cases(args, cases: list[Case], times, memory, checks, ours: list[str])
     print(markdown_table([*columns, Column("check")], rows))
 
 
+def _packs(label: str, model: torch.nn.Module) -> bool:
+    """Whether that column decodes with packed weights (``generate``'s default where oneDNN takes them)."""
+    return label != OURS_STORED and prepack_applies(next(model.decoder.parameters()))
+
+
 def print_decoding_steps(args, cases: list[Case], times, hits, ours: dict[str, torch.nn.Module], bandwidth, streams):
     """A decoding step's time beside its floors: the weight bytes it reads over the copy bandwidth, and over the
     bandwidth at which the matmul library streams weights for as many rows (``matmul_bandwidth``)."""
@@ -368,16 +382,19 @@ def print_decoding_steps(args, cases: list[Case], times, hits, ours: dict[str, t
             continue
         steps = [(times[case.name, lab] - times[case.decoding, lab]) / (args.new_tokens - 1) for lab in labels]
         row = [case.name, hits[case.name], *steps]
-        for model, step in zip(ours.values(), steps[1:], strict=True):
+        for (label, model), step in zip(ours.items(), steps[1:], strict=True):
             nbytes = step_bytes(model, hits[case.name])
-            stream = streams[case.rows, next(model.decoder.parameters()).dtype]
+            stream = streams[case.rows, next(model.decoder.parameters()).dtype, _packs(label, model)]
             row += [nbytes, nbytes / bandwidth, step * bandwidth / nbytes, step * stream / nbytes]
         rows.append(row)
-    rates = ", ".join(f"{n} rows {dtype}: {value / 1e9:.1f} GB/s" for (n, dtype), value in streams.items())
+    rates = ", ".join(
+        f"{n} rows {dtype}{' packed' if packed else ''}: {value / 1e9:.1f} GB/s"
+        for (n, dtype, packed), value in streams.items()
+    )
     print(
         f"\ndecoding step = (time of {args.new_tokens} tokens - time of 1) / {args.new_tokens - 1}; floor = weight "
         f"bytes a step reads / {bandwidth / 1e9:.1f} GB/s (copy); matmul floor = the same bytes / the rate at which "
-        f"torch.mm streams 768 x 3072 weights for the step's rows ({rates})"
+        f"the matmul streams 768 x 3072 weights for the step's rows, stored or packed as that column decodes ({rates})"
     )
     print(markdown_table(columns, rows))
 
