@@ -39,14 +39,14 @@ def test_a_weight_is_packed_once_and_again_after_an_in_place_change():
     linear = nn.Linear(64, 48, bias=False)
     weights, x = PrepackedWeights(), torch.randn(4, 64)
     weights.linear(x, linear.weight)
-    packed = weights._packed(linear.weight, 0, lambda: linear.weight)
+    packed = weights._packed(linear.weight, 0, linear.weight)
     weights.linear(x, linear.weight)
-    assert weights._packed(linear.weight, 0, lambda: linear.weight) is packed
+    assert weights._packed(linear.weight, 0, linear.weight) is packed
     assert weights.nbytes == 48 * 64 * 4
     with torch.no_grad():
         linear.weight.mul_(-2.0)  # what an optimizer step does: the version counter moves
     _close(weights.linear(x, linear.weight), F.linear(x, linear.weight))
-    assert weights._packed(linear.weight, 0, lambda: linear.weight) is not packed
+    assert weights._packed(linear.weight, 0, linear.weight) is not packed
 
 
 def test_prune_drops_copies_of_weights_that_are_gone_and_clear_drops_all():

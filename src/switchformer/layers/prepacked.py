@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +40,10 @@ class _Entry:
     matrices: dict[int, torch.Tensor]  # index (an expert, or 0) -> packed [out, in] matrix
     nbytes: int = 0  # bytes of the matrices packed (as their source)
 
+    def made_from(self, weight: torch.Tensor) -> bool:
+        """Whether the matrices were packed from ``weight`` as it is now (same tensor, memory and version)."""
+        return self.owner() is weight and self.data_ptr == weight.data_ptr() and self.version == weight._version
+
 
 class PrepackedWeights:
     """Packed copies of a model's weights, made on first use, keyed by the parameter they came from."""
@@ -51,17 +54,17 @@ class PrepackedWeights:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``F.linear(x, weight)`` (``weight`` is ``[out, in]``) with ``weight``'s packed copy."""
-        return self._apply(x, weight, 0, lambda: weight)
+        return self._apply(x, weight, 0, weight)
 
     def expert_product(self, x: torch.Tensor, stacked: torch.Tensor, expert: int) -> torch.Tensor:
         """``x @ stacked[expert]`` for experts stacked as ``[E, in, out]``, with that expert's packed copy."""
-        return self._apply(x, stacked, expert, lambda: stacked[expert].t())
+        return self._apply(x, stacked, expert, stacked[expert].t())
 
     def prune(self) -> None:
         """Drop the copies of weights that are gone or have changed since they were packed."""
         for key, entry in list(self._entries.items()):
             weight = entry.owner()
-            if weight is None or entry.data_ptr != weight.data_ptr() or entry.version != weight._version:
+            if weight is None or not entry.made_from(weight):
                 del self._entries[key]
 
     def clear(self) -> None:
@@ -73,24 +76,22 @@ class PrepackedWeights:
         """Bytes of the packed copies held (as the weights they came from)."""
         return sum(entry.nbytes for entry in self._entries.values())
 
-    def _apply(
-        self, x: torch.Tensor, weight: torch.Tensor, index: int, matrix: Callable[[], torch.Tensor]
-    ) -> torch.Tensor:
-        if x.dtype != weight.dtype or x.shape[-1] != matrix().shape[-1]:
-            return F.linear(x, matrix())  # let torch raise (or promote) exactly as it would
+    def _apply(self, x: torch.Tensor, weight: torch.Tensor, index: int, matrix: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, matrix)`` with the packed copy of ``matrix``, part ``index`` of parameter ``weight``."""
+        if x.dtype != matrix.dtype or x.shape[-1] != matrix.shape[-1]:
+            return F.linear(x, matrix)  # let torch raise (or promote) exactly as it would
         packed = self._packed(weight, index, matrix)
         rows = x.reshape(-1, x.shape[-1])
         out = torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _packed(self, weight: torch.Tensor, index: int, matrix: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _packed(self, weight: torch.Tensor, index: int, matrix: torch.Tensor) -> torch.Tensor:
         entry = self._entries.get(id(weight))
-        current = entry is not None and entry.owner() is weight
-        if not (current and entry.data_ptr == weight.data_ptr() and entry.version == weight._version):
+        if entry is None or not entry.made_from(weight):
             entry = _Entry(weakref.ref(weight), weight.data_ptr(), weight._version, {})
             self._entries[id(weight)] = entry
         if index not in entry.matrices:
-            source = matrix().contiguous()
+            source = matrix.contiguous()
             entry.matrices[index] = torch.ops.mkldnn._reorder_linear_weight(source, self.rows_hint)
             entry.nbytes += source.numel() * source.element_size()
         return entry.matrices[index]

@@ -124,10 +124,10 @@ class SwitchModelBase(nn.Module):
 
     def vocab_projection(self, hidden_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The output layer's input and weight: ``logits = F.linear(input, weight)``."""
-        if self.lm_head is not None:
-            return hidden_BSD, self.lm_head.weight
-        # Tied embeddings: rescale before projecting on the vocabulary (Mesh-TF, and T5's released checkpoints).
-        return hidden_BSD * self.config.d_model**-0.5, self.shared.weight
+        if self.lm_head is None:
+            # Tied embeddings: rescale before projecting on the vocabulary (Mesh-TF, and T5's released checkpoints).
+            hidden_BSD = hidden_BSD * self.config.d_model**-0.5
+        return hidden_BSD, self.vocab_weight()
 
     def train(self, mode: bool = True) -> SwitchModelBase:
         """As ``nn.Module.train``; training mode also drops the packed copies decoding made (their memory)."""

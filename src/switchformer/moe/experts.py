@@ -14,6 +14,7 @@ from torch import nn
 
 from switchformer.layers.activation import Activation, apply_activation
 from switchformer.layers.initialization import InitKind, InitRule, apply_init_rules
+from switchformer.layers.prepacked import PrepackedWeights
 
 
 class Layout(enum.Enum):
@@ -90,7 +91,7 @@ class GroupedExperts(nn.Module):
             dropout = self.dropout.p if self.training else 0.0
             return _ExpertFFN.apply(x_ECD, wi, wo, self.activation, dropout).view(-1, self.d_model)
         if batch.layout is Layout.LOOPED:  # the counts are read on the host: no device to wait for on CPU
-            return self._looped(rows_RD, wi, wo, batch.tokens_per_expert.tolist())
+            return self.looped(rows_RD, wi, wo, batch.tokens_per_expert.tolist())
         return self._grouped(rows_RD, wi, wo, batch.tokens_per_expert)
 
     def _grouped(
@@ -106,11 +107,20 @@ class GroupedExperts(nn.Module):
             h_RF = self.dropout(apply_activation(torch._grouped_mm(rows_RD, wi, offs=offsets), self.activation))
             return torch.where(counted_R1, torch._grouped_mm(h_RF, wo, offs=offsets), 0)
         # Portable fallback: the looped layout's kernel over the same rows (needs the counts on the host).
-        return self._looped(rows_RD, wi, wo, tokens_per_expert.tolist())
+        return self.looped(rows_RD, wi, wo, tokens_per_expert.tolist())
 
-    def _looped(self, rows_RD: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def looped(
+        self,
+        rows_RD: torch.Tensor,
+        wi: torch.Tensor,
+        wo: torch.Tensor,
+        counts: list[int],
+        packed: PrepackedWeights | None = None,
+    ) -> torch.Tensor:
+        """The experts over rows sorted by expert, ``counts[e]`` of them expert ``e``'s: one matmul per expert
+        holding rows (with ``packed``, by its packed copies: inference only)."""
         dropout = self.dropout.p if self.training else 0.0
-        return _ExpertFFN.apply(rows_RD, wi, wo, self.activation, dropout, _PerExpertMatmuls(counts))
+        return _ExpertFFN.apply(rows_RD, wi, wo, self.activation, dropout, _PerExpertMatmuls(counts, packed))
 
 
 class _BatchedMatmuls:
@@ -135,13 +145,17 @@ class _PerExpertMatmuls:
     """
 
     counts: list[int]
+    packed: PrepackedWeights | None = None  # inference: multiply by the experts' packed copies (layers.prepacked)
 
     def product(self, x_RX: torch.Tensor, w_EXY: torch.Tensor) -> torch.Tensor:
         out_RY = x_RX.new_empty(x_RX.shape[0], w_EXY.shape[-1])
         start = 0
         for expert, count in enumerate(self.counts):
-            if count:
-                torch.mm(x_RX[start : start + count], w_EXY[expert], out=out_RY[start : start + count])
+            rows = slice(start, start + count)
+            if count and self.packed is not None:
+                out_RY[rows] = self.packed.expert_product(x_RX[rows], w_EXY, expert)
+            elif count:
+                torch.mm(x_RX[rows], w_EXY[expert], out=out_RY[rows])
             start += count
         out_RY[start:].zero_()
         return out_RY

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from switchformer.layers.activation import apply_activation
 from switchformer.layers.prepacked import PrepackedWeights
 from switchformer.moe.experts import ExpertBatch, GroupedExperts, Layout
 
@@ -24,18 +23,9 @@ class PrepackedExperts(nn.Module):
 
     def forward(self, batch: ExpertBatch) -> torch.Tensor:
         experts = self.experts
-        rows_RD = batch.rows.to(experts.wi.dtype)
-        if batch.layout is Layout.PADDED:
+        if batch.layout is Layout.PADDED:  # expert e's rows are [e * capacity, (e + 1) * capacity)
             counts = [batch.capacity] * experts.num_experts
         else:
             counts = batch.tokens_per_expert.tolist()
-        out_RD = rows_RD.new_empty(rows_RD.shape)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                rows = slice(start, start + count)
-                h = apply_activation(self.weights.expert_product(rows_RD[rows], experts.wi, expert), experts.activation)
-                out_RD[rows] = self.weights.expert_product(h, experts.wo, expert)
-            start += count
-        out_RD[start:].zero_()
-        return out_RD
+        rows_RD = batch.rows.to(experts.wi.dtype)
+        return experts.looped(rows_RD, experts.wi, experts.wo, counts, packed=self.weights)
