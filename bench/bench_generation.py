@@ -18,7 +18,8 @@ libraries in the same rounds (``harness.interleaved_medians``), after waiting fo
 fall below ``--quiet-load``. A decoding step's time is (generate ``N`` tokens - generate 1) / (N - 1). Its floor
 is the bytes of weights the step must read over the memory bandwidth of a 1 GiB tensor copy (bytes read plus
 bytes written): the decoder's weights without the cross-attention keys and values (computed once), of each Switch
-layer only the experts that got a token (counted in our run), and the output layer. The matmul floor is the same
+layer only the experts that got a token (counted in our run), and the output layer. The read floor is the same
+bytes over the rate of a sum over that tensor (reading alone, as a step reads its weights). The matmul floor is the same
 bytes over the rate at which the matmul itself streams weights for as many rows as the step has: ``torch.mm`` on
 the stored weights, or the product with packed copies for the columns that decode with them (``switchformer``, the
 default; ``switchformer stored`` decodes with ``prepack_weights=False``). The decoding group also prints the first
@@ -206,16 +207,22 @@ def finetune_case(hf, ours: torch.nn.Module, batch: int = 4, length: int = 256, 
     return Case(f"fine-tuning step {batch} x {length} -> {target}", batch * (length + target), runs, check, params)
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second of a large tensor copy, counting the bytes read and the bytes written."""
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, float]:
+    """Bytes per second of a large tensor copy (counting the bytes read and the bytes written), and of reading
+    alone (a sum over the same tensor): a decoding step only reads its weights."""
     src = torch.ones(int(gib * 2**30) // 4)
     dst = torch.empty_like(src)
-    samples = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        dst.copy_(src)
-        samples.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / statistics.median(samples[1:])
+
+    def rate(run: Callable[[], object], nbytes: int) -> float:
+        samples = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            run()
+            samples.append(time.perf_counter() - start)
+        return nbytes / statistics.median(samples[1:])
+
+    nbytes = src.numel() * 4
+    return rate(lambda: dst.copy_(src), 2 * nbytes), rate(src.sum, nbytes)
 
 
 def matmul_bandwidth(rows: int, dtype: torch.dtype, packed: bool, repeats: int = 5) -> float:
@@ -322,9 +329,12 @@ def main(argv: list[str]) -> None:
             for label, run in case.runs.items():
                 memory[case.name, label] = harness.peak_activation_bytes(run, case.params)
     load = harness.wait_until_quiet(args.quiet_load, args.max_wait)
-    bandwidth = memory_bandwidth()
+    bandwidth, read_bandwidth = memory_bandwidth()
     print(harness.machine_summary())
-    print(f"1-minute load when the timing started: {load:.2f}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(
+        f"1-minute load when the timing started: {load:.2f}; copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
+        f"read bandwidth {read_bandwidth / 1e9:.1f} GB/s"
+    )
 
     times: dict[tuple[str, str], float] = {}
     for case in cases:
@@ -340,7 +350,7 @@ def main(argv: list[str]) -> None:
     if hits:
         kinds = {(next(model.decoder.parameters()).dtype, _packs(label, model)) for label, model in ours.items()}
         streams = {(c.rows, *kind): matmul_bandwidth(c.rows, *kind) for c in cases if c.rows for kind in kinds}
-        print_decoding_steps(args, cases, times, hits, ours, bandwidth, streams)
+        print_decoding_steps(args, cases, times, hits, ours, (bandwidth, read_bandwidth), streams)
         if args.profile:
             profile_decoding(next(case for case in cases if case.decoding is not None))
 
@@ -368,15 +378,18 @@ def _packs(label: str, model: torch.nn.Module) -> bool:
     return label != OURS_STORED and prepack_applies(next(model.decoder.parameters()))
 
 
-def print_decoding_steps(args, cases: list[Case], times, hits, ours: dict[str, torch.nn.Module], bandwidth, streams):
-    """A decoding step's time beside its floors: the weight bytes it reads over the copy bandwidth, and over the
-    bandwidth at which the matmul library streams weights for as many rows (``matmul_bandwidth``)."""
+def print_decoding_steps(args, cases: list[Case], times, hits, ours: dict[str, torch.nn.Module], bandwidths, streams):
+    """A decoding step's time beside its floors: the weight bytes it reads over the copy bandwidth, over the read
+    bandwidth, and over the bandwidth at which the matmul library streams weights for as many rows
+    (``matmul_bandwidth``)."""
+    bandwidth, read_bandwidth = bandwidths
     labels = [TRANSFORMERS, *ours]
     columns = [Column("case"), Column("experts hit a layer", lambda v: f"{v:.2f}")]
     columns += [Column(f"{label} ms / step", ms) for label in labels]
     for label in ours:
         columns += [Column(f"{label} MB / step", lambda v: f"{v / 1e6:.0f}"), Column(f"{label} floor ms", ms)]
-        columns += [Column(f"{label} / floor", ratio), Column(f"{label} / matmul floor", ratio)]
+        columns += [Column(f"{label} / floor", ratio), Column(f"{label} / read floor", ratio)]
+        columns += [Column(f"{label} / matmul floor", ratio)]
     rows = []
     for case in cases:
         if case.decoding is None:
@@ -386,7 +399,8 @@ def print_decoding_steps(args, cases: list[Case], times, hits, ours: dict[str, t
         for (label, model), step in zip(ours.items(), steps[1:], strict=True):
             nbytes = step_bytes(model, hits[case.name])
             stream = streams[case.rows, next(model.decoder.parameters()).dtype, _packs(label, model)]
-            row += [nbytes, nbytes / bandwidth, step * bandwidth / nbytes, step * stream / nbytes]
+            row += [nbytes, nbytes / bandwidth, step * bandwidth / nbytes, step * read_bandwidth / nbytes]
+            row += [step * stream / nbytes]
         rows.append(row)
     rates = ", ".join(
         f"{n} rows {dtype}{' packed' if packed else ''}: {value / 1e9:.1f} GB/s"
@@ -394,7 +408,8 @@ def print_decoding_steps(args, cases: list[Case], times, hits, ours: dict[str, t
     )
     print(
         f"\ndecoding step = (time of {args.new_tokens} tokens - time of 1) / {args.new_tokens - 1}; floor = weight "
-        f"bytes a step reads / {bandwidth / 1e9:.1f} GB/s (copy); matmul floor = the same bytes / the rate at which "
+        f"bytes a step reads / {bandwidth / 1e9:.1f} GB/s (copy); read floor = the same bytes / "
+        f"{read_bandwidth / 1e9:.1f} GB/s (a sum's read rate); matmul floor = the same bytes / the rate at which "
         f"the matmul streams 768 x 3072 weights for the step's rows, stored or packed as that column decodes ({rates})"
     )
     print(markdown_table(columns, rows))

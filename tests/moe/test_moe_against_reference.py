@@ -121,6 +121,26 @@ def test_padding_tokens_claim_no_slot_and_match_reference():
     assert torch.all(out.hidden_states[~mask] == 0)
 
 
+@pytest.mark.parametrize(
+    ("top_k", "overflow", "kernel"),
+    [
+        (k, o, kernel)
+        for k, o in [(1, "drop"), (2, "drop"), (1, "next-best")]
+        for kernel in [*KERNELS, ExpertKernel.LOOP]
+    ],
+)
+def test_one_token_groups_match_reference(top_k, overflow, kernel):
+    """A decoding step routed per sequence: one token a group, where route() skips ranking the claims."""
+    layer = _layer(num_experts=4, top_k=top_k, grouping="sequence", expert_capacity=1, overflow=overflow,
+                   kernel=kernel)  # fmt: skip
+    x = torch.randn(6, 1, D)
+    mask = torch.tensor([True, True, False, True, True, True])[:, None]  # a finished beam's padding
+    _check(layer, x, [1] * 6, token_mask=mask)
+    routing = layer(x, token_mask=mask).routing
+    assert routing.keep.tolist() == [[bool(m)] * top_k for m in mask.flatten()]
+    assert routing.position.eq(0).all()
+
+
 @pytest.mark.parametrize("activation", ["gelu", "gated-gelu", "gated-silu"])
 def test_activations_match_reference(activation):
     layer = _layer(num_experts=3, dropless=True, activation=activation)

@@ -24,10 +24,14 @@ class Activation(enum.Enum):
         return 2 if self.is_gated else 1
 
 
-def apply_activation(h: torch.Tensor, activation: Activation) -> torch.Tensor:
-    """Apply ``activation`` to the output of the input projection (``[..., d_ff * multiplier]``)."""
+def apply_activation(h: torch.Tensor, activation: Activation, *, inplace: bool = False) -> torch.Tensor:
+    """Apply ``activation`` to the output of the input projection (``[..., d_ff * multiplier]``).
+
+    ``inplace``: ``h`` is a fresh buffer nothing else reads, which ReLU may overwrite (its backward needs only its
+    output): no second ``[..., d_ff]`` buffer to allocate and fill.
+    """
     if activation is Activation.RELU:
-        return F.relu(h)
+        return F.relu(h, inplace=inplace)
     if activation is Activation.GELU:
         return F.gelu(h)
     gate, linear = h.chunk(2, dim=-1)

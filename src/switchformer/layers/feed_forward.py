@@ -28,4 +28,4 @@ class DenseFFN(nn.Module):
         apply_init_rules(self, self.init_rules(init_scale=init_scale))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.wo(self.dropout(apply_activation(self.wi(x), self.activation)))
+        return self.wo(self.dropout(apply_activation(self.wi(x), self.activation, inplace=True)))

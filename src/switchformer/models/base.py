@@ -146,36 +146,29 @@ class SwitchModelBase(nn.Module):
         return_logits: bool = True,
     ) -> ModelOutput:
         logits = self.logits(hidden_BSD) if return_logits else None
-        router = [
-            LayerRouting(f"{name}.{index}", moe.load_balancing_loss, moe.z_loss, moe.stats)
-            for name, stack in stacks
-            for index, moe in stack.moe_outputs
-        ]
-        zero = hidden_BSD.new_zeros((), dtype=torch.float32)
-        lb = torch.stack([r.load_balancing_loss for r in router]).mean() if router else zero
-        z = torch.stack([r.z_loss for r in router]).mean() if router else zero
+        router = [LayerRouting(f"{name}.{index}", moe) for name, stack in stacks for index, moe in stack.moe_outputs]
         moe = self.config.moe
-        aux = lb * moe.load_balancing_loss_coef + z * moe.z_loss_coef if moe is not None else zero
-        ce = num_labels = loss = None
+        coefficients = (moe.load_balancing_loss_coef, moe.z_loss_coef) if moe is not None else (0.0, 0.0)
+        ce = num_labels = None
         if labels is not None:
             if logits is None:  # no logits wanted: the loss and its gradient without a [B, S, V] tensor
                 ce, num_labels = fused_token_cross_entropy(*self.vocab_projection(hidden_BSD), labels)
             else:
                 ce, num_labels = token_cross_entropy(logits, labels)
-            loss = ce + aux
-        return ModelOutput(
+        output = ModelOutput(
             logits=logits,
-            loss=loss,
+            loss=None,  # ce_loss + aux_loss, below
             ce_loss=ce,
-            aux_loss=aux,
-            load_balancing_loss=lb,
-            z_loss=z,
             num_label_tokens=num_labels,
             router=router,
             hidden_states=hidden_BSD,
             encoder_hidden_states=encoder_hidden_states,
             cache=cache,
+            aux_coefficients=coefficients,
         )
+        if ce is not None:
+            output.loss = ce + output.aux_loss
+        return output
 
 
 def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:

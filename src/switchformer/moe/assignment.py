@@ -137,47 +137,56 @@ def route(
         capacity = max(caps)
         capacity_G = torch.tensor(caps, dtype=torch.long, device=device)
 
-    # Priority of claim (token t, choice j): first choices before second ones, then the token's rank.
-    if config.priority is RoutingPriority.CONFIDENCE:
-        order_T = torch.argsort(top_probs_TK[:, 0], descending=True, stable=True)
-        rank_T = torch.empty_like(order_T).scatter_(0, order_T, torch.arange(num_tokens, device=device))
-    else:
-        rank_T = torch.arange(num_tokens, device=device)
-    choice_offset_K = torch.arange(k, device=device) * num_tokens
-    priority_TK = rank_T[:, None] + choice_offset_K[None, :]
-
-    # Segments: (group, expert); padding tokens go to a per-group sentinel expert E that has no slots.
-    experts_per_group = num_experts + 1
-    num_segments = num_groups * experts_per_group
-    claim_expert_TK = torch.where(token_mask_T[:, None], choice_TK, num_experts)
-    segment_TK = group_T[:, None] * experts_per_group + claim_expert_TK
-    position_TK = claim_positions(segment_TK.reshape(-1), priority_TK.reshape(-1), num_segments).view(num_tokens, k)
-
     totals = None
-    if span > 1:
-        assert batch_slice is not None
-        slots_before_TK, totals = _earlier_slices_claims(choice_TK, token_mask_T, num_experts, batch_slice, span)
-    if capacity_G is None:
+    one_token_groups = max(sizes) == 1 and span == 1 and (capacity_G is None or min(caps) >= 1)
+    if one_token_groups:
+        # One token a group (a decoding step, routed per sequence): each of its claims is the first of its (group,
+        # expert) segment, so each takes slot 0 and none is dropped; no ranking needed.
+        position_TK = torch.zeros_like(choice_TK)
         keep_TK = token_mask_T[:, None].expand(num_tokens, k).clone()
-    elif totals is not None:  # slots the group's other slices take first; kept claims stay a prefix of each expert's
-        keep_TK = token_mask_T[:, None] & (position_TK + slots_before_TK < capacity_G[group_T][:, None])
     else:
-        keep_TK = token_mask_T[:, None] & (position_TK < capacity_G[group_T][:, None])
+        # Priority of claim (token t, choice j): first choices before second ones, then the token's rank.
+        if config.priority is RoutingPriority.CONFIDENCE:
+            order_T = torch.argsort(top_probs_TK[:, 0], descending=True, stable=True)
+            rank_T = torch.empty_like(order_T).scatter_(0, order_T, torch.arange(num_tokens, device=device))
+        else:
+            rank_T = torch.arange(num_tokens, device=device)
+        choice_offset_K = torch.arange(k, device=device) * num_tokens
+        priority_TK = rank_T[:, None] + choice_offset_K[None, :]
+
+        # Segments: (group, expert); padding tokens go to a per-group sentinel expert E that has no slots.
+        experts_per_group = num_experts + 1
+        num_segments = num_groups * experts_per_group
+        claim_expert_TK = torch.where(token_mask_T[:, None], choice_TK, num_experts)
+        segment_TK = group_T[:, None] * experts_per_group + claim_expert_TK
+        position_TK = claim_positions(segment_TK.reshape(-1), priority_TK.reshape(-1), num_segments).view(num_tokens, k)
+
+        if span > 1:
+            assert batch_slice is not None
+            slots_before_TK, totals = _earlier_slices_claims(choice_TK, token_mask_T, num_experts, batch_slice, span)
+        if capacity_G is None:
+            keep_TK = token_mask_T[:, None].expand(num_tokens, k).clone()
+        elif totals is not None:
+            # Slots the group's other slices take first; kept claims stay a prefix of each expert's.
+            keep_TK = token_mask_T[:, None] & (position_TK + slots_before_TK < capacity_G[group_T][:, None])
+        else:
+            keep_TK = token_mask_T[:, None] & (position_TK < capacity_G[group_T][:, None])
 
     expert_index_TK = choice_TK
     if config.overflow is OverflowPolicy.NEXT_BEST and capacity_G is not None:
-        expert_index_TK, position_TK, keep_TK = _reroute_overflow(
-            probs_TE,
-            expert_index_TK,
-            position_TK,
-            keep_TK,
-            token_mask_T,
-            group_T,
-            priority_TK,
-            capacity_G,
-            experts_per_group,
-            num_segments,
-        )
+        if not one_token_groups:  # (with one token a group nothing overflows)
+            expert_index_TK, position_TK, keep_TK = _reroute_overflow(
+                probs_TE,
+                expert_index_TK,
+                position_TK,
+                keep_TK,
+                token_mask_T,
+                group_T,
+                priority_TK,
+                capacity_G,
+                experts_per_group,
+                num_segments,
+            )
         gate_TK = probs_TE.gather(1, expert_index_TK)
     if config.gate is Gate.STRAIGHT_THROUGH:
         # Value 1, gradient of p_i(x): at init p_i(x) ~ 1/E would shrink the layer's output (and the experts'

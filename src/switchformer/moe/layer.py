@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from switchformer import host_memory
+from switchformer.computed_once import computed_once
 from switchformer.config import Config
 from switchformer.layers.activation import Activation
 from switchformer.layers.initialization import InitKind, InitRule, apply_init_rules
@@ -41,15 +42,40 @@ class SwitchFFNConfig(Config):
 
 @dataclasses.dataclass
 class MoEOutput:
-    """What one Switch layer returns. Losses are unweighted; the model applies the coefficients."""
+    """What one Switch layer returns: its output and routing record.
+
+    The router losses and statistics are computed from the routing record when first read, then kept: a decoding
+    step, which reads none of them, does not pay for them. Losses are unweighted; the model applies the
+    coefficients.
+    """
 
     hidden_states: torch.Tensor  # [B, S, D]; zero for dropped tokens (the residual carries them)
-    load_balancing_loss: torch.Tensor  # [] N * sum_i f_i P_i, 1.0 at uniform top-1 routing
-    z_loss: torch.Tensor  # [] mean logsumexp(logits)^2
-    tokens_per_expert: torch.Tensor  # [E] tokens the router chose per expert, before capacity (detached)
-    dropped_fraction: torch.Tensor  # [] share of token claims that found no slot (detached)
-    stats: RouterStats  # all detached statistics, for logging
     routing: Routing  # the full routing record (expert choices, gates, slots), for inspection and tests
+
+    @computed_once
+    def load_balancing_loss(self) -> torch.Tensor:
+        """[] ``N * sum_i f_i P_i``, 1.0 at uniform top-1 routing."""
+        return load_balancing_loss(self.routing)
+
+    @computed_once
+    def z_loss(self) -> torch.Tensor:
+        """[] mean ``logsumexp(logits)^2``."""
+        return router_z_loss(self.routing)
+
+    @computed_once
+    def stats(self) -> RouterStats:
+        """All detached statistics, for logging."""
+        return router_stats(self.routing)
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """[E] tokens the router chose per expert, before capacity (detached)."""
+        return self.stats.tokens_per_expert
+
+    @property
+    def dropped_fraction(self) -> torch.Tensor:
+        """[] share of token claims that found no slot (detached)."""
+        return self.stats.dropped_fraction
 
 
 class SwitchFFN(nn.Module):
@@ -121,16 +147,7 @@ class SwitchFFN(nn.Module):
         expert_batch, state = self.dispatcher.dispatch(x_TD, routing)
         y_RD = self.experts(expert_batch)
         y_TD = self.dispatcher.combine(y_RD, routing, state)
-        stats = router_stats(routing)
-        return MoEOutput(
-            hidden_states=y_TD.view(*batch_shape, -1),
-            load_balancing_loss=load_balancing_loss(routing),
-            z_loss=router_z_loss(routing),
-            tokens_per_expert=stats.tokens_per_expert,
-            dropped_fraction=stats.dropped_fraction,
-            stats=stats,
-            routing=routing,
-        )
+        return MoEOutput(hidden_states=y_TD.view(*batch_shape, -1), routing=routing)
 
 
 def _config_from_kwargs(kwargs: dict[str, Any]) -> SwitchFFNConfig:
