@@ -42,6 +42,7 @@ def run_cli(argv: list[str]) -> int:
     return args.run(args)
 
 
+@pytest.mark.slow
 def test_compare_with_distillation_then_replot(tmp_path, capsys, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.txt", modules=("json", "email"))
     out, docs = tmp_path / "cmp", tmp_path / "docs"

@@ -80,6 +80,7 @@ def test_routing_groups_spanning_ranks_route_as_in_one_process(tmp_path, one_pro
     _assert_reproduces(run, one_process_run(*flags, steps=3), 3)
 
 
+@pytest.mark.slow
 def test_resharding_4_2_1_4_with_resume_reproduces_the_uninterrupted_run(tmp_path, one_process_run):
     """Two steps per launch: 4 ranks (fsdp2 x ep2, DCP checkpoints), 2 ranks (ep2), one process (reads the DCP
     checkpoint whole, writes safetensors), 4 ranks (hsdp 2x2, shards the one-file checkpoint)."""

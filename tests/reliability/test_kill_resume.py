@@ -112,6 +112,7 @@ def _report(kills: list[Kill]) -> None:
         print(f"{kill.planned:32} landed after {kill.landed!r:32} -> resumed from step {kill.resumed_from}")
 
 
+@pytest.mark.slow
 def test_kill9_mid_write_and_at_random_moments_then_resume_gives_the_uninterrupted_run(
     reference_run: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@ of the same step writes, although training goes on and updates the weights in pl
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from switchformer.training.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
@@ -29,6 +30,7 @@ def _assert_equal(a, b, where: str) -> None:
         assert a == b, where
 
 
+@pytest.mark.slow
 def test_an_asynchronous_checkpoint_equals_a_synchronous_one_of_the_same_step(tmp_path):
     sync, held = tmp_path / "sync", tmp_path / "async"
     runs.train_on_ranks(2, ARGS, sync)
