@@ -212,17 +212,9 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, float]:
     alone (a sum over the same tensor): a decoding step only reads its weights."""
     src = torch.ones(int(gib * 2**30) // 4)
     dst = torch.empty_like(src)
-
-    def rate(run: Callable[[], object], nbytes: int) -> float:
-        samples = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            run()
-            samples.append(time.perf_counter() - start)
-        return nbytes / statistics.median(samples[1:])
-
+    seconds = harness.interleaved_medians({"copy": lambda: dst.copy_(src), "read": src.sum}, repeats=repeats)
     nbytes = src.numel() * 4
-    return rate(lambda: dst.copy_(src), 2 * nbytes), rate(src.sum, nbytes)
+    return 2 * nbytes / seconds["copy"], nbytes / seconds["read"]
 
 
 def matmul_bandwidth(rows: int, dtype: torch.dtype, packed: bool, repeats: int = 5) -> float:
@@ -236,13 +228,13 @@ def matmul_bandwidth(rows: int, dtype: torch.dtype, packed: bool, repeats: int =
     if packed:
         for expert in range(len(weights)):
             copies.expert_product(x, weights, expert)
-    samples = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
+
+    def stream() -> None:
         for expert, w in enumerate(weights):
             copies.expert_product(x, weights, expert) if packed else torch.mm(x, w)
-        samples.append(time.perf_counter() - start)
-    return weights.numel() * weights.element_size() / statistics.median(samples[1:])
+
+    seconds = harness.interleaved_medians({"stream": stream}, repeats=repeats)["stream"]
+    return weights.numel() * weights.element_size() / seconds
 
 
 def experts_hit(model: torch.nn.Module, run: Callable[[], object]) -> float:

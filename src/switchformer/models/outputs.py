@@ -64,8 +64,6 @@ class ModelOutput:
     @computed_once
     def aux_loss(self) -> torch.Tensor:
         """``lb_coef * load_balancing_loss + z_coef * z_loss`` (0 for a dense model)."""
-        if not self.router:
-            return self._mean_over_layers([])
         lb_coef, z_coef = self.aux_coefficients
         return self.load_balancing_loss * lb_coef + self.z_loss * z_coef
 

@@ -141,9 +141,8 @@ def route(
     one_token_groups = max(sizes) == 1 and span == 1 and (capacity_G is None or min(caps) >= 1)
     if one_token_groups:
         # One token a group (a decoding step, routed per sequence): each of its claims is the first of its (group,
-        # expert) segment, so each takes slot 0 and none is dropped; no ranking needed.
+        # expert) segment, so each takes slot 0 and none is dropped (kept below); no ranking needed.
         position_TK = torch.zeros_like(choice_TK)
-        keep_TK = token_mask_T[:, None].expand(num_tokens, k).clone()
     else:
         # Priority of claim (token t, choice j): first choices before second ones, then the token's rank.
         if config.priority is RoutingPriority.CONFIDENCE:
@@ -164,13 +163,12 @@ def route(
         if span > 1:
             assert batch_slice is not None
             slots_before_TK, totals = _earlier_slices_claims(choice_TK, token_mask_T, num_experts, batch_slice, span)
-        if capacity_G is None:
-            keep_TK = token_mask_T[:, None].expand(num_tokens, k).clone()
-        elif totals is not None:
-            # Slots the group's other slices take first; kept claims stay a prefix of each expert's.
-            keep_TK = token_mask_T[:, None] & (position_TK + slots_before_TK < capacity_G[group_T][:, None])
-        else:
-            keep_TK = token_mask_T[:, None] & (position_TK < capacity_G[group_T][:, None])
+    if capacity_G is None or one_token_groups:
+        keep_TK = token_mask_T[:, None].expand(num_tokens, k).clone()
+    elif totals is not None:  # slots the group's other slices take first; kept claims stay a prefix of each expert's
+        keep_TK = token_mask_T[:, None] & (position_TK + slots_before_TK < capacity_G[group_T][:, None])
+    else:
+        keep_TK = token_mask_T[:, None] & (position_TK < capacity_G[group_T][:, None])
 
     expert_index_TK = choice_TK
     if config.overflow is OverflowPolicy.NEXT_BEST and capacity_G is not None:
