@@ -107,3 +107,70 @@ def test_the_attention_layer_trains_alike_on_either_path(monkeypatch):
     monkeypatch.setattr(attention_module, "explicit_attention_pays", lambda *args: False)
     for got, want in zip(explicit, run(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("queries", "keys", "expected"),
+    [
+        # projecting: L D K + S L K; through the weights: S K D + S L D (d_kv 64, d_model 768)
+        (16, 512, True),  # 25.17M + 0.52M against 0.79M + 6.29M
+        (61, 512, True),  # 25.17M + 2.00M = 27.17M against 3.00M + 23.99M = 26.98M
+        (62, 512, False),  # 25.17M + 2.03M = 27.20M against 3.05M + 24.38M = 27.43M
+        (114, 512, False),  # span-corruption targets over 512 inputs
+        (1, 1, False),  # 49152 + 64 against 49152 + 768
+    ],
+)
+def test_absorbed_attention_pays_where_it_does_fewer_multiply_adds(queries, keys, expected):
+    assert attention_module.absorbed_attention_pays(queries, keys, 64, 768) is expected
+
+
+def _cross_attention_case(*, dropout: float = 0.0) -> tuple[Attention, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two queries over nine memory positions, d_kv 4 and d_model 16: through the weights pays."""
+    torch.manual_seed(0)
+    layer = Attention(d_model=16, num_heads=2, d_kv=4, dropout=dropout).double()
+    layer.reset_parameters(init_scale=1.0)
+    x = torch.randn(B, 2, 16, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(B, 9, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(B, 1, 1, 9, dtype=torch.float64).masked_fill(torch.arange(9) >= 7, MASKED)  # padded memory
+    bias[1] = 0.0
+    assert attention_module.absorbed_attention_pays(2, 9, 4, 16)
+    return layer, x, memory, bias
+
+
+def test_cross_attention_through_the_weights_equals_projecting_the_memory_in_value_and_gradient():
+    layer, x, memory, bias = _cross_attention_case()
+
+    def run(keep_kv: bool) -> tuple[torch.Tensor, ...]:
+        out, kv = layer(x, bias, memory_BMD=memory, static_memory=True, keep_kv=keep_kv)
+        assert (kv is None) is (not keep_kv)
+        loss = (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum()
+        return (out, *torch.autograd.grad(loss, (x, memory, *layer.parameters())))
+
+    absorbed, projected = run(keep_kv=False), run(keep_kv=True)
+    for got, want in zip(absorbed, projected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # the padded memory positions get no gradient on either path
+    assert absorbed[2][0, 7:].abs().max() == 0
+
+
+def test_cross_attention_through_the_weights_drops_attention_weights_in_training():
+    layer, x, memory, bias = _cross_attention_case(dropout=0.5)
+    layer.train()
+    torch.manual_seed(1)
+    first, _ = layer(x, bias, memory_BMD=memory, static_memory=True, keep_kv=False)
+    torch.manual_seed(1)
+    again, _ = layer(x, bias, memory_BMD=memory, static_memory=True, keep_kv=False)
+    layer.eval()
+    plain, _ = layer(x, bias, memory_BMD=memory, static_memory=True, keep_kv=False)
+    torch.testing.assert_close(first, again)
+    assert (first - plain).abs().max() > 1e-3
+
+
+def test_self_attention_and_projections_other_than_linear_keep_the_projected_path(monkeypatch):
+    layer, x, memory, bias = _cross_attention_case()
+    taken = []
+    monkeypatch.setattr(Attention, "_absorbed_attention", lambda self, *a: taken.append(1) or torch.zeros(1))
+    layer(x, torch.zeros(1, 1, 2, 2, dtype=torch.float64), keep_kv=False)  # self-attention
+    layer.k = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(16, 8, bias=False).double())
+    _, kv = layer(x, bias, memory_BMD=memory, static_memory=True, keep_kv=False)
+    assert not taken and kv is not None

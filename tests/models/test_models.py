@@ -166,3 +166,29 @@ def test_paper_init_scale_shrinks_weights(make_config):
         large.encoder.blocks[0].ffn.wi.weight.detach().std() / small.encoder.blocks[0].ffn.wi.weight.detach().std()
     )
     assert 2.8 < ratio < 3.5  # std scales with sqrt(scale): sqrt(10) = 3.16
+
+
+def test_a_forward_without_cache_attends_through_the_weights_with_the_same_loss_and_gradients(make_config, monkeypatch):
+    """Three targets over twenty inputs: the decoder's cross-attention skips the encoder output's keys and
+    values (``layers.attention.absorbed_attention_pays``); logits, loss and every gradient stay those of the
+    projected path, and a forward that builds a cache still projects them."""
+    from switchformer.layers import attention
+
+    torch.manual_seed(0)
+    model = build_model(make_config("encoder-decoder")).double()
+    ids, labels = _batch(src=20, tgt=3)
+    calls = []
+    absorbed = attention.Attention._absorbed_attention
+    monkeypatch.setattr(attention.Attention, "_absorbed_attention", lambda *a: calls.append(1) or absorbed(*a))
+
+    def run() -> tuple[torch.Tensor, ...]:
+        out = model(ids, labels=labels)
+        return (out.logits, out.loss, *torch.autograd.grad(out.loss, list(model.parameters())))
+
+    through_weights = run()
+    assert len(calls) == 3  # once in each decoder block
+    cached = model(ids, decoder_input_ids=labels, use_cache=True).cache
+    assert len(calls) == 3 and all(kv is not None for kv in cached.cross_attention)
+    monkeypatch.setattr(attention, "absorbed_attention_pays", lambda *args: False)
+    for got, want in zip(through_weights, run(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

@@ -49,21 +49,28 @@ class Attention(nn.Module):
         memory_BMD: torch.Tensor | None = None,
         cache: LayerKV | None = None,
         static_memory: bool = False,
-    ) -> tuple[torch.Tensor, LayerKV]:
+        keep_kv: bool = True,
+    ) -> tuple[torch.Tensor, LayerKV | None]:
         """Attend from ``x`` to itself (``memory=None``) or to ``memory`` (cross-attention).
 
         ``bias`` is added to the scores (relative position bias plus masks, broadcastable to ``[B, H, S, L]``).
         With a ``cache``, self-attention appends the new keys/values; cross-attention (``static_memory=True``)
-        reuses the cached ones, computed once from the encoder output.
+        reuses the cached ones, computed once from the encoder output. With ``keep_kv=False`` (no cache is built),
+        cross-attention may skip the memory's keys and values where :func:`absorbed_attention_pays`, and then
+        returns ``None`` for them.
         """
         q_BHSK = self._heads(x_BSD, self.q)
+        dropout = self.dropout if self.training else 0.0
+        if memory_BMD is not None and cache is None and not keep_kv and self._absorbable(q_BHSK, memory_BMD):
+            out_BHSK = self._absorbed_attention(q_BHSK, memory_BMD, bias, dropout)
+            out_BSD = out_BHSK.transpose(1, 2).reshape(x_BSD.shape[0], x_BSD.shape[1], -1)
+            return self.o(out_BSD), None
         if static_memory and cache is not None:
             kv = cache
         else:
             source = x_BSD if memory_BMD is None else memory_BMD
             key, value = self._heads(source, self.k), self._heads(source, self.v)
             kv = LayerKV(key, value) if cache is None else cache.append(key, value)
-        dropout = self.dropout if self.training else 0.0
         key, value = kv.key.to(q_BHSK.dtype), kv.value.to(q_BHSK.dtype)
         if explicit_attention_pays(q_BHSK, key, bias):
             out_BHSK = explicit_attention(q_BHSK, key, value, bias, dropout=dropout)
@@ -73,6 +80,45 @@ class Attention(nn.Module):
             )
         out_BSD = out_BHSK.transpose(1, 2).reshape(x_BSD.shape[0], x_BSD.shape[1], -1)
         return self.o(out_BSD), kv
+
+    def _absorbable(self, q_BHSK: torch.Tensor, memory_BMD: torch.Tensor) -> bool:
+        plain = all(type(proj) is nn.Linear for proj in (self.k, self.v))  # not a packed or wrapped projection
+        return plain and absorbed_attention_pays(q_BHSK.shape[2], memory_BMD.shape[1], self.d_kv, memory_BMD.shape[2])
+
+    def _absorbed_attention(
+        self, q_BHSK: torch.Tensor, memory_BMD: torch.Tensor, bias: torch.Tensor, dropout: float
+    ) -> torch.Tensor:
+        """Cross-attention through the key and value weights instead of the memory's keys and values.
+
+        Per head, ``q (M Wk)^T = (q Wk) M^T`` and ``p (M Wv^T) = (p M) Wv^T`` (``M`` the memory, ``Wk``/``Wv`` the
+        head's ``[K, D]`` slices): the queries move to the memory's width once, so the memory is never projected.
+        Scores and softmax as :func:`explicit_attention`; the same values up to rounding.
+        """
+        B, H, S, K = q_BHSK.shape
+        L, D = memory_BMD.shape[1], memory_BMD.shape[2]
+        memory_BLD = memory_BMD.to(q_BHSK.dtype)
+        wk_HKD = self.k.weight.to(q_BHSK.dtype).view(H, K, D)
+        wv_HKD = self.v.weight.to(q_BHSK.dtype).view(H, K, D)
+        q_HNK = q_BHSK.transpose(0, 1).reshape(H, B * S, K)  # N = B * S: one product per head
+        qk_BQD = torch.bmm(q_HNK, wk_HKD).view(H, B, S, D).transpose(0, 1).reshape(B, H * S, D)  # Q = H * S
+        bias_BQL = bias.expand(B, H, S, L).reshape(B, H * S, L)
+        mixed_BQD = explicit_attention(qk_BQD, memory_BLD, memory_BLD, bias_BQL, dropout=dropout)
+        mixed_HND = mixed_BQD.view(B, H, S, D).transpose(0, 1).reshape(H, B * S, D)
+        return torch.bmm(mixed_HND, wv_HKD.transpose(1, 2)).view(H, B, S, K).transpose(0, 1)
+
+
+def absorbed_attention_pays(queries: int, keys: int, d_kv: int, d_model: int) -> bool:
+    """Whether cross-attention through the weights (:meth:`Attention._absorbed_attention`) does fewer
+    multiply-adds than projecting the memory's keys and values and attending to them.
+
+    Per batch row and head: projecting costs ``2 L D K`` and attending ``2 S L K``; through the weights, moving the
+    queries to width ``D`` and back costs ``2 S K D`` and attending at that width ``2 S L D``. So it pays for
+    queries much fewer than the memory's length: a forward with a short decoder input over a long encoder output
+    (at ``K = 64`` and ``D = 768``, up to 61 queries over 512 keys). Decoding keeps the cached keys and values instead.
+    """
+    projected = keys * d_model * d_kv + queries * keys * d_kv
+    absorbed = queries * d_kv * d_model + queries * keys * d_model
+    return absorbed < projected
 
 
 def explicit_attention_pays(q_BHSK: torch.Tensor, k_BHLK: torch.Tensor, bias: torch.Tensor) -> bool:

@@ -61,13 +61,19 @@ class TransformerBlock(nn.Module):
         cross_bias: torch.Tensor | None = None,
         self_kv: LayerKV | None = None,
         cross_kv: LayerKV | None = None,
+        keep_cross_kv: bool = True,
     ) -> BlockOutput:
         attn, new_self_kv = self.self_attn(self.self_attn_norm(x_BSD), self_bias, cache=self_kv)
         x_BSD = x_BSD + self.dropout(attn)
         new_cross_kv = None
         if self.cross_attn is not None and self.cross_attn_norm is not None and cross_bias is not None:
             attn, new_cross_kv = self.cross_attn(
-                self.cross_attn_norm(x_BSD), cross_bias, memory_BMD=memory_BMD, cache=cross_kv, static_memory=True
+                self.cross_attn_norm(x_BSD),
+                cross_bias,
+                memory_BMD=memory_BMD,
+                cache=cross_kv,
+                static_memory=True,
+                keep_kv=keep_cross_kv,
             )
             x_BSD = x_BSD + self.dropout(attn)
         normed = self.ffn_norm(x_BSD)

@@ -128,6 +128,7 @@ class TransformerStack(nn.Module):
                 "cross_bias": cross_bias,
                 "self_kv": cache.self_attention[i] if cache is not None else None,
                 "cross_kv": cache.cross_attention[i] if cache is not None else None,
+                "keep_cross_kv": new_cache is not None,  # a forward without a cache need not project the memory
             }
             if recompute and i % self.checkpoint_every == 0:
                 # Keep only the block's input; its forward runs again in the backward pass, with the same dropout
