@@ -23,7 +23,12 @@ bytes over the rate of a sum over that tensor (reading alone, as a step reads it
 bytes over the rate at which the matmul itself streams weights for as many rows as the step has: ``torch.mm`` on
 the stored weights, or the product with packed copies for the columns that decode with them (``switchformer``, the
 default; ``switchformer stored`` decodes with ``prepack_weights=False``). The decoding group also prints the first
-call's time, which includes packing.
+call's time, which includes packing. ``--compiled-floor`` adds the rate at which ``torch.compile`` with frozen
+weights streams them (inductor's CPU GEMM template), a floor for a decoding step compiled whole.
+
+The forward and fine-tuning cases also print their arithmetic: the matrix-product and attention FLOPs each side
+does (``FlopCounterMode``) and a floor, our FLOPs over the best rate of ``torch.mm`` at the model's shapes for the
+case's encoder rows (``floors``).
 """
 
 from __future__ import annotations
@@ -40,10 +45,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import floors
 import harness
 from harness import Column, markdown_table, ms, ratio
 from switchformer import SwitchFFN, from_pretrained
-from switchformer.layers.prepacked import PrepackedWeights, prepack_applies
+from switchformer.layers.prepacked import prepack_applies
 from switchformer.models.generation import GenerationConfig, generate
 
 SHAPE = {
@@ -86,6 +92,11 @@ def parse_args(argv: list[str]):
     p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning step")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--profile", action="store_true", help="print an op-level profile of our greedy decoding")
+    p.add_argument(
+        "--compiled-floor",
+        action="store_true",
+        help="also measure the rate of inductor's frozen-weight CPU GEMM (compiles for tens of seconds)",
+    )
     p.add_argument("--group", choices=GROUPS, help="measure one group of cases in this process (see main)")
     args = p.parse_args(argv)
     if args.quick:
@@ -102,6 +113,7 @@ class Case:
     params: list[torch.Tensor] = dataclasses.field(default_factory=list)  # whose gradients a run produces
     decoding: str | None = None  # the case that generates one token with the same inputs (a decoding case)
     rows: int = 0  # a decoding case's rows per step: batch x beams
+    encoder_tokens: int = 0  # a forward or fine-tuning case's encoder rows: the M of its largest products
 
 
 def build_weights(folder: Path) -> Path:
@@ -166,7 +178,8 @@ def forward_case(hf, ours: torch.nn.Module, batch: int, length: int, decoder_len
         return f"logits {harness.largest_relative_difference([run_ours()], [run_hf()]):.1e}"
 
     name = f"forward {batch} x {length} (+{decoder_len})"
-    return Case(name, batch * (length + decoder_len), {TRANSFORMERS: run_hf, OURS: run_ours}, check)
+    runs = {TRANSFORMERS: run_hf, OURS: run_ours}
+    return Case(name, batch * (length + decoder_len), runs, check, encoder_tokens=batch * length)
 
 
 def finetune_case(hf, ours: torch.nn.Module, batch: int = 4, length: int = 256, target: int = 32) -> Case:
@@ -204,37 +217,8 @@ def finetune_case(hf, ours: torch.nn.Module, batch: int = 4, length: int = 256, 
         difference = abs(token_losses[OURS] - token_losses[TRANSFORMERS]) / token_losses[TRANSFORMERS]
         return f"token loss {difference:.1e}"
 
-    return Case(f"fine-tuning step {batch} x {length} -> {target}", batch * (length + target), runs, check, params)
-
-
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, float]:
-    """Bytes per second of a large tensor copy (counting the bytes read and the bytes written), and of reading
-    alone (a sum over the same tensor): a decoding step only reads its weights."""
-    src = torch.ones(int(gib * 2**30) // 4)
-    dst = torch.empty_like(src)
-    seconds = harness.interleaved_medians({"copy": lambda: dst.copy_(src), "read": src.sum}, repeats=repeats)
-    nbytes = src.numel() * 4
-    return 2 * nbytes / seconds["copy"], nbytes / seconds["read"]
-
-
-def matmul_bandwidth(rows: int, dtype: torch.dtype, packed: bool, repeats: int = 5) -> float:
-    """Bytes of weights per second that ``x @ W`` streams for ``rows`` rows of ``x``, over 768 x 3072 matrices (an
-    expert's first) numerous enough to hold 512 MiB, beyond the last-level cache: the matmul library's own floor,
-    with ``torch.mm`` on the stored weights or (``packed``) with the copies decoding packs for oneDNN."""
-    one = 768 * 3072 * torch.finfo(dtype).bits // 8
-    weights = torch.randn(-(-(2**29) // one), 768, 3072).to(dtype)
-    x = torch.randn(rows, 768).to(dtype)
-    copies = PrepackedWeights()
-    if packed:
-        for expert in range(len(weights)):
-            copies.expert_product(x, weights, expert)
-
-    def stream() -> None:
-        for expert, w in enumerate(weights):
-            copies.expert_product(x, weights, expert) if packed else torch.mm(x, w)
-
-    seconds = harness.interleaved_medians({"stream": stream}, repeats=repeats)["stream"]
-    return weights.numel() * weights.element_size() / seconds
+    name = f"fine-tuning step {batch} x {length} -> {target}"
+    return Case(name, batch * (length + target), runs, check, params, encoder_tokens=batch * length)
 
 
 def experts_hit(model: torch.nn.Module, run: Callable[[], object]) -> float:
@@ -314,6 +298,13 @@ def main(argv: list[str]) -> None:
         print(f"{cases[0].name}, {OURS}: first call {packing * 1e3:.0f} ms (packing the decoder's weights), ", end="")
         print(f"second {second * 1e3:.0f} ms")
     checks = {case.name: case.check() for case in cases}
+    flops = {}
+    for case in cases:
+        if case.encoder_tokens:
+            for label, run in case.runs.items():
+                flops[case.name, label] = floors.counted_flops(run)
+                for p in case.params:
+                    p.grad = None
     hits = {case.name: experts_hit(ours[OURS], case.runs[OURS]) for case in cases if case.decoding}
     memory = {}
     if not args.no_memory:
@@ -321,7 +312,7 @@ def main(argv: list[str]) -> None:
             for label, run in case.runs.items():
                 memory[case.name, label] = harness.peak_activation_bytes(run, case.params)
     load = harness.wait_until_quiet(args.quiet_load, args.max_wait)
-    bandwidth, read_bandwidth = memory_bandwidth()
+    bandwidth, read_bandwidth = floors.memory_bandwidth()
     print(harness.machine_summary())
     print(
         f"1-minute load when the timing started: {load:.2f}; copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
@@ -339,10 +330,14 @@ def main(argv: list[str]) -> None:
         drop_grads()
         times |= {(case.name, label): seconds for label, seconds in medians.items()}
     print_cases(args, cases, times, memory, checks, list(ours))
+    if flops:
+        print_arithmetic(cases, times, flops)
     if hits:
         kinds = {(next(model.decoder.parameters()).dtype, _packs(label, model)) for label, model in ours.items()}
-        streams = {(c.rows, *kind): matmul_bandwidth(c.rows, *kind) for c in cases if c.rows for kind in kinds}
+        streams = {(c.rows, *kind): floors.matmul_bandwidth(c.rows, *kind) for c in cases if c.rows for kind in kinds}
         print_decoding_steps(args, cases, times, hits, ours, (bandwidth, read_bandwidth), streams)
+        if args.compiled_floor:
+            print_compiled_floor(cases, times, hits, ours[OURS], args.new_tokens)
         if args.profile:
             profile_decoding(next(case for case in cases if case.decoding is not None))
 
@@ -373,7 +368,7 @@ def _packs(label: str, model: torch.nn.Module) -> bool:
 def print_decoding_steps(args, cases: list[Case], times, hits, ours: dict[str, torch.nn.Module], bandwidths, streams):
     """A decoding step's time beside its floors: the weight bytes it reads over the copy bandwidth, over the read
     bandwidth, and over the bandwidth at which the matmul library streams weights for as many rows
-    (``matmul_bandwidth``)."""
+    (``floors.matmul_bandwidth``)."""
     bandwidth, read_bandwidth = bandwidths
     labels = [TRANSFORMERS, *ours]
     columns = [Column("case"), Column("experts hit a layer", lambda v: f"{v:.2f}")]
@@ -403,6 +398,58 @@ def print_decoding_steps(args, cases: list[Case], times, hits, ours: dict[str, t
         f"bytes a step reads / {bandwidth / 1e9:.1f} GB/s (copy); read floor = the same bytes / "
         f"{read_bandwidth / 1e9:.1f} GB/s (a sum's read rate); matmul floor = the same bytes / the rate at which "
         f"the matmul streams 768 x 3072 weights for the step's rows, stored or packed as that column decodes ({rates})"
+    )
+    print(markdown_table(columns, rows))
+
+
+def model_gemm_shapes(rows: int) -> list[tuple[int, int, int]]:
+    """``(M, K, N)`` of the model's products for ``rows`` rows: attention projections and the two FFN matrices."""
+    d_model, d_ff, inner = SHAPE["d_model"], SHAPE["d_ff"], SHAPE["num_heads"] * SHAPE["d_kv"]
+    return [(rows, d_model, inner), (rows, d_model, d_ff), (rows, d_ff, d_model)]
+
+
+def print_arithmetic(cases: list[Case], times, flops) -> None:
+    """Each side's counted floating-point operations and rate, beside the arithmetic floor: our operations over
+    the best ``torch.mm`` rate measured at the case's own shapes (``floors.gemm_rate``)."""
+    labels = [TRANSFORMERS, OURS]
+    columns = [Column("case"), *(Column(f"{label} GFLOP", lambda v: f"{v / 1e9:.1f}") for label in labels)]
+    columns += [Column(f"{label} GFLOP/s", lambda v: f"{v / 1e9:.0f}") for label in labels]
+    columns += [Column("mm GFLOP/s", lambda v: f"{v / 1e9:.0f}"), Column("floor ms", ms)]
+    columns += [Column(f"{label} / floor", ratio) for label in labels]
+    rows = []
+    for case in cases:
+        if not case.encoder_tokens:
+            continue
+        counts = [flops[case.name, label] for label in labels]
+        rate = floors.gemm_rate(model_gemm_shapes(case.encoder_tokens))
+        floor = counts[1] / rate
+        rates = [count / times[case.name, label] for count, label in zip(counts, labels, strict=True)]
+        rows.append([case.name, *counts, *rates, rate, floor, *(times[case.name, label] / floor for label in labels)])
+    print(
+        "\narithmetic: matrix-product and attention FLOPs (FlopCounterMode); floor = our FLOPs / the best torch.mm "
+        "rate at the case's shapes (encoder rows x 768 x 768, x 768 x 3072, x 3072 x 768, float32); being 1.2x faster "
+        "than transformers needs a time of transformers' / 1.2"
+    )
+    print(markdown_table(columns, rows))
+
+
+def print_compiled_floor(cases: list[Case], times, hits, model: torch.nn.Module, new_tokens: int) -> None:
+    """Our decoding step beside the time its weight bytes take at the rate of inductor's frozen-weight GEMM."""
+    columns = [Column("case"), Column(f"{OURS} ms / step", ms), Column("compiled GB/s", lambda v: f"{v / 1e9:.1f}")]
+    columns += [Column("compiled matmul floor ms", ms), Column(f"{OURS} / compiled matmul floor", ratio)]
+    rows, rates = [], {}
+    for case in cases:
+        if case.decoding is None:
+            continue
+        step = (times[case.name, OURS] - times[case.decoding, OURS]) / (new_tokens - 1)
+        if case.rows not in rates:
+            rates[case.rows] = floors.compiled_matmul_bandwidth(case.rows)
+        rate = rates[case.rows]
+        floor = step_bytes(model, hits[case.name]) / rate
+        rows.append([case.name, step, rate, floor, step / floor])
+    print(
+        "\ncompiled matmul floor = the step's weight bytes / the rate at which torch.compile with frozen weights and "
+        "inductor's CPU GEMM template streams 768 x 3072 float32 weights for the step's rows"
     )
     print(markdown_table(columns, rows))
 
