@@ -6,7 +6,8 @@ A forward without a cache whose decoder input is short against the encoder outpu
 (``switchformer.layers.attention.absorbed_attention_pays``). This times ``bench_generation``'s 8 x 512 (+16)
 forward and its fine-tuning step (4 x 256 -> 32) on the published shape with that rule as it is and with it
 turned off, in the same process and rounds (``harness.interleaved_medians``); speedup = projected / through the
-weights.
+weights. The check column gives the largest relative difference of the forward's logits between the two, and
+how many times a run attended through the weights.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ def main(argv: list[str]) -> None:
     cases = [bench_generation.forward_case(hf, ours, 8, 512), bench_generation.finetune_case(hf, ours)]
     rule = attention.absorbed_attention_pays
 
-    def projected(run) -> None:
+    def projected(run):
         attention.absorbed_attention_pays = lambda *sizes: False
         try:
-            run()
+            return run()
         finally:
             attention.absorbed_attention_pays = rule
 
@@ -52,12 +53,28 @@ def main(argv: list[str]) -> None:
     for case in cases:
         run = case.runs[bench_generation.OURS]
         candidates = {"through the weights": run, "projected": lambda run=run: projected(run)}
+        check = f"{count_absorbed(run)} calls through the weights"
+        if isinstance(logits := run(), torch.Tensor):
+            check += f", logits {harness.largest_relative_difference([logits], [candidates['projected']()]):.1e}"
+        drop_grads()
         seconds = harness.interleaved_medians(candidates, repeats=args.repeats, before_each=drop_grads)
-        rows.append([case.name, seconds["through the weights"], seconds["projected"]])
-        rows[-1].append(rows[-1][2] / rows[-1][1])
+        speedup = seconds["projected"] / seconds["through the weights"]
+        rows.append([case.name, seconds["through the weights"], seconds["projected"], speedup, check])
     columns = [Column("case"), Column("through the weights ms", ms), Column("projected ms", ms)]
     print(f"\nmedians of {args.repeats} rounds, {torch.get_num_threads()} threads, float32")
-    print(markdown_table([*columns, Column("speedup", ratio)], rows))
+    print(markdown_table([*columns, Column("speedup", ratio), Column("check")], rows))
+
+
+def count_absorbed(run) -> int:
+    """How many times one call of ``run`` attends through the weights."""
+    absorbed = attention.Attention._absorbed_attention
+    calls = []
+    attention.Attention._absorbed_attention = lambda *args: calls.append(1) or absorbed(*args)
+    try:
+        run()
+    finally:
+        attention.Attention._absorbed_attention = absorbed
+    return len(calls)
 
 
 if __name__ == "__main__":

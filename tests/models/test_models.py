@@ -168,27 +168,35 @@ def test_paper_init_scale_shrinks_weights(make_config):
     assert 2.8 < ratio < 3.5  # std scales with sqrt(scale): sqrt(10) = 3.16
 
 
-def test_a_forward_without_cache_attends_through_the_weights_with_the_same_loss_and_gradients(make_config, monkeypatch):
+@pytest.mark.parametrize("checkpoint_every", [0, 1])
+def test_a_forward_without_cache_attends_through_the_weights_with_the_same_loss_and_gradients(
+    make_config, monkeypatch, checkpoint_every
+):
     """Three targets over twenty inputs: the decoder's cross-attention skips the encoder output's keys and
     values (``layers.attention.absorbed_attention_pays``); logits, loss and every gradient stay those of the
-    projected path, and a forward that builds a cache still projects them."""
+    projected path (with activation checkpointing too), and a forward that builds a cache still projects them."""
     from switchformer.layers import attention
+    from switchformer.models.stack import set_activation_checkpointing
 
     torch.manual_seed(0)
     model = build_model(make_config("encoder-decoder")).double()
+    set_activation_checkpointing(model, checkpoint_every)
     ids, labels = _batch(src=20, tgt=3)
+    mask = torch.ones_like(ids)
+    mask[0, 15:] = 0  # the first input is padded: its last memory positions are masked out
     calls = []
     absorbed = attention.Attention._absorbed_attention
     monkeypatch.setattr(attention.Attention, "_absorbed_attention", lambda *a: calls.append(1) or absorbed(*a))
 
     def run() -> tuple[torch.Tensor, ...]:
-        out = model(ids, labels=labels)
+        out = model(ids, attention_mask=mask, labels=labels)
         return (out.logits, out.loss, *torch.autograd.grad(out.loss, list(model.parameters())))
 
     through_weights = run()
-    assert len(calls) == 3  # once in each decoder block
-    cached = model(ids, decoder_input_ids=labels, use_cache=True).cache
-    assert len(calls) == 3 and all(kv is not None for kv in cached.cross_attention)
+    per_run = 3 * (2 if checkpoint_every else 1)  # once in each decoder block, again where the backward recomputes
+    assert len(calls) == per_run
+    cached = model(ids, attention_mask=mask, decoder_input_ids=labels, use_cache=True).cache
+    assert len(calls) == per_run and all(kv is not None for kv in cached.cross_attention)
     monkeypatch.setattr(attention, "absorbed_attention_pays", lambda *args: False)
     for got, want in zip(through_weights, run(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

@@ -62,27 +62,29 @@ class Attention(nn.Module):
         q_BHSK = self._heads(x_BSD, self.q)
         dropout = self.dropout if self.training else 0.0
         if memory_BMD is not None and cache is None and not keep_kv and self._absorbable(q_BHSK, memory_BMD):
+            kv = None
             out_BHSK = self._absorbed_attention(q_BHSK, memory_BMD, bias, dropout)
-            out_BSD = out_BHSK.transpose(1, 2).reshape(x_BSD.shape[0], x_BSD.shape[1], -1)
-            return self.o(out_BSD), None
-        if static_memory and cache is not None:
-            kv = cache
         else:
-            source = x_BSD if memory_BMD is None else memory_BMD
-            key, value = self._heads(source, self.k), self._heads(source, self.v)
-            kv = LayerKV(key, value) if cache is None else cache.append(key, value)
-        key, value = kv.key.to(q_BHSK.dtype), kv.value.to(q_BHSK.dtype)
-        if explicit_attention_pays(q_BHSK, key, bias):
-            out_BHSK = explicit_attention(q_BHSK, key, value, bias, dropout=dropout)
-        else:
-            out_BHSK = F.scaled_dot_product_attention(
-                q_BHSK, key, value, attn_mask=bias.to(q_BHSK.dtype), dropout_p=dropout, scale=1.0
-            )
+            if static_memory and cache is not None:
+                kv = cache
+            else:
+                source = x_BSD if memory_BMD is None else memory_BMD
+                key, value = self._heads(source, self.k), self._heads(source, self.v)
+                kv = LayerKV(key, value) if cache is None else cache.append(key, value)
+            key, value = kv.key.to(q_BHSK.dtype), kv.value.to(q_BHSK.dtype)
+            if explicit_attention_pays(q_BHSK, key, bias):
+                out_BHSK = explicit_attention(q_BHSK, key, value, bias, dropout=dropout)
+            else:
+                out_BHSK = F.scaled_dot_product_attention(
+                    q_BHSK, key, value, attn_mask=bias.to(q_BHSK.dtype), dropout_p=dropout, scale=1.0
+                )
         out_BSD = out_BHSK.transpose(1, 2).reshape(x_BSD.shape[0], x_BSD.shape[1], -1)
         return self.o(out_BSD), kv
 
     def _absorbable(self, q_BHSK: torch.Tensor, memory_BMD: torch.Tensor) -> bool:
-        plain = all(type(proj) is nn.Linear for proj in (self.k, self.v))  # not a packed or wrapped projection
+        # Only plain projections: not packed, reparametrised or hooked ones (diagnostics hook every module).
+        projections = (self.k, self.v)
+        plain = all(type(p) is nn.Linear and not (p._forward_pre_hooks or p._forward_hooks) for p in projections)
         return plain and absorbed_attention_pays(q_BHSK.shape[2], memory_BMD.shape[1], self.d_kv, memory_BMD.shape[2])
 
     def _absorbed_attention(

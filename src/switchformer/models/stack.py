@@ -103,7 +103,8 @@ class TransformerStack(nn.Module):
 
         cross_bias = None
         if memory_BMD is not None:
-            cross_bias = torch.zeros(1, 1, 1, memory_BMD.shape[1], device=device)
+            bias_dtype = torch.promote_types(self_bias.dtype, torch.float32)  # float32, or a float64 model's
+            cross_bias = torch.zeros(1, 1, 1, memory_BMD.shape[1], device=device, dtype=bias_dtype)
             if memory_mask is not None:
                 cross_bias = cross_bias.masked_fill(~memory_mask.bool()[:, None, None, :], neg)
 
