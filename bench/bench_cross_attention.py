@@ -12,6 +12,7 @@ how many times a run attended through the weights.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -44,17 +45,15 @@ def main(argv: list[str]) -> None:
         finally:
             attention.absorbed_attention_pays = rule
 
-    def drop_grads() -> None:
-        for param in ours.parameters():
-            param.grad = None
-
+    drop_grads = functools.partial(bench_generation.drop_grads, list(ours.parameters()))
     print(harness.machine_summary())
     rows = []
     for case in cases:
         run = case.runs[bench_generation.OURS]
         candidates = {"through the weights": run, "projected": lambda run=run: projected(run)}
-        check = f"{count_absorbed(run)} calls through the weights"
-        if isinstance(logits := run(), torch.Tensor):
+        calls, logits = count_absorbed(run)
+        check = f"{calls} calls through the weights"
+        if isinstance(logits, torch.Tensor):
             check += f", logits {harness.largest_relative_difference([logits], [candidates['projected']()]):.1e}"
         drop_grads()
         seconds = harness.interleaved_medians(candidates, repeats=args.repeats, before_each=drop_grads)
@@ -65,16 +64,16 @@ def main(argv: list[str]) -> None:
     print(markdown_table([*columns, Column("speedup", ratio), Column("check")], rows))
 
 
-def count_absorbed(run) -> int:
-    """How many times one call of ``run`` attends through the weights."""
+def count_absorbed(run) -> tuple[int, object]:
+    """How many times one call of ``run`` attends through the weights, and what the call returned."""
     absorbed = attention.Attention._absorbed_attention
     calls = []
     attention.Attention._absorbed_attention = lambda *args: calls.append(1) or absorbed(*args)
     try:
-        run()
+        result = run()
     finally:
         attention.Attention._absorbed_attention = absorbed
-    return len(calls)
+    return len(calls), result
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ call's time, which includes packing. ``--compiled-floor`` adds the rate at which
 weights streams them (inductor's CPU GEMM template), a floor for a decoding step compiled whole.
 
 The forward and fine-tuning cases also print their arithmetic: the matrix-product and attention FLOPs each side
-does (``FlopCounterMode``) and a floor, our FLOPs over the best rate of ``torch.mm`` at the model's shapes for the
-case's encoder rows (``floors``).
+does (``FlopCounterMode``) and each side's floor, its FLOPs over the best rate of ``torch.mm`` at the model's shapes
+for the case's encoder rows (``floors``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import subprocess
 import sys
@@ -212,13 +213,18 @@ def finetune_case(hf, ours: torch.nn.Module, batch: int = 4, length: int = 256, 
     def check() -> str:
         for label in (TRANSFORMERS, OURS):
             runs[label]()
-            for p in params:  # one model's gradients at a time: each is as large as the model
-                p.grad = None
+            drop_grads(params)  # one model's gradients at a time: each is as large as the model
         difference = abs(token_losses[OURS] - token_losses[TRANSFORMERS]) / token_losses[TRANSFORMERS]
         return f"token loss {difference:.1e}"
 
     name = f"fine-tuning step {batch} x {length} -> {target}"
     return Case(name, batch * (length + target), runs, check, params, encoder_tokens=batch * length)
+
+
+def drop_grads(params: list[torch.Tensor]) -> None:
+    """Set the gradients of ``params`` to ``None``, as ``zero_grad()`` does before a step."""
+    for p in params:
+        p.grad = None
 
 
 def experts_hit(model: torch.nn.Module, run: Callable[[], object]) -> float:
@@ -303,8 +309,7 @@ def main(argv: list[str]) -> None:
         if case.encoder_tokens:
             for label, run in case.runs.items():
                 flops[case.name, label] = floors.counted_flops(run)
-                for p in case.params:
-                    p.grad = None
+                drop_grads(case.params)
     hits = {case.name: experts_hit(ours[OURS], case.runs[OURS]) for case in cases if case.decoding}
     memory = {}
     if not args.no_memory:
@@ -321,23 +326,21 @@ def main(argv: list[str]) -> None:
 
     times: dict[tuple[str, str], float] = {}
     for case in cases:
-
-        def drop_grads(params: list[torch.Tensor] = case.params) -> None:
-            for p in params:
-                p.grad = None
-
-        medians = harness.interleaved_medians(case.runs, repeats=args.repeats, before_each=drop_grads)
-        drop_grads()
+        before_each = functools.partial(drop_grads, case.params)
+        medians = harness.interleaved_medians(case.runs, repeats=args.repeats, before_each=before_each)
+        drop_grads(case.params)
         times |= {(case.name, label): seconds for label, seconds in medians.items()}
     print_cases(args, cases, times, memory, checks, list(ours))
     if flops:
-        print_arithmetic(cases, times, flops)
+        gemm_rates = {c.name: floors.gemm_rate(model_gemm_shapes(c.encoder_tokens)) for c in cases if c.encoder_tokens}
+        print_arithmetic(cases, times, flops, gemm_rates)
     if hits:
         kinds = {(next(model.decoder.parameters()).dtype, _packs(label, model)) for label, model in ours.items()}
         streams = {(c.rows, *kind): floors.matmul_bandwidth(c.rows, *kind) for c in cases if c.rows for kind in kinds}
         print_decoding_steps(args, cases, times, hits, ours, (bandwidth, read_bandwidth), streams)
         if args.compiled_floor:
-            print_compiled_floor(cases, times, hits, ours[OURS], args.new_tokens)
+            compiled = {c.rows: floors.compiled_matmul_bandwidth(c.rows) for c in cases if c.rows}
+            print_compiled_floor(cases, times, hits, ours[OURS], args.new_tokens, compiled)
         if args.profile:
             profile_decoding(next(case for case in cases if case.decoding is not None))
 
@@ -408,9 +411,9 @@ def model_gemm_shapes(rows: int) -> list[tuple[int, int, int]]:
     return [(rows, d_model, inner), (rows, d_model, d_ff), (rows, d_ff, d_model)]
 
 
-def print_arithmetic(cases: list[Case], times, flops) -> None:
+def print_arithmetic(cases: list[Case], times, flops, gemm_rates: dict[str, float]) -> None:
     """Each side's counted floating-point operations and rate, beside its arithmetic floor: those operations over
-    the best ``torch.mm`` rate measured at the case's own shapes (``floors.gemm_rate``)."""
+    the best ``torch.mm`` rate measured at the case's own shapes (``gemm_rates``, from ``floors.gemm_rate``)."""
     labels = [TRANSFORMERS, OURS]
     columns = [Column("case"), *(Column(f"{label} GFLOP", lambda v: f"{v / 1e9:.1f}") for label in labels)]
     columns += [Column(f"{label} GFLOP/s", lambda v: f"{v / 1e9:.0f}") for label in labels]
@@ -423,7 +426,7 @@ def print_arithmetic(cases: list[Case], times, flops) -> None:
             continue
         counts = [flops[case.name, label] for label in labels]
         seconds = [times[case.name, label] for label in labels]
-        rate = floors.gemm_rate(model_gemm_shapes(case.encoder_tokens))
+        rate = gemm_rates[case.name]
         floor = [count / rate for count in counts]
         rows.append(
             [case.name, *counts, *(c / t for c, t in zip(counts, seconds, strict=True)), rate, *floor]
@@ -436,18 +439,17 @@ def print_arithmetic(cases: list[Case], times, flops) -> None:
     print(markdown_table(columns, rows))
 
 
-def print_compiled_floor(cases: list[Case], times, hits, model: torch.nn.Module, new_tokens: int) -> None:
-    """Our decoding step beside the time its weight bytes take at the rate of inductor's frozen-weight GEMM."""
+def print_compiled_floor(cases: list[Case], times, hits, model: torch.nn.Module, new_tokens: int, compiled) -> None:
+    """Our decoding step beside the time its weight bytes take at the rate of inductor's frozen-weight GEMM
+    (``compiled``: bytes per second by rows, from ``floors.compiled_matmul_bandwidth``)."""
     columns = [Column("case"), Column(f"{OURS} ms / step", ms), Column("compiled GB/s", lambda v: f"{v / 1e9:.1f}")]
     columns += [Column("compiled matmul floor ms", ms), Column(f"{OURS} / compiled matmul floor", ratio)]
-    rows, rates = [], {}
+    rows = []
     for case in cases:
         if case.decoding is None:
             continue
         step = (times[case.name, OURS] - times[case.decoding, OURS]) / (new_tokens - 1)
-        if case.rows not in rates:
-            rates[case.rows] = floors.compiled_matmul_bandwidth(case.rows)
-        rate = rates[case.rows]
+        rate = compiled[case.rows]
         floor = step_bytes(model, hits[case.name]) / rate
         rows.append([case.name, step, rate, floor, step / floor])
     print(
