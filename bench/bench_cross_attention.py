@@ -21,6 +21,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -73,12 +74,8 @@ def forcing(run: Callable[[], object], *, through_weights: bool) -> Callable[[],
     its projections are plain), or always projects the memory."""
 
     def forced() -> object:
-        rule = attention.absorbed_attention_pays
-        attention.absorbed_attention_pays = lambda *sizes: through_weights
-        try:
+        with mock.patch.object(attention, "absorbed_attention_pays", lambda *sizes: through_weights):
             return run()
-        finally:
-            attention.absorbed_attention_pays = rule
 
     return forced
 
@@ -129,11 +126,13 @@ def count_absorbed(run) -> tuple[int, object]:
     """How many times one call of ``run`` attends through the weights, and what the call returned."""
     absorbed = attention.Attention._absorbed_attention
     calls = []
-    attention.Attention._absorbed_attention = lambda *args: calls.append(1) or absorbed(*args)
-    try:
+
+    def counting(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return absorbed(*args)
+
+    with mock.patch.object(attention.Attention, "_absorbed_attention", counting):
         result = run()
-    finally:
-        attention.Attention._absorbed_attention = absorbed
     return len(calls), result
 
 
