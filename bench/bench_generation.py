@@ -71,6 +71,7 @@ SHAPE = {
 }
 TRANSFORMERS, OURS, OURS_BF16 = "transformers", "switchformer", "switchformer bf16"
 OURS_STORED = "switchformer stored"  # decoding with the stored weights (prepack_weights=False), same model
+OURS_COMPILED = "switchformer compiled"  # decoding with a compiled step (compile=True), same model
 GROUPS = ("decoding", "forward", "finetune")
 
 
@@ -88,6 +89,11 @@ def parse_args(argv: list[str]):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--forward", nargs="*", default=["4x64", "8x512", "2x2048"], help="BATCHxLENGTH encoder inputs")
     p.add_argument("--bf16", action="store_true", help="also decode with our bf16 weights (routers float32)")
+    p.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also decode with generate(compile=True) (compiles once per case's shapes, about a minute each)",
+    )
     p.add_argument("--quiet-load", type=float, default=0.5, help="wait for the 1-minute load to fall below this")
     p.add_argument("--max-wait", type=float, default=1200, help="seconds to wait for quiet before measuring anyway")
     p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning step")
@@ -147,7 +153,7 @@ def generation_cases(hf, ours: dict[str, torch.nn.Module], batch: int, beams: in
             return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, num_beams=beams, do_sample=False)
 
         def run_ours(label: str, model: torch.nn.Module) -> Callable[[], torch.Tensor]:
-            chosen = config.replace(prepack_weights=label != OURS_STORED)
+            chosen = config.replace(prepack_weights=label != OURS_STORED, compile=label == OURS_COMPILED)
             return lambda: generate(model, input_ids=ids, attention_mask=mask, config=chosen).sequences
 
         return {TRANSFORMERS: run_hf} | {label: run_ours(label, model) for label, model in ours.items()}
@@ -278,6 +284,8 @@ def main(argv: list[str]) -> None:
     ours = {OURS: from_pretrained(args.weights)}
     if args.group == "decoding":
         ours[OURS_STORED] = ours[OURS]
+        if args.compiled:
+            ours[OURS_COMPILED] = ours[OURS]
         if args.bf16:
             ours[OURS_BF16] = from_pretrained(args.weights, dtype=torch.bfloat16)
 
@@ -303,6 +311,11 @@ def main(argv: list[str]) -> None:
         second = time.perf_counter() - start
         print(f"{cases[0].name}, {OURS}: first call {packing * 1e3:.0f} ms (packing the decoder's weights), ", end="")
         print(f"second {second * 1e3:.0f} ms")
+        if OURS_COMPILED in first:
+            start = time.perf_counter()
+            first[OURS_COMPILED]()
+            compiling = time.perf_counter() - start
+            print(f"{cases[0].name}, {OURS_COMPILED}: first call {compiling:.1f} s (compiling the step for its shapes)")
     checks = {case.name: case.check() for case in cases}
     flops = {}
     for case in cases:

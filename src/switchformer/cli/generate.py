@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="decode with the stored weights (default on CPU: the decoder's weights packed for oneDNN first)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decoding step with the weights frozen in (compiles first, then faster steps)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -46,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     config = GenerationConfig(
         strategy=args.strategy, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
         length_penalty=args.length_penalty, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, prepack_weights=args.prepack,
+        seed=args.seed, prepack_weights=args.prepack, compile=args.compile,
     )  # fmt: skip
     pad = model.config.pad_token_id
     encoded = [tokenizer.encode(text).ids for text in args.texts]

@@ -39,8 +39,9 @@ class RelativePositionBias(nn.Module):
         self.bidirectional, self.num_buckets, self.max_distance = bidirectional, num_buckets, max_distance
         self.embedding = nn.Embedding(num_buckets, num_heads)
 
-    def forward(self, query_length: int, key_length: int, *, query_offset: int = 0) -> torch.Tensor:
-        """Bias ``[1, H, query_length, key_length]``; queries start at absolute position ``query_offset``."""
+    def forward(self, query_length: int, key_length: int, *, query_offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """Bias ``[1, H, query_length, key_length]``; queries start at absolute position ``query_offset`` (an int, or
+        a ``[]`` tensor for shapes that do not change with the position)."""
         device = self.embedding.weight.device
         query_pos = torch.arange(query_length, device=device)[:, None] + query_offset
         key_pos = torch.arange(key_length, device=device)[None, :]

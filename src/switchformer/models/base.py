@@ -17,6 +17,7 @@ from switchformer.layers.linear_cross_entropy import linear_cross_entropy
 from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
 from switchformer.layers.prepacked import drop_packed_copies
+from switchformer.models.compiled_decoding import drop_compiled_step
 from switchformer.models.config import InputEmbeddings, ModelConfig
 from switchformer.models.outputs import LayerRouting, ModelOutput
 from switchformer.models.stack import StackOutput, set_activation_checkpointing
@@ -130,9 +131,11 @@ class SwitchModelBase(nn.Module):
         return hidden_BSD, self.vocab_weight()
 
     def train(self, mode: bool = True) -> SwitchModelBase:
-        """As ``nn.Module.train``; training mode also drops the packed copies decoding made (their memory)."""
+        """As ``nn.Module.train``; training mode also drops the packed copies and the compiled step decoding made
+        (their memory)."""
         if mode:
             drop_packed_copies(self)
+            drop_compiled_step(self)
         return super().train(mode)
 
     def assemble_output(

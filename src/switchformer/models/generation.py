@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from switchformer.config import Config
-from switchformer.layers.kv_cache import DecoderCache
+from switchformer.layers.kv_cache import DecoderCache, StaticDecoderCache
 from switchformer.models.base import SwitchModelBase
+from switchformer.models.compiled_decoding import CompiledStep, compile_possible, compiled_step
 from switchformer.models.encoder_decoder import SwitchTransformer
 from switchformer.models.prepacked import prepacked_decoder
 from switchformer.models.stack import StackOutput
@@ -49,6 +50,10 @@ class GenerationConfig(Config):
     # CPU: the decoder multiplies by copies of its weights packed for oneDNN, made once and kept with the model
     # (about the decoder's weight bytes more memory; models.prepacked). False decodes with the stored weights.
     prepack_weights: bool = True
+    # Run each step after the first through a torch.compile'd step whose code holds the weights (frozen), with a
+    # static KV cache (models.compiled_decoding): faster steps, after compiling once per model and set of shapes
+    # (tens of seconds for a base-size model on CPU), for about the decoder's weight bytes more memory.
+    compile: bool = False
 
     def validate(self) -> None:
         self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
@@ -70,10 +75,17 @@ class _Decoder:
     """One decoding step of either model type over ``N`` rows, with the KV cache and the rows' bookkeeping."""
 
     def __init__(
-        self, model: SwitchModelBase, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: int
+        self,
+        model: SwitchModelBase,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        rows: int,
+        compiled: CompiledStep | None = None,
+        max_new_tokens: int = 0,
     ) -> None:
         self.model = model
         self.cache: DecoderCache | None = None
+        self.compiled, self.max_new_tokens = compiled, max_new_tokens  # the steps after the first, compiled
         index = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(rows)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         self.mask = mask.index_select(0, index).long()
@@ -90,10 +102,21 @@ class _Decoder:
 
     def first(self) -> torch.Tensor:
         """Logits ``[N, V]`` for the first new token."""
-        return self._run(self.prefix)
+        logits = self._run(self.prefix)
+        if self.compiled is not None:  # the later steps' keys and values go to buffers of fixed shapes
+            assert self.cache is not None
+            self.cache = StaticDecoderCache.from_cache(self.cache, self.cache.length + self.max_new_tokens)
+            if self.memory is None:  # the mask covers every position of the cache; the causal mask hides the future
+                future = self.cache.capacity - self.mask.shape[1]
+                self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], future)], 1)
+        return logits
 
     def step(self, tokens_N: torch.Tensor) -> torch.Tensor:
         """Feed one token per row; logits ``[N, V]`` for the next one."""
+        if isinstance(self.cache, StaticDecoderCache) and self.compiled is not None:
+            logits = self.compiled(self.model, tokens_N[:, None], self.mask, self.memory, self.cache)
+            self.cache = self.cache.advanced()
+            return logits
         if self.memory is None:  # decoder-only: the mask covers the cached positions and the new one
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
         return self._run(tokens_N[:, None])
@@ -153,12 +176,18 @@ def generate(
     pad = config.pad_token_id if config.pad_token_id is not None else model.config.pad_token_id
     if config.strategy is DecodingStrategy.SAMPLE and generator is None:
         generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
-    with prepacked_decoder(model, enabled=config.prepack_weights):
+    compiled = None
+    if config.compile:
+        reason = compile_possible(model)
+        if reason is not None:
+            raise ValueError(f"generate(compile=True): {reason}, or pass compile=False")
+        compiled = compiled_step(model)
+    # The compiled step freezes the stored weights itself: its first step runs on them too.
+    options: dict[str, Any] = {"eos": eos, "pad": pad, "stop_together": stop_together, "compiled": compiled}
+    with prepacked_decoder(model, enabled=config.prepack_weights and compiled is None):
         if config.strategy is DecodingStrategy.BEAM:
-            return _beam_search(model, input_ids, attention_mask, config, eos=eos, pad=pad, stop_together=stop_together)
-        return _greedy_or_sample(
-            model, input_ids, attention_mask, config, eos=eos, pad=pad, generator=generator, stop_together=stop_together
-        )
+            return _beam_search(model, input_ids, attention_mask, config, **options)
+        return _greedy_or_sample(model, input_ids, attention_mask, config, generator=generator, **options)
 
 
 def filter_logits(logits_NV: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
@@ -186,8 +215,11 @@ def _greedy_or_sample(
     pad: int,
     generator: torch.Generator | None,
     stop_together: Callable[[bool], bool] | None,
+    compiled: CompiledStep | None = None,
 ) -> GenerationOutput:
-    decoder = _Decoder(model, input_ids, attention_mask, rows=1)
+    decoder = _Decoder(
+        model, input_ids, attention_mask, rows=1, compiled=compiled, max_new_tokens=config.max_new_tokens
+    )
     batch, device = input_ids.shape[0], input_ids.device
     finished_B = torch.zeros(batch, dtype=torch.bool, device=device)
     scores_B = torch.zeros(batch, dtype=torch.float32, device=device)
@@ -286,9 +318,12 @@ def _beam_search(
     eos: int,
     pad: int,
     stop_together: Callable[[bool], bool] | None,
+    compiled: CompiledStep | None = None,
 ) -> GenerationOutput:
     k, batch, device = config.num_beams, input_ids.shape[0], input_ids.device
-    decoder = _Decoder(model, input_ids, attention_mask, rows=k)
+    decoder = _Decoder(
+        model, input_ids, attention_mask, rows=k, compiled=compiled, max_new_tokens=config.max_new_tokens
+    )
     # Only beam 0 starts alive, so the first step does not pick the same token k times.
     scores_BK = torch.full((batch, k), -1e9, device=device)
     scores_BK[:, 0] = 0.0

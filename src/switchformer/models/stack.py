@@ -12,7 +12,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from switchformer.layers.kv_cache import DecoderCache
+from switchformer.layers.kv_cache import DecoderCache, StaticDecoderCache
 from switchformer.layers.norm import RMSNorm
 from switchformer.layers.position_bias import RelativePositionBias
 from switchformer.models.block import TransformerBlock
@@ -39,6 +39,13 @@ CONFIDENCE_IN_A_DECODER = (
 
 def _mask_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
+
+
+def _new_positions(mask_BL: torch.Tensor, past: int | torch.Tensor, new: int) -> torch.Tensor:
+    """The mask's ``new`` positions from ``past`` on (an int, or a static cache's position tensor)."""
+    if isinstance(past, torch.Tensor):
+        return mask_BL.index_select(1, past + torch.arange(new, device=mask_BL.device))
+    return mask_BL[:, past : past + new]
 
 
 class TransformerStack(nn.Module):
@@ -82,14 +89,19 @@ class TransformerStack(nn.Module):
     ) -> StackOutput:
         """``attention_mask`` is ``[B, L]`` (cached positions included), ``memory_mask`` is ``[B, M]``.
 
+        With a :class:`StaticDecoderCache` the keys are all of its ``P`` positions: ``attention_mask`` is then
+        ``[B, P]``, and the causal mask hides the positions not yet written.
+
         ``routing_mask`` (``[B, S]``) marks the new positions that are real tokens for the Switch layers; it
         defaults to the attention mask's new positions. Padding then claims no expert slot and counts in no loss,
         unless the MoE config sets ``ignore_padding_tokens=False``.
         """
         new = embeds_BSD.shape[1]
-        past = cache.length if cache is not None else 0
-        total = past + new
         device = embeds_BSD.device
+        past: int | torch.Tensor = cache.length if cache is not None else 0
+        total = past + new
+        if isinstance(cache, StaticDecoderCache):  # fixed shapes: all its positions, the new ones at a tensor offset
+            past, total = cache.position, cache.capacity
 
         self_bias = self.position_bias(new, total, query_offset=past)  # [1, H, S, L]
         neg = _mask_value(self_bias.dtype)  # float32, or bf16 where the weights are (float32's would overflow it)
@@ -113,7 +125,7 @@ class TransformerStack(nn.Module):
             if routing_mask is not None:
                 token_mask = routing_mask.bool()
             elif attention_mask is not None:
-                token_mask = attention_mask[:, past:].bool()
+                token_mask = _new_positions(attention_mask, past, new).bool()
 
         hidden = self.dropout(embeds_BSD)
         moe_outputs: list[tuple[int, MoEOutput]] = []

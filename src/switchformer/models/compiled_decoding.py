@@ -1,0 +1,194 @@
+"""A decoding step compiled whole, its weights frozen into the compiled code (``GenerationConfig.compile``).
+
+Why: a decoding step multiplies a few rows by every weight it reads, so it runs at the rate its matrix products
+stream weights. Eager kernels, even on packed copies (``layers.prepacked``), read them below memory speed;
+inductor's CPU GEMM template reads weights folded into the compiled code as constants near the copy rate, and
+compiling the step whole fuses its small per-layer operations too (``bench/bench_generation.py --compiled``,
+``docs/results/generation/``).
+
+What that takes, applied from outside the model:
+
+- fixed shapes: a :class:`StaticDecoderCache` (keys and values in buffers of a fixed number of positions, the step's
+  position in a tensor), so one compiled step serves every step of a call, and calls of the same shapes;
+- a Switch layer decides on the host how many rows each expert multiplies: it runs inside the compiled step as one
+  opaque operation (a ``torch.library`` custom op), eagerly, by its experts' packed copies where those apply, so
+  its routing decisions and dropped tokens are the eager layer's;
+- the compiled code holds its own copy of the weights it reads: it is compiled again when one of the model's
+  weights changes (in place or replaced), and dropped when the model goes back to training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import types
+import weakref
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from switchformer.layers.prepacked import packed_copies_of, prepack_applies
+from switchformer.moe.layer import SwitchFFN
+from switchformer.moe.prepacked_experts import PrepackedExperts
+
+if TYPE_CHECKING:  # the model imports this module (training mode drops the compiled step)
+    from switchformer.layers.kv_cache import StaticDecoderCache
+    from switchformer.models.base import SwitchModelBase
+    from switchformer.models.stack import StackOutput
+
+logger = logging.getLogger(__name__)
+
+# What the custom op's integer argument names; weakly held, so a layer goes with its model.
+_LAYERS: weakref.WeakValueDictionary[int, OpaqueSwitchLayer] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("switchformer::switch_layer", mutates_args=())
+def switch_layer(x: torch.Tensor, layer: int) -> torch.Tensor:
+    """The output of Switch layer ``layer`` (an :class:`OpaqueSwitchLayer`'s key) for ``x``, run eagerly."""
+    return _LAYERS[layer].eager(x)
+
+
+@switch_layer.register_fake
+def _(x: torch.Tensor, layer: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class OpaqueSwitchLayer(nn.Module):
+    """A :class:`SwitchFFN` that a compiled graph calls as one operation (``switchformer::switch_layer``).
+
+    Decoding only: it returns the layer's output alone, not its routing record, and routes every row as a real
+    token (a decoding step's new positions are).
+    """
+
+    def __init__(self, layer: SwitchFFN, experts: nn.Module) -> None:
+        super().__init__()
+        self.key = next(_KEYS)
+        self.layer, self.experts = [layer], experts  # in a list: not a submodule, so not traced or frozen
+        _LAYERS[self.key] = self
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return switch_layer(x_BSD, self.key)
+
+    def eager(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        layer = self.layer[0]
+        stored = layer.experts
+        layer.experts = self.experts
+        try:
+            return layer(x_BSD).hidden_states.clone()
+        finally:
+            layer.experts = stored
+
+
+def compile_possible(model: SwitchModelBase) -> str | None:
+    """Why the decoding step of ``model`` cannot be compiled (None when it can)."""
+    if model.training:
+        return "the model is in training mode; call model.eval() first"
+    if torch.is_grad_enabled():
+        return "autograd is on; generate() runs under torch.no_grad()"
+    if any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters()):
+        return "the model's weights are sharded (DTensor); compile the step of an unsharded model"
+    return None
+
+
+@dataclasses.dataclass
+class CompiledStep:
+    """One model's compiled decoding step and the weights it froze (by identity, memory and version)."""
+
+    function: Callable[..., torch.Tensor]
+    layers: dict[int, OpaqueSwitchLayer]  # block index -> the opaque layer that replaces its Switch layer
+    fingerprint: tuple[tuple[int, int, int], ...]
+
+    def __call__(
+        self,
+        model: SwitchModelBase,
+        ids_N1: torch.Tensor,
+        mask: torch.Tensor | None,
+        memory: StackOutput | None,
+        cache: StaticDecoderCache,
+    ) -> torch.Tensor:
+        """Logits ``[N, V]`` (float32) of the next token; writes the step's keys and values into ``cache``."""
+        with _opaque_switch_layers(model, self.layers), torch._inductor.config.patch(_inductor_options(ids_N1)):
+            return self.function(model, ids_N1, mask, memory, cache)
+
+
+_STEPS: weakref.WeakKeyDictionary[nn.Module, CompiledStep] = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model: SwitchModelBase) -> CompiledStep:
+    """The compiled decoding step of ``model``, made again when a weight changed since it was compiled.
+
+    Compiling happens on the step's first call for a set of shapes (batch rows, cache positions, encoder length).
+    """
+    fingerprint = _fingerprint(model)
+    step = _STEPS.get(model)
+    if step is None or step.fingerprint != fingerprint:
+        if step is not None:
+            logger.info("a weight changed since the decoding step was compiled: compiling it again")
+        # A new code object per compilation: dynamo keeps compiled code with the code object, guarded on the
+        # parameters' identity, not their values, so frozen copies of changed weights must not be found again.
+        function = types.FunctionType(_step.__code__.replace(), _step.__globals__, "_step")
+        compiled = torch.compile(function, fullgraph=True)
+        step = CompiledStep(compiled, _opaque_layers_for(model), fingerprint)
+        _STEPS[model] = step
+    return step
+
+
+def drop_compiled_step(model: nn.Module) -> None:
+    """Drop the compiled step kept for ``model`` (and the weights its code holds), if any."""
+    _STEPS.pop(model, None)
+
+
+def _step(
+    model: SwitchModelBase,
+    ids_N1: torch.Tensor,
+    mask: torch.Tensor | None,
+    memory: StackOutput | None,
+    cache: StaticDecoderCache,
+) -> torch.Tensor:
+    if memory is None:
+        out = model(ids_N1, attention_mask=mask, cache=cache, use_cache=True)
+    else:
+        out = model(decoder_input_ids=ids_N1, attention_mask=mask, encoder_output=memory, cache=cache, use_cache=True)
+    return out.logits[:, -1].float()
+
+
+def _inductor_options(x: torch.Tensor) -> dict[str, object]:
+    """Freeze the weights into the compiled code; on CPU let inductor's own GEMM template (which streams frozen
+    weights near memory speed) compete with the library's kernels."""
+    options: dict[str, object] = {"freezing": True}
+    if x.device.type == "cpu":
+        options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    return options
+
+
+def _fingerprint(model: nn.Module) -> tuple[tuple[int, int, int], ...]:
+    return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
+
+
+def _opaque_layers_for(model: SwitchModelBase) -> dict[int, OpaqueSwitchLayer]:
+    layers = {}
+    for index, block in enumerate(model.decoder.blocks):
+        if isinstance(block.ffn, SwitchFFN):
+            experts: nn.Module = block.ffn.experts
+            if prepack_applies(block.ffn.experts.wi):
+                experts = PrepackedExperts(block.ffn.experts, packed_copies_of(model))
+            layers[index] = OpaqueSwitchLayer(block.ffn, experts)
+    return layers
+
+
+@contextlib.contextmanager
+def _opaque_switch_layers(model: SwitchModelBase, layers: dict[int, OpaqueSwitchLayer]) -> Iterator[None]:
+    blocks = model.decoder.blocks
+    stored = {index: blocks[index].ffn for index in layers}
+    for index, layer in layers.items():
+        blocks[index].ffn = layer
+    try:
+        yield
+    finally:
+        for index, layer in stored.items():
+            blocks[index].ffn = layer
