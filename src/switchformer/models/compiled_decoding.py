@@ -12,7 +12,7 @@ What that takes, applied from outside the model:
   position in a tensor), so one compiled step serves every step of a call, and calls of the same shapes;
 - a Switch layer decides on the host how many rows each expert multiplies: it runs inside the compiled step as one
   opaque operation (a ``torch.library`` custom op), eagerly, by its experts' packed copies where those apply, so
-  its routing decisions and dropped tokens are the eager layer's;
+  its routing decisions, dropped tokens and outputs are the eager layer's;
 - the compiled code holds its own copy of the weights it reads: it is compiled again when one of the model's
   weights changes (in place or replaced), and dropped when the model goes back to training.
 """
@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from switchformer.layers.prepacked import packed_copies_of, prepack_applies
+from switchformer.layers.prepacked import PrepackedWeights, packed_copies_of, prepack_applies
 from switchformer.moe.layer import SwitchFFN
-from switchformer.moe.prepacked_experts import PrepackedExperts
+from switchformer.moe.prepacked_experts import combined_by_packed_experts
 
 if TYPE_CHECKING:  # the model imports this module (training mode drops the compiled step)
-    from switchformer.layers.kv_cache import StaticDecoderCache
+    from switchformer.layers.kv_cache import DecoderCache
     from switchformer.models.base import SwitchModelBase
+    from switchformer.models.outputs import ModelOutput
     from switchformer.models.stack import StackOutput
 
 logger = logging.getLogger(__name__)
@@ -62,13 +63,15 @@ class OpaqueSwitchLayer(nn.Module):
     """A :class:`SwitchFFN` that a compiled graph calls as one operation (``switchformer::switch_layer``).
 
     Decoding only: it returns the layer's output alone, not its routing record, and routes every row as a real
-    token (a decoding step's new positions are).
+    token (a decoding step's new positions are). With packed expert copies (CPU) it combines the experts' outputs
+    straight from the routing record (:func:`combined_by_packed_experts`); otherwise it runs the layer.
     """
 
-    def __init__(self, layer: SwitchFFN, experts: nn.Module) -> None:
+    def __init__(self, layer: SwitchFFN, packed: PrepackedWeights | None) -> None:
         super().__init__()
         self.key = next(_KEYS)
-        self.layer, self.experts = [layer], experts  # in a list: not a submodule, so not traced or frozen
+        self.layer = [layer]  # in a list: not a submodule, so neither traced nor frozen
+        self.packed = packed
         _LAYERS[self.key] = self
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -76,12 +79,10 @@ class OpaqueSwitchLayer(nn.Module):
 
     def eager(self, x_BSD: torch.Tensor) -> torch.Tensor:
         layer = self.layer[0]
-        stored = layer.experts
-        layer.experts = self.experts
-        try:
+        if self.packed is None:
             return layer(x_BSD).hidden_states.clone()
-        finally:
-            layer.experts = stored
+        x_TD, routing = layer.route_tokens(x_BSD)
+        return combined_by_packed_experts(layer.experts, self.packed, x_TD, routing).view_as(x_BSD)
 
 
 def compile_possible(model: SwitchModelBase) -> str | None:
@@ -103,17 +104,11 @@ class CompiledStep:
     layers: dict[int, OpaqueSwitchLayer]  # block index -> the opaque layer that replaces its Switch layer
     fingerprint: tuple[tuple[int, int, int], ...]
 
-    def __call__(
-        self,
-        model: SwitchModelBase,
-        ids_N1: torch.Tensor,
-        mask: torch.Tensor | None,
-        memory: StackOutput | None,
-        cache: StaticDecoderCache,
-    ) -> torch.Tensor:
-        """Logits ``[N, V]`` (float32) of the next token; writes the step's keys and values into ``cache``."""
+    def __call__(self, model: SwitchModelBase, ids_N1: torch.Tensor, *state: object) -> torch.Tensor:
+        """Logits ``[N, V]`` (float32) of the next token, for the state :func:`decoding_forward` takes after the ids
+        (mask, encoder output, a :class:`StaticDecoderCache`); writes the step's keys and values into the cache."""
         with _opaque_switch_layers(model, self.layers), torch._inductor.config.patch(_inductor_options(ids_N1)):
-            return self.function(model, ids_N1, mask, memory, cache)
+            return self.function(model, ids_N1, *state)
 
 
 _STEPS: weakref.WeakKeyDictionary[nn.Module, CompiledStep] = weakref.WeakKeyDictionary()
@@ -143,18 +138,21 @@ def drop_compiled_step(model: nn.Module) -> None:
     _STEPS.pop(model, None)
 
 
-def _step(
+def decoding_forward(
     model: SwitchModelBase,
     ids_N1: torch.Tensor,
     mask: torch.Tensor | None,
     memory: StackOutput | None,
-    cache: StaticDecoderCache,
-) -> torch.Tensor:
+    cache: DecoderCache | None,
+) -> ModelOutput:
+    """One decoding forward of either model type with the cache (``memory``: the encoder's output, or None)."""
     if memory is None:
-        out = model(ids_N1, attention_mask=mask, cache=cache, use_cache=True)
-    else:
-        out = model(decoder_input_ids=ids_N1, attention_mask=mask, encoder_output=memory, cache=cache, use_cache=True)
-    return out.logits[:, -1].float()
+        return model(ids_N1, attention_mask=mask, cache=cache, use_cache=True)
+    return model(decoder_input_ids=ids_N1, attention_mask=mask, encoder_output=memory, cache=cache, use_cache=True)
+
+
+def _step(model: SwitchModelBase, ids_N1: torch.Tensor, *state: object) -> torch.Tensor:
+    return decoding_forward(model, ids_N1, *state).logits[:, -1].float()  # type: ignore[arg-type]
 
 
 def _inductor_options(x: torch.Tensor) -> dict[str, object]:
@@ -174,10 +172,8 @@ def _opaque_layers_for(model: SwitchModelBase) -> dict[int, OpaqueSwitchLayer]:
     layers = {}
     for index, block in enumerate(model.decoder.blocks):
         if isinstance(block.ffn, SwitchFFN):
-            experts: nn.Module = block.ffn.experts
-            if prepack_applies(block.ffn.experts.wi):
-                experts = PrepackedExperts(block.ffn.experts, packed_copies_of(model))
-            layers[index] = OpaqueSwitchLayer(block.ffn, experts)
+            packed = packed_copies_of(model) if prepack_applies(block.ffn.experts.wi) else None
+            layers[index] = OpaqueSwitchLayer(block.ffn, packed)
     return layers
 
 

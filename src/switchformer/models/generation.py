@@ -21,7 +21,7 @@ import torch
 from switchformer.config import Config
 from switchformer.layers.kv_cache import DecoderCache, StaticDecoderCache
 from switchformer.models.base import SwitchModelBase
-from switchformer.models.compiled_decoding import CompiledStep, compile_possible, compiled_step
+from switchformer.models.compiled_decoding import CompiledStep, compile_possible, compiled_step, decoding_forward
 from switchformer.models.encoder_decoder import SwitchTransformer
 from switchformer.models.prepacked import prepacked_decoder
 from switchformer.models.stack import StackOutput
@@ -122,16 +122,8 @@ class _Decoder:
         return self._run(tokens_N[:, None])
 
     def _run(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.memory is None:
-            out = self.model(ids, attention_mask=self.mask, cache=self.cache, use_cache=True)
-        else:
-            out = self.model(
-                decoder_input_ids=ids,
-                attention_mask=self.mask,  # the encoder's padding, for cross-attention
-                encoder_output=self.memory,
-                cache=self.cache,
-                use_cache=True,
-            )
+        # self.mask: decoder-only, the positions' padding; encoder-decoder, the encoder's (for cross-attention)
+        out = decoding_forward(self.model, ids, self.mask, self.memory, self.cache)
         self.cache = out.cache
         return out.logits[:, -1].float()
 

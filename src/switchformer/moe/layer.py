@@ -135,6 +135,14 @@ class SwitchFFN(nn.Module):
         ``token_mask`` (``[B, S]``, True for real tokens) keeps padding out of expert slots and out of the losses.
         """
         batch_shape = x_BSD.shape[:-1]
+        x_TD, routing = self.route_tokens(x_BSD, token_mask)
+        expert_batch, state = self.dispatcher.dispatch(x_TD, routing)
+        y_RD = self.experts(expert_batch)
+        y_TD = self.dispatcher.combine(y_RD, routing, state)
+        return MoEOutput(hidden_states=y_TD.view(*batch_shape, -1), routing=routing)
+
+    def route_tokens(self, x_BSD: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        """The tokens as rows ``[T, D]`` and the router's decisions for them (the first half of ``forward``)."""
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         logits_TE = self.router(x_TD, rows=x_BSD.shape[0] if x_BSD.dim() >= 3 else 1)
         routing = route(
@@ -144,10 +152,7 @@ class SwitchFFN(nn.Module):
             token_mask_T=None if token_mask is None else token_mask.reshape(-1),
             sequence_length=x_BSD.shape[-2] if x_BSD.dim() >= 3 else None,
         )
-        expert_batch, state = self.dispatcher.dispatch(x_TD, routing)
-        y_RD = self.experts(expert_batch)
-        y_TD = self.dispatcher.combine(y_RD, routing, state)
-        return MoEOutput(hidden_states=y_TD.view(*batch_shape, -1), routing=routing)
+        return x_TD, routing
 
 
 def _config_from_kwargs(kwargs: dict[str, Any]) -> SwitchFFNConfig:
