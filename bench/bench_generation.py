@@ -23,7 +23,8 @@ bytes over the rate of a sum over that tensor (reading alone, as a step reads it
 bytes over the rate at which the matmul itself streams weights for as many rows as the step has: ``torch.mm`` on
 the stored weights, or the product with packed copies for the columns that decode with them (``switchformer``, the
 default; ``switchformer stored`` decodes with ``prepack_weights=False``). The decoding group also prints the first
-call's time, which includes packing. ``--compiled-floor`` adds the rate at which ``torch.compile`` with frozen
+call's time, which includes packing. ``--compiled`` adds a column that decodes with ``generate(compile=True)`` (its
+first call, which compiles, printed apart). ``--compiled-floor`` adds the rate at which ``torch.compile`` with frozen
 weights streams them (inductor's CPU GEMM template), a floor for a decoding step compiled whole.
 
 The forward and fine-tuning cases also print their arithmetic: the matrix-product and attention FLOPs each side

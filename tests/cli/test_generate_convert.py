@@ -34,6 +34,18 @@ def test_generate_with_the_stored_weights_prints_what_packed_weights_decode(trai
     assert outputs[0] == outputs[1] and "  -> " in outputs[0]
 
 
+@pytest.mark.slow  # compiles a decoding step
+def test_generate_compiled_prints_what_eager_steps_decode_and_no_autotuning_report(trained_run, capsys):
+    text = "def <extra_id_0>(self):"
+    outputs = []
+    for extra in ([], ["--compile"]):
+        capsys.readouterr()
+        assert main(["generate", str(trained_run), text, "--max-new-tokens", "6", *extra]) == 0
+        outputs.append(capsys.readouterr())
+    assert outputs[0].out == outputs[1].out and "  -> " in outputs[0].out
+    assert "AUTOTUNE" not in outputs[1].err and "Autotune Choices" not in outputs[1].err
+
+
 def test_generate_with_bf16_weights(trained_run, capsys):
     capsys.readouterr()
     text = "def <extra_id_0>(self):"

@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 import logging
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -107,7 +108,9 @@ class CompiledStep:
     def __call__(self, model: SwitchModelBase, ids_N1: torch.Tensor, *state: object) -> torch.Tensor:
         """Logits ``[N, V]`` (float32) of the next token, for the state :func:`decoding_forward` takes after the ids
         (mask, encoder output, a :class:`StaticDecoderCache`); writes the step's keys and values into the cache."""
-        with _opaque_switch_layers(model, self.layers), torch._inductor.config.patch(_inductor_options(ids_N1)):
+        options = torch._inductor.config.patch(_inductor_options(ids_N1))
+        with _opaque_switch_layers(model, self.layers), options, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)  # inductor's autotuning
             return self.function(model, ids_N1, *state)
 
 
@@ -161,6 +164,7 @@ def _inductor_options(x: torch.Tensor) -> dict[str, object]:
     options: dict[str, object] = {"freezing": True}
     if x.device.type == "cpu":
         options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+        options |= {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quietly
     return options
 
 
