@@ -24,26 +24,26 @@ def test_generate_from_a_training_run_folder(trained_run, capsys):
                  "--max-new-tokens", "4"]) == 0  # fmt: skip
 
 
-def test_generate_with_the_stored_weights_prints_what_packed_weights_decode(trained_run, capsys):
-    text = "def <extra_id_0>(self):"
-    outputs = []
-    for extra in ([], ["--no-prepack"]):
+def _generated(trained_run, capsys, *variants: list[str]) -> list:
+    """What ``switchformer generate`` prints for one text, once per list of extra arguments."""
+    captured = []
+    for extra in variants:
         capsys.readouterr()
-        assert main(["generate", str(trained_run), text, "--max-new-tokens", "6", *extra]) == 0
-        outputs.append(capsys.readouterr().out)
-    assert outputs[0] == outputs[1] and "  -> " in outputs[0]
+        assert main(["generate", str(trained_run), "def <extra_id_0>(self):", "--max-new-tokens", "6", *extra]) == 0
+        captured.append(capsys.readouterr())
+    return captured
+
+
+def test_generate_with_the_stored_weights_prints_what_packed_weights_decode(trained_run, capsys):
+    packed, stored = _generated(trained_run, capsys, [], ["--no-prepack"])
+    assert packed.out == stored.out and "  -> " in packed.out
 
 
 @pytest.mark.slow  # compiles a decoding step
 def test_generate_compiled_prints_what_eager_steps_decode_and_no_autotuning_report(trained_run, capsys):
-    text = "def <extra_id_0>(self):"
-    outputs = []
-    for extra in ([], ["--compile"]):
-        capsys.readouterr()
-        assert main(["generate", str(trained_run), text, "--max-new-tokens", "6", *extra]) == 0
-        outputs.append(capsys.readouterr())
-    assert outputs[0].out == outputs[1].out and "  -> " in outputs[0].out
-    assert "AUTOTUNE" not in outputs[1].err and "Autotune Choices" not in outputs[1].err
+    eager, compiled = _generated(trained_run, capsys, [], ["--compile"])
+    assert eager.out == compiled.out and "  -> " in eager.out
+    assert "AUTOTUNE" not in compiled.err and "Autotune Choices" not in compiled.err
 
 
 def test_generate_with_bf16_weights(trained_run, capsys):
