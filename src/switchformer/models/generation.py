@@ -52,7 +52,7 @@ class GenerationConfig(Config):
     prepack_weights: bool = True
     # Run each step after the first through a torch.compile'd step whose code holds the weights (frozen), with a
     # static KV cache (models.compiled_decoding): faster steps, after compiling once per model and set of shapes
-    # (tens of seconds for a base-size model on CPU), for about the decoder's weight bytes more memory.
+    # (tens of seconds for a base-size model on CPU); each compilation holds up to about the decoder's weight bytes.
     compile: bool = False
 
     def validate(self) -> None:
@@ -113,7 +113,8 @@ class _Decoder:
 
     def step(self, tokens_N: torch.Tensor) -> torch.Tensor:
         """Feed one token per row; logits ``[N, V]`` for the next one."""
-        if isinstance(self.cache, StaticDecoderCache) and self.compiled is not None:
+        if isinstance(self.cache, StaticDecoderCache):  # first() made it: the compiled step runs
+            assert self.compiled is not None
             logits = self.compiled(self.model, tokens_N[:, None], self.mask, self.memory, self.cache)
             self.cache = self.cache.advanced()
             return logits

@@ -98,10 +98,12 @@ class TransformerStack(nn.Module):
         """
         new = embeds_BSD.shape[1]
         device = embeds_BSD.device
-        past: int | torch.Tensor = cache.length if cache is not None else 0
-        total = past + new
+        past: int | torch.Tensor
         if isinstance(cache, StaticDecoderCache):  # fixed shapes: all its positions, the new ones at a tensor offset
             past, total = cache.position, cache.capacity
+        else:
+            past = cache.length if cache is not None else 0
+            total = past + new
 
         self_bias = self.position_bias(new, total, query_offset=past)  # [1, H, S, L]
         neg = _mask_value(self_bias.dtype)  # float32, or bf16 where the weights are (float32's would overflow it)
